@@ -1,0 +1,125 @@
+"""The manager's own gloo group, so checkpoint collectives never share a communicator
+with the training's (NCCL or gloo) and every wait on another rank is bounded."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import warnings
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch.distributed as dist
+
+from .errors import CheckpointError
+
+
+class Comm:
+    """Rank, world size and the few collectives the engine needs, on a side group.
+
+    Without an initialised default process group this is a 1-rank world whose
+    collectives are identities, so the engine runs unchanged in a plain script.
+    """
+
+    def __init__(self, group: dist.ProcessGroup | None, timeout_s: float) -> None:
+        self.group = group
+        self.timeout = _dt.timedelta(seconds=timeout_s)
+        self.rank = dist.get_rank(group) if group is not None else 0
+        self.world_size = dist.get_world_size(group) if group is not None else 1
+
+    @classmethod
+    def create(cls, process_group: dist.ProcessGroup | None, timeout_s: float) -> Comm:
+        if not (dist.is_available() and dist.is_initialized()):
+            if process_group is not None:
+                raise ValueError("process_group given but torch.distributed is not initialised")
+            return cls(None, timeout_s)
+        base = process_group if process_group is not None else dist.group.WORLD
+        return cls(
+            _side_group(tuple(sorted(dist.get_process_group_ranks(base))), timeout_s), timeout_s
+        )
+
+    @property
+    def is_coordinator(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.group is not None
+
+    def _global(self, group_rank: int) -> int:
+        assert self.group is not None
+        return dist.get_global_rank(self.group, group_rank)
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank."""
+        if self.group is None:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=self._global(0), group=self.group)
+        return box[0]
+
+    def all_gather(self, obj: Any) -> list[Any]:
+        if self.group is None:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
+
+    def barrier(self) -> None:
+        """Wait for every rank; names the missing ranks after ``timeout_s``."""
+        if self.group is not None:
+            dist.monitored_barrier(group=self.group, timeout=self.timeout, wait_all_ranks=True)
+
+    def agree(self, local_error: str | None, what: str) -> None:
+        """Raise the same ``CheckpointError`` on every rank if any rank reports an error.
+
+        Used before entering a collective phase, so that a rank that cannot take part
+        does not leave the others waiting in it.
+        """
+        errors = self.all_gather(local_error)
+        bad = [(r, e) for r, e in enumerate(errors) if e is not None]
+        if bad:
+            raise CheckpointError(_join(what, bad))
+
+    @contextlib.contextmanager
+    def dcp_call(self) -> Iterator[None]:
+        """Around a DCP save/load: in a 1-rank world DCP warns that it assumes one process;
+        that is exactly the intent, so the warning is silenced there."""
+        with warnings.catch_warnings():
+            if self.group is None:
+                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            yield
+
+    def release(self) -> None:
+        """Stop using the group; it stays cached for the next manager over the same ranks."""
+        self.group = None
+
+
+# One side group per (ranks, timeout), reused by every manager of the process and never
+# destroyed: a group re-created over the same ranks would find the previous one's
+# addresses in the store (hashed group names) and fail to connect.
+_SIDE_GROUPS: dict[tuple[tuple[int, ...], float], dist.ProcessGroup] = {}
+
+
+def _side_group(ranks: tuple[int, ...], timeout_s: float) -> dist.ProcessGroup:
+    key = (ranks, timeout_s)
+    group = _SIDE_GROUPS.get(key)
+    if group is not None and group in dist.distributed_c10d._world.pg_map:
+        return group
+    subset = len(ranks) < dist.get_world_size()
+    group = dist.new_group(
+        ranks=list(ranks),
+        backend="gloo",
+        timeout=_dt.timedelta(seconds=timeout_s),
+        # For a subset only its members take part; for the whole world every rank does.
+        use_local_synchronization=subset,
+    )
+    _SIDE_GROUPS[key] = group
+    return group
+
+
+def _join(what: str, bad: Sequence[tuple[int, str]]) -> str:
+    if len(bad) == 1 or all(e == bad[0][1] for _, e in bad):
+        ranks = ",".join(str(r) for r, _ in bad)
+        return f"{what}: {bad[0][1]} (rank {ranks})"
+    return f"{what}: " + "; ".join(f"rank {r}: {e}" for r, e in bad)

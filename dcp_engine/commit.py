@@ -1,0 +1,187 @@
+"""The commit protocol: marker, rename, fsync, aliases.
+
+A checkpoint exists only once committed (invariant 1). The order, on rank 0, after every
+rank has written and fsynced its shards and DCP has written ``.metadata``:
+
+1. write ``COMMITTED`` (sizes of every file, the entry kinds, step, epoch, metrics)
+   into ``step_X.tmp/`` by temp file + fsync + rename, then fsync ``step_X.tmp/``;
+2. rename ``step_X.tmp`` to ``step_X`` and fsync ``checkpoints/``;
+3. only then update ``index.json`` and move ``latest`` (callers do these).
+
+A crash before 2 leaves a ``.tmp`` directory, which is never loaded; a crash after 2
+leaves a committed checkpoint that the index rebuild finds from its marker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import layout
+from .errors import NotACheckpointError
+
+log = logging.getLogger(__name__)
+
+MARKER_FORMAT = "dcp-engine/1"
+
+
+def fsync_dir(path: Path) -> None:
+    """Make the entries of ``path`` (creations, renames) durable."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes, *, fsync: bool = True) -> None:
+    """Write ``path`` so that readers see the old content or the new, never a mix."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    if fsync:
+        fsync_dir(path.parent)
+
+
+def file_sizes(directory: Path) -> dict[str, int]:
+    """Sizes of the regular files under ``directory`` (relative POSIX paths), marker excluded."""
+    sizes: dict[str, int] = {}
+    for p in sorted(directory.rglob("*")):
+        if p.is_file() and not p.is_symlink() and p.name != layout.MARKER_FILE:
+            sizes[p.relative_to(directory).as_posix()] = p.stat().st_size
+    return sizes
+
+
+def clean_metrics(metrics: Mapping[str, Any] | None) -> dict[str, float]:
+    """Metrics as plain floats (tensors and numpy scalars via ``float``); names must be str."""
+    out: dict[str, float] = {}
+    for k, v in (metrics or {}).items():
+        if not isinstance(k, str):
+            raise TypeError(f"metric names must be str, got {k!r}")
+        try:
+            out[k] = float(v.item() if hasattr(v, "item") else v)
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"metric {k!r}={v!r} is not a number") from e
+    return out
+
+
+def build_marker(
+    *,
+    step: int,
+    epoch: int | None,
+    metrics: Mapping[str, float],
+    world_size: int,
+    entries: Mapping[str, Mapping[str, Any]],
+    files: Mapping[str, int],
+) -> dict[str, Any]:
+    return {
+        "format": MARKER_FORMAT,
+        "step": step,
+        "epoch": epoch,
+        "metrics": dict(metrics),
+        "created": time.time(),
+        "world_size": world_size,
+        "torch_version": torch.__version__,
+        "entries": {k: dict(v) for k, v in entries.items()},
+        "files": {name: {"size": size} for name, size in files.items()},
+        "bytes": sum(files.values()),
+    }
+
+
+def write_marker(tmp_dir: Path, marker: Mapping[str, Any], *, fsync: bool = True) -> None:
+    """Step 1 of the commit: the marker, then the directory entries, made durable."""
+    data = json.dumps(marker, indent=1, sort_keys=True, allow_nan=True).encode()
+    atomic_write_bytes(layout.marker_path(tmp_dir), data, fsync=fsync)
+
+
+def publish(tmp_dir: Path, final_dir: Path, *, fsync: bool = True) -> None:
+    """Step 2 of the commit: the rename that makes the checkpoint exist."""
+    if final_dir.exists():
+        raise FileExistsError(f"{final_dir} already exists; refusing to replace a checkpoint")
+    os.rename(tmp_dir, final_dir)
+    if fsync:
+        fsync_dir(final_dir.parent)
+
+
+def read_marker(checkpoint_dir: Path) -> dict[str, Any]:
+    """The parsed marker of a committed checkpoint; ``NotACheckpointError`` says why not."""
+    path = layout.marker_path(checkpoint_dir)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise NotACheckpointError(
+            f"{checkpoint_dir} is not a committed checkpoint (no {layout.MARKER_FILE} marker)"
+        ) from None
+    try:
+        marker = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise NotACheckpointError(f"{path} is not a valid marker: {e}") from None
+    problem = _marker_problem(marker)
+    if problem:
+        raise NotACheckpointError(f"{path} is not a valid marker: {problem}")
+    return marker
+
+
+def _marker_problem(m: Any) -> str | None:
+    if not isinstance(m, dict):
+        return "not a JSON object"
+    if m.get("format") != MARKER_FORMAT:
+        return f"format {m.get('format')!r}, expected {MARKER_FORMAT!r}"
+    checks = {
+        "step": lambda v: isinstance(v, int) and v >= 0,
+        "epoch": lambda v: v is None or isinstance(v, int),
+        "metrics": lambda v: isinstance(v, dict),
+        "created": lambda v: isinstance(v, (int, float)) and math.isfinite(v),
+        "world_size": lambda v: isinstance(v, int) and v >= 1,
+        "entries": lambda v: isinstance(v, dict),
+        "files": lambda v: isinstance(v, dict),
+        "bytes": lambda v: isinstance(v, int) and v >= 0,
+    }
+    for key, ok in checks.items():
+        if key not in m or not ok(m[key]):
+            return f"field {key!r} missing or malformed"
+    return None
+
+
+def move_alias(checkpoints_dir: Path, alias: str, target_name: str, *, fsync: bool = True) -> bool:
+    """Point ``checkpoints/<alias>`` at ``target_name`` atomically (temp link + rename).
+
+    Returns False, and leaves the name alone, where symlinks are not possible or the name
+    is taken by something that is not our symlink; the index stays the truth either way.
+    """
+    link = checkpoints_dir / alias
+    if (link.exists() or link.is_symlink()) and not link.is_symlink():
+        log.warning("%s exists and is not a symlink; not moving the %r alias", link, alias)
+        return False
+    tmp = checkpoints_dir / f".{alias}.{os.getpid()}.tmp"
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        os.symlink(target_name, tmp)
+        os.replace(tmp, link)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        log.warning("cannot point %r at %s (%s); the index is the truth", alias, target_name, e)
+        return False
+    if fsync:
+        fsync_dir(checkpoints_dir)
+    return True

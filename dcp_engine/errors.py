@@ -1,0 +1,27 @@
+"""The exceptions of the engine. Every message names the path, the step or the key."""
+
+from __future__ import annotations
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be saved, found or loaded."""
+
+
+class CheckpointNotFoundError(CheckpointError):
+    """The requested checkpoint (a path, a step, an alias) does not exist."""
+
+
+class NotACheckpointError(CheckpointError):
+    """A directory exists but is not a committed dcp-engine checkpoint (torn, foreign)."""
+
+
+class StateMismatchError(CheckpointError):
+    """The checkpoint's keys or shapes do not match the objects it is loaded into."""
+
+
+class ConfigError(ValueError):
+    """A ``CheckpointConfig`` field has a bad value; the message names the field."""
+
+    def __init__(self, field: str, value: object, expected: str) -> None:
+        super().__init__(f"CheckpointConfig.{field}={value!r} is invalid: expected {expected}")
+        self.field = field

@@ -1,0 +1,161 @@
+"""Rank 0's index of committed checkpoints: a cache of the markers, rebuilt from them.
+
+The markers are the truth. At start the index is compared with a scan of the markers
+and rewritten if it is missing, unreadable or stale; after each commit the new entry is
+appended. Only committed checkpoints ever enter it (invariant 2).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import commit, layout
+from .errors import NotACheckpointError
+
+log = logging.getLogger(__name__)
+
+INDEX_FORMAT = "dcp-engine-index/1"
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """One committed checkpoint."""
+
+    step: int
+    epoch: int | None
+    metrics: Mapping[str, float] = field(hash=False)
+    path: Path
+    bytes: int
+    created: float
+
+    @classmethod
+    def from_marker(cls, path: Path, marker: Mapping[str, Any]) -> CheckpointInfo:
+        return cls(
+            step=marker["step"],
+            epoch=marker["epoch"],
+            metrics=dict(marker["metrics"]),
+            path=path,
+            bytes=marker["bytes"],
+            created=float(marker["created"]),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "epoch": self.epoch,
+            "metrics": dict(self.metrics),
+            "path": f"{layout.CHECKPOINTS_DIR}/{self.path.name}",
+            "bytes": self.bytes,
+            "created": self.created,
+        }
+
+    @classmethod
+    def from_json(cls, experiment_dir: Path, d: Mapping[str, Any]) -> CheckpointInfo:
+        return cls(
+            step=int(d["step"]),
+            epoch=None if d["epoch"] is None else int(d["epoch"]),
+            metrics={str(k): float(v) for k, v in d["metrics"].items()},
+            path=experiment_dir / str(d["path"]),
+            bytes=int(d["bytes"]),
+            created=float(d["created"]),
+        )
+
+
+@dataclass(frozen=True)
+class Scan:
+    committed: list[CheckpointInfo]
+    """Committed checkpoints, oldest (lowest step) first."""
+    torn: list[tuple[Path, str]]
+    """Directories with our names that are not committed checkpoints, and why."""
+
+
+def inspect_checkpoint_dir(path: Path) -> CheckpointInfo:
+    """The info of a committed checkpoint directory, or ``NotACheckpointError`` saying why not."""
+    if not path.is_dir():
+        raise NotACheckpointError(f"{path} is not a directory")
+    marker = commit.read_marker(path)
+    if not layout.dcp_metadata_path(path).is_file():
+        raise NotACheckpointError(f"{path} has a marker but no {layout.DCP_METADATA_FILE}")
+    step = layout.parse_step_dirname(path.name)
+    if step is not None and step != marker["step"]:
+        raise NotACheckpointError(f"{path}: its marker says step {marker['step']}")
+    return CheckpointInfo.from_marker(path, marker)
+
+
+def scan(exp: layout.ExperimentLayout) -> Scan:
+    """Every checkpoint directory of ours under ``checkpoints/``; other names are ignored."""
+    committed: list[CheckpointInfo] = []
+    torn: list[tuple[Path, str]] = []
+    try:
+        children = sorted(exp.checkpoints_dir.iterdir())
+    except FileNotFoundError:
+        return Scan([], [])
+    for child in children:
+        if child.is_symlink():
+            continue  # aliases
+        if layout.parse_tmp_dirname(child.name) is not None:
+            torn.append((child, "in flight or torn (.tmp)"))
+        elif layout.parse_step_dirname(child.name) is not None:
+            try:
+                committed.append(inspect_checkpoint_dir(child))
+            except NotACheckpointError as e:
+                torn.append((child, str(e)))
+    committed.sort(key=lambda c: c.step)
+    return Scan(committed, torn)
+
+
+def read_index(exp: layout.ExperimentLayout) -> list[CheckpointInfo] | None:
+    """The entries of ``index.json``, or None if it is missing or unreadable."""
+    try:
+        data = json.loads(exp.index_path.read_bytes())
+        if data.get("format") != INDEX_FORMAT:
+            return None
+        return [CheckpointInfo.from_json(exp.root, d) for d in data["checkpoints"]]
+    except FileNotFoundError:
+        return None
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        log.warning("%s is unreadable (%s); it will be rebuilt from the markers", exp.index_path, e)
+        return None
+
+
+def write_index(
+    exp: layout.ExperimentLayout, entries: Iterable[CheckpointInfo], *, fsync: bool = True
+) -> None:
+    entries = sorted(entries, key=lambda c: c.step)
+    data = {
+        "format": INDEX_FORMAT,
+        "latest": entries[-1].step if entries else None,
+        "checkpoints": [e.to_json() for e in entries],
+    }
+    payload = json.dumps(data, indent=1, allow_nan=True).encode()
+    commit.atomic_write_bytes(exp.index_path, payload, fsync=fsync)
+
+
+def _same(a: list[CheckpointInfo], b: list[CheckpointInfo]) -> bool:
+    def key(c: CheckpointInfo) -> tuple[Any, ...]:
+        metrics = tuple(sorted((k, "nan" if math.isnan(v) else v) for k, v in c.metrics.items()))
+        return (c.step, c.epoch, metrics, c.path.name, c.bytes, c.created)
+
+    return [key(c) for c in a] == [key(c) for c in b]
+
+
+def reconcile(exp: layout.ExperimentLayout, *, fsync: bool = True) -> Scan:
+    """Scan the markers and rewrite ``index.json`` if it does not say the same. Rank 0 only."""
+    found = scan(exp)
+    cached = read_index(exp)
+    stale = cached is None or not _same(cached, found.committed)
+    if stale and exp.checkpoints_dir.is_dir():
+        if cached is not None or found.committed:  # not news in a new experiment
+            reason = "missing or unreadable" if cached is None else "stale"
+            n = len(found.committed)
+            log.info("%s %s: rebuilt from %d markers", exp.index_path, reason, n)
+        write_index(exp, found.committed, fsync=fsync)
+    for path, why in found.torn:
+        log.warning("not a committed checkpoint, ignored: %s (%s)", path, why)
+    return found

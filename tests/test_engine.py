@@ -1,0 +1,303 @@
+"""One process, no process group: the engine's promises on real files."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import dcp_engine as de
+from dcp_engine import layout
+from tests import toy
+
+
+def trained_app(seed: int = 0, steps: int = 2) -> dict:
+    app = toy.make_app("plain", seed=seed)
+    toy.train(app, steps, rank=0)
+    return app
+
+
+def test_fresh_experiment_load_returns_none(mgr):
+    assert mgr.load(trained_app()) is None
+    assert mgr.checkpoints() == []
+
+
+def test_save_commits_marker_shards_index_and_latest(mgr):
+    info = mgr.save(7, trained_app(), epoch=1, metrics={"loss": torch.tensor(0.25)})
+    assert info.step == 7 and info.epoch == 1 and info.metrics == {"loss": 0.25}
+    assert info.path == mgr.experiment_dir / "checkpoints" / "step_00000007"
+    names = {p.name for p in info.path.iterdir()}
+    assert {"COMMITTED", ".metadata", "__0_0.distcp"} <= names
+    marker = json.loads((info.path / "COMMITTED").read_text())
+    assert marker["files"][".metadata"]["size"] == (info.path / ".metadata").stat().st_size
+    assert info.bytes == sum(f["size"] for f in marker["files"].values()) > 0
+    assert os.readlink(mgr.experiment_dir / "checkpoints" / "latest") == "step_00000007"
+    index = json.loads((mgr.experiment_dir / "index.json").read_text())
+    assert [c["step"] for c in index["checkpoints"]] == [7] and index["latest"] == 7
+    assert not list(info.path.parent.glob("*.tmp"))
+    assert mgr.stats()[-1].step == 7 and mgr.stats()[-1].bytes == info.bytes
+
+
+def test_every_kind_of_value_round_trips(mgr):
+    app = trained_app()
+    scaler = torch.amp.GradScaler("cpu", init_scale=128.0)
+    app.update(
+        scaler=scaler,
+        config={"lr": 0.1, "layers": [1, 2], "name": "dino"},
+        epoch=3,
+        buffers={"center": torch.randn(3), "count": 4, 7: (torch.ones(2), "x")},
+    )
+    saved = toy.full_state(app)
+    mgr.save(1, app)
+    fresh = toy.make_app("plain", seed=5)
+    fresh.update(
+        scaler=torch.amp.GradScaler("cpu", init_scale=1.0),
+        config=None,
+        epoch=0,
+        buffers={"center": torch.zeros(3), "count": 0, 7: (torch.zeros(2), "y")},
+    )
+    center_obj = fresh["buffers"]["center"]
+    mgr.load(fresh)
+    toy.assert_equal(saved, toy.full_state(fresh))
+    assert fresh["scaler"].get_scale() == 128.0
+    assert fresh["config"] == {"lr": 0.1, "layers": [1, 2], "name": "dino"}
+    assert fresh["epoch"] == 3
+    assert fresh["buffers"]["center"] is center_obj  # tensors restored by copy, in place
+    toy.assert_equal(app["buffers"], fresh["buffers"])
+
+
+def test_load_by_step_path_and_best(mgr):
+    app = trained_app()
+    for step, loss in [(1, 3.0), (2, 1.0), (3, math.nan), (4, 2.0)]:
+        mgr.save(step, app, metrics={"loss": loss})
+    assert mgr.load(app, "latest").step == 4
+    assert mgr.load(app, 2).step == 2
+    assert mgr.load(app, "best").step == 2  # NaN never ranks best
+    assert mgr.load(app, str(mgr.checkpoints()[0].path)).step == 1
+    assert mgr.load(app, mgr.experiment_dir / "checkpoints" / "latest").step == 4
+
+
+def test_best_needs_a_monitor(tmp_path):
+    with de.CheckpointManager(
+        de.CheckpointConfig(root_dir=str(tmp_path), experiment_name="x")
+    ) as m:
+        m.save(1, {"t": torch.ones(1)})
+        with pytest.raises(de.CheckpointError, match="monitor"):
+            m.load({"t": torch.ones(1)}, "best")
+
+
+def test_tmp_and_markerless_directories_are_never_listed_loaded_or_latest(cfg, mgr):
+    app = trained_app()
+    mgr.save(1, app)
+    ckpts = mgr.experiment_dir / "checkpoints"
+    # A torn in-flight save, a committed-looking directory without its marker, foreign names.
+    shutil.copytree(ckpts / "step_00000001", ckpts / "step_00000009.tmp")
+    shutil.copytree(ckpts / "step_00000001", ckpts / "step_00000008")
+    (ckpts / "step_00000008" / "COMMITTED").unlink()
+    shutil.copytree(ckpts / "step_00000001", ckpts / "step_00000999.backup")
+    (ckpts / "notes").mkdir()
+    with de.CheckpointManager(cfg) as again:
+        assert [c.step for c in again.checkpoints()] == [1]
+        assert again.load(app).step == 1
+        with pytest.raises(de.CheckpointError, match=r"step_00000009\.tmp is incomplete"):
+            again.load(app, 9)
+        with pytest.raises(de.NotACheckpointError, match="no COMMITTED marker"):
+            again.load(app, 8)
+        with pytest.raises(de.NotACheckpointError, match="step_00000008"):
+            again.load(app, str(ckpts / "step_00000008"))
+    # Unknown names are never touched.
+    assert (ckpts / "step_00000999.backup").is_dir() and (ckpts / "notes").is_dir()
+
+
+def test_deleting_or_corrupting_the_index_gives_the_same_checkpoints(cfg, mgr):
+    app = trained_app()
+    for step in (10, 20, 30):
+        mgr.save(step, app, epoch=step // 10, metrics={"loss": 1.0 / step})
+    expected = mgr.checkpoints()
+    index_path = mgr.experiment_dir / "index.json"
+    index_path.unlink()
+    with de.CheckpointManager(cfg) as again:
+        assert again.checkpoints() == expected
+    assert index_path.is_file()
+    raw = index_path.read_bytes()
+    index_path.write_bytes(raw[: len(raw) // 2])  # cut in half
+    with de.CheckpointManager(cfg) as again:
+        assert again.checkpoints() == expected
+    data = json.loads(index_path.read_text())  # rewritten whole
+    data["checkpoints"] = data["checkpoints"][:1]  # stale
+    index_path.write_text(json.dumps(data))
+    with de.CheckpointManager(cfg) as again:
+        assert again.checkpoints() == expected
+    assert len(json.loads(index_path.read_text())["checkpoints"]) == 3
+
+
+def test_saving_a_committed_step_again_is_refused_and_changes_nothing(mgr):
+    app = trained_app()
+    first = mgr.save(5, app)
+    marker = (first.path / "COMMITTED").read_bytes()
+    with pytest.raises(de.CheckpointError, match=r"step 5 is already committed at .*step_00000005"):
+        mgr.save(5, app)
+    assert (first.path / "COMMITTED").read_bytes() == marker
+    assert mgr.checkpoints() == [first]
+
+
+def test_a_torn_tmp_of_the_same_step_is_replaced(mgr):
+    tmp = mgr.experiment_dir / "checkpoints" / "step_00000003.tmp"
+    tmp.mkdir()
+    (tmp / "__0_0.distcp").write_bytes(b"garbage from a crash")
+    info = mgr.save(3, trained_app())
+    assert not tmp.exists() and info.path.is_dir()
+
+
+def test_load_of_a_missing_path_or_a_non_checkpoint_names_it(mgr, tmp_path):
+    app = trained_app()
+    with pytest.raises(de.CheckpointNotFoundError, match="nowhere"):
+        mgr.load(app, str(tmp_path / "nowhere"))
+    (tmp_path / "plain_dir").mkdir()
+    with pytest.raises(de.NotACheckpointError, match="plain_dir"):
+        mgr.load(app, str(tmp_path / "plain_dir"))
+    with pytest.raises(de.CheckpointNotFoundError, match="no checkpoint for step 42"):
+        mgr.load(app, 42)
+
+
+@pytest.mark.parametrize(
+    "change, needle",
+    [
+        (
+            lambda app: app.update(toy.make_app("plain", 3, hidden=32)),
+            "model.0.weight checkpoint (16, 8) vs (32, 8)",
+        ),
+        (
+            lambda app: app["model"].add_module("extra", torch.nn.Linear(2, 2)),
+            "missing in checkpoint: model.extra.bias",
+        ),
+        (lambda app: app.update(center=torch.zeros(5)), "center"),
+        (lambda app: app.update(unknown=torch.zeros(1)), "no entry 'unknown'"),
+        (lambda app: app.update(sched={"not": "a scheduler"}), "'sched' was saved as a stateful"),
+    ],
+)
+def test_mismatched_state_raises_naming_path_and_keys_and_changes_nothing(mgr, change, needle):
+    info = mgr.save(1, trained_app())
+    app = trained_app(seed=9, steps=1)
+    change(app)
+    model_before = {k: v.clone() for k, v in app["model"].state_dict().items()}
+    optim_before = app["optim"].state_dict()
+    center_before = app["center"].clone()
+    with pytest.raises(de.StateMismatchError) as exc:
+        mgr.load(app)
+    assert needle in str(exc.value) and str(info.path) in str(exc.value)
+    toy.assert_equal(model_before, app["model"].state_dict())
+    toy.assert_equal(optim_before, app["optim"].state_dict())
+    toy.assert_equal(center_before, app["center"])
+
+
+def test_failed_read_leaves_fresh_optimizer_empty_and_model_unchanged(mgr):
+    info = mgr.save(1, trained_app())
+    shard = info.path / "__0_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:100])  # truncated shard: the read fails
+    app = toy.make_app("plain", seed=4)
+    before = {k: v.clone() for k, v in app["model"].state_dict().items()}
+    with pytest.raises(de.CheckpointError, match="step_00000001"):
+        mgr.load(app, 1)
+    assert not app["optim"].state
+    toy.assert_equal(before, app["model"].state_dict())
+
+
+def test_bad_app_state_and_arguments(mgr):
+    with pytest.raises(ValueError, match=r"'a\.b'"):
+        mgr.save(1, {"a.b": torch.ones(1)})
+    with pytest.raises(ValueError, match="'_x'"):
+        mgr.save(1, {"_x": torch.ones(1)})
+    with pytest.raises(TypeError, match="cannot be pickled"):
+        mgr.save(1, {"f": lambda: 0})
+    with pytest.raises(ValueError, match="step must be an int >= 0"):
+        mgr.save(-1, {"t": torch.ones(1)})
+    with pytest.raises(TypeError, match="metric 'loss'"):
+        mgr.save(1, {"t": torch.ones(1)}, metrics={"loss": "low"})
+    orphan = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1)
+    with pytest.raises(de.CheckpointError, match="add the model to app_state"):
+        mgr.save(1, {"optim": orphan})
+    assert mgr.checkpoints() == []
+    assert not list((mgr.experiment_dir / "checkpoints").glob("step_*"))
+
+
+def test_closed_manager_refuses_work(cfg):
+    m = de.CheckpointManager(cfg)
+    m.close()
+    m.close()
+    with pytest.raises(de.CheckpointError, match="closed"):
+        m.save(1, {"t": torch.ones(1)})
+
+
+def test_default_experiment_name_is_model_dataset_timestamp(tmp_path):
+    cfg = de.CheckpointConfig(root_dir=str(tmp_path), model_name="vit", dataset_name="cifar")
+    with de.CheckpointManager(cfg) as m:
+        name = m.experiment_dir.name
+    assert name.startswith("vit_cifar_") and len(name) == len("vit_cifar_20240115_143022")
+
+
+def test_rng_is_captured_and_restored_unless_opted_out(tmp_path):
+    app = {"t": torch.ones(1)}
+    for capture in (True, False):
+        cfg = de.CheckpointConfig(
+            root_dir=str(tmp_path), experiment_name=f"rng{capture}", capture_rng=capture
+        )
+        with de.CheckpointManager(cfg) as m:
+            torch.manual_seed(1)
+            m.save(1, app)
+            expected = torch.rand(3)
+            torch.manual_seed(2)
+            m.load(app)
+            assert torch.equal(torch.rand(3), expected) is capture
+
+
+def test_plain_file_named_like_latest_is_not_replaced(mgr):
+    latest = mgr.experiment_dir / "checkpoints" / "latest"
+    latest.write_text("a user's file")
+    mgr.save(1, {"t": torch.ones(1)})
+    assert latest.read_text() == "a user's file"
+    assert mgr.load({"t": torch.zeros(1)}).step == 1  # the index and markers are the truth
+
+
+def test_layout_parses_only_canonical_names():
+    assert layout.parse_step_dirname("step_00000012") == 12
+    assert layout.parse_step_dirname("step_123456789") == 123456789
+    for name in ("step_12", "step_000000012", "step_00000012.backup", "xstep_00000012", "latest"):
+        assert layout.parse_step_dirname(name) is None, name
+    assert layout.parse_tmp_dirname("step_00000012.tmp") == 12
+    assert layout.parse_tmp_dirname("step_00000012.tmp.old") is None
+    assert layout.step_dirname(5) == "step_00000005"
+    assert Path(layout.tmp_dirname(5)).suffix == ".tmp"
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"root_dir": ""}, "root_dir"),
+        ({"experiment_name": "a/b"}, "experiment_name"),
+        ({"experiment_name": ".."}, "experiment_name"),
+        ({"mode": "lowest"}, "mode"),
+        ({"monitor": ""}, "monitor"),
+        ({"async_mode": "threads"}, "async_mode"),
+        ({"timeout_s": 0}, "timeout_s"),
+        ({"timeout_s": math.inf}, "timeout_s"),
+        ({"capture_rng": "yes"}, "capture_rng"),
+        ({"write_threads": 0}, "write_threads"),
+    ],
+)
+def test_config_errors_name_the_field(kwargs, field):
+    with pytest.raises(de.ConfigError, match=f"CheckpointConfig.{field}=") as exc:
+        de.CheckpointConfig(**kwargs)
+    assert exc.value.field == field
+
+
+def test_config_is_frozen_and_accepts_paths(tmp_path):
+    cfg = de.CheckpointConfig(root_dir=tmp_path)
+    assert cfg.root_dir == str(tmp_path)
+    with pytest.raises(AttributeError):
+        cfg.root_dir = "elsewhere"  # type: ignore[misc]

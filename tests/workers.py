@@ -1,0 +1,116 @@
+"""Rank functions run by ``tests.distributed.run_ranks`` (importable by spawned processes)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+import dcp_engine as de
+from tests import toy
+
+
+def roundtrip(rank: int, world_size: int, root: str, wrappers: tuple[str, ...]) -> dict[str, Any]:
+    """Save after 3 steps, load into a differently initialised state, compare, train on."""
+    out: dict[str, Any] = {}
+    for wrapper in wrappers:
+        # A plain model is replicated: DCP writes one copy, so every rank trains it alike.
+        data_rank = 0 if wrapper == "plain" else rank
+        app = toy.make_app(wrapper, seed=0)
+        toy.train(app, 3, data_rank)
+        cfg = de.CheckpointConfig(root_dir=root, experiment_name=f"rt_{wrapper}_{world_size}")
+        with de.CheckpointManager(cfg) as mgr:
+            info = mgr.save(3, app, epoch=0, metrics={"loss": 1.5})
+            saved = toy.full_state(app)
+            fresh = toy.make_app(wrapper, seed=1)
+            loaded_info = mgr.load(fresh)
+            loaded = toy.full_state(fresh)
+            assert loaded_info == info, (loaded_info, info)
+            assert len(mgr.checkpoints()) == 1
+        if rank == 0:
+            toy.assert_equal(saved, loaded, wrapper)
+        toy.assert_equal(app["center"], fresh["center"], f"{wrapper}.center rank {rank}")
+        # Training goes on identically from the loaded state (optimizer step counts, moments).
+        toy.train(app, 2, data_rank, start=3)
+        toy.train(fresh, 2, data_rank, start=3)
+        a, b = toy.full_state(app), toy.full_state(fresh)
+        if rank == 0 and wrapper == "ddp":
+            # DDP rebuilds its gradient buckets after a module's first iteration; the fresh
+            # module's first all-reduce sums in another chunking, so only float-close here.
+            torch.testing.assert_close(a["model"], b["model"], rtol=1e-5, atol=1e-7)
+            toy.assert_equal(a["sched"], b["sched"], "ddp sched after 2 more steps")
+        elif rank == 0:
+            toy.assert_equal(a, b, f"{wrapper} after 2 more steps")
+        out[wrapper] = info.bytes
+    return out
+
+
+def fsdp_save(rank: int, world_size: int, root: str) -> dict[str, Any] | None:
+    app = toy.make_app("fsdp", seed=0)
+    toy.train(app, 3, rank)
+    with de.CheckpointManager(de.CheckpointConfig(root_dir=root, experiment_name="reshard")) as mgr:
+        mgr.save(3, app, epoch=0)
+    state = toy.full_state(app)
+    return state if rank == 0 else None
+
+
+def fsdp_load(rank: int, world_size: int, root: str) -> dict[str, Any] | None:
+    app = toy.make_app("fsdp", seed=7)
+    with de.CheckpointManager(de.CheckpointConfig(root_dir=root, experiment_name="reshard")) as mgr:
+        info = mgr.load(app)
+        assert info is not None and info.step == 3
+    state = toy.full_state(app)
+    return state if rank == 0 else None
+
+
+def collective_errors(rank: int, world_size: int, root: str) -> dict[str, str]:
+    """Errors raised on every rank alike: disagreeing steps, a step saved twice, a shape
+    mismatch under FSDP2 (and the model unchanged after it)."""
+    msgs: dict[str, str] = {}
+    app = toy.make_app("fsdp", seed=0)
+    toy.train(app, 1, rank)
+    cfg = de.CheckpointConfig(root_dir=root, experiment_name="errors")
+    with de.CheckpointManager(cfg) as mgr:
+        try:
+            mgr.save(5 + rank, app)
+        except de.CheckpointError as e:
+            msgs["disagree"] = str(e)
+        mgr.save(5, app)
+        try:
+            mgr.save(5, app)
+        except de.CheckpointError as e:
+            msgs["twice"] = str(e)
+        wide = toy.make_app("fsdp", seed=3, hidden=32)
+        before = toy.full_model_state(wide)
+        try:
+            mgr.load(wide)
+        except de.StateMismatchError as e:
+            msgs["shape"] = str(e)
+        assert not wide["optim"].state, "optimizer state initialised by a failed load"
+        after = toy.full_model_state(wide)
+        if rank == 0:
+            toy.assert_equal(before, after, "model after a failed load")
+        assert [c.step for c in mgr.checkpoints()] == [5]
+    return msgs
+
+
+def rng_roundtrip(rank: int, world_size: int, root: str) -> list[float]:
+    """Each rank's RNG is saved and restored: the draws after load equal those after save."""
+    import random
+
+    import numpy as np
+
+    torch.manual_seed(100 + rank)
+    np.random.seed(200 + rank)
+    random.seed(300 + rank)
+    app = {"w": torch.ones(2)}
+    with de.CheckpointManager(de.CheckpointConfig(root_dir=root, experiment_name="rng")) as mgr:
+        mgr.save(1, app)
+        draws = [torch.rand(1).item(), float(np.random.rand()), random.random()]
+        torch.manual_seed(0)
+        np.random.seed(0)
+        random.seed(0)
+        mgr.load(app)
+        again = [torch.rand(1).item(), float(np.random.rand()), random.random()]
+    assert draws == again, (draws, again)
+    return draws
