@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any
 
 import torch.distributed as dist
@@ -50,36 +50,34 @@ class Comm:
         assert self.group is not None
         return dist.get_global_rank(self.group, group_rank)
 
-    def broadcast(self, obj: Any) -> Any:
+    def broadcast(self, obj: Any, what: str) -> Any:
         """Rank 0's ``obj`` on every rank."""
         if self.group is None:
             return obj
         box = [obj]
-        dist.broadcast_object_list(box, src=self._global(0), group=self.group)
+        with self._bounded(what):
+            dist.broadcast_object_list(box, src=self._global(0), group=self.group)
         return box[0]
 
-    def all_gather(self, obj: Any) -> list[Any]:
+    def all_gather(self, obj: Any, what: str) -> list[Any]:
         if self.group is None:
             return [obj]
         out: list[Any] = [None] * self.world_size
-        dist.all_gather_object(out, obj, group=self.group)
+        with self._bounded(what):
+            dist.all_gather_object(out, obj, group=self.group)
         return out
 
-    def barrier(self) -> None:
-        """Wait for every rank; names the missing ranks after ``timeout_s``."""
-        if self.group is not None:
-            dist.monitored_barrier(group=self.group, timeout=self.timeout, wait_all_ranks=True)
-
-    def agree(self, local_error: str | None, what: str) -> None:
-        """Raise the same ``CheckpointError`` on every rank if any rank reports an error.
-
-        Used before entering a collective phase, so that a rank that cannot take part
-        does not leave the others waiting in it.
-        """
-        errors = self.all_gather(local_error)
-        bad = [(r, e) for r, e in enumerate(errors) if e is not None]
-        if bad:
-            raise CheckpointError(_join(what, bad))
+    @contextlib.contextmanager
+    def _bounded(self, what: str) -> Iterator[None]:
+        """A collective that failed (a rank died, or did not arrive within the group's
+        timeout) raises a ``CheckpointError`` that says what was being done."""
+        try:
+            yield
+        except RuntimeError as e:
+            raise CheckpointError(
+                f"{what}: the checkpoint group failed (a rank died or did not arrive within "
+                f"{self.timeout.total_seconds():.0f} s): {e}"
+            ) from e
 
     @contextlib.contextmanager
     def dcp_call(self) -> Iterator[None]:
@@ -116,10 +114,3 @@ def _side_group(ranks: tuple[int, ...], timeout_s: float) -> dist.ProcessGroup:
     )
     _SIDE_GROUPS[key] = group
     return group
-
-
-def _join(what: str, bad: Sequence[tuple[int, str]]) -> str:
-    if len(bad) == 1 or all(e == bad[0][1] for _, e in bad):
-        ranks = ",".join(str(r) for r, _ in bad)
-        return f"{what}: {bad[0][1]} (rank {ranks})"
-    return f"{what}: " + "; ".join(f"rank {r}: {e}" for r, e in bad)

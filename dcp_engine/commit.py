@@ -168,7 +168,7 @@ def move_alias(checkpoints_dir: Path, alias: str, target_name: str, *, fsync: bo
     is taken by something that is not our symlink; the index stays the truth either way.
     """
     link = checkpoints_dir / alias
-    if (link.exists() or link.is_symlink()) and not link.is_symlink():
+    if link.exists() and not link.is_symlink():
         log.warning("%s exists and is not a symlink; not moving the %r alias", link, alias)
         return False
     tmp = checkpoints_dir / f".{alias}.{os.getpid()}.tmp"

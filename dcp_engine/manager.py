@@ -72,10 +72,14 @@ class CheckpointManager:
         self._comm = Comm.create(process_group, config.timeout_s)
         self._closed = False
         self._stats: list[SaveStats] = []
-        name = self._decide(lambda: config.experiment_name or _default_name(config))
+        name = self._decide(
+            lambda: config.experiment_name or _default_name(config), "choosing the experiment"
+        )
         self.experiment_dir = config.root_path / name
         self._layout = layout.ExperimentLayout(self.experiment_dir)
-        self._entries: list[CheckpointInfo] = self._decide(self._open_experiment)
+        self._entries: list[CheckpointInfo] = self._decide(
+            self._open_experiment, f"opening {self.experiment_dir}"
+        )
         self._writer: ShardWriter = InlineWriter(
             self._comm, fsync=config.fsync, threads=config.write_threads
         )
@@ -126,7 +130,7 @@ class CheckpointManager:
         Collective: every rank calls it.
         """
         self._check_open()
-        found = self._decide(lambda: self._resolve(which))
+        found = self._decide(lambda: self._resolve(which), f"load of {which!r}")
         if found is None:
             log.info(
                 "[rank=%d] no committed checkpoint in %s: starting fresh",
@@ -193,8 +197,8 @@ class CheckpointManager:
             what,
         )
         shape = {k: v for k, v in saved.entries.items() if k != state.RNG_KEY}
-        gathered = self._comm.all_gather((step, shape))
-        self._decide(lambda: self._prepare(step, gathered))
+        gathered = self._comm.all_gather((step, shape), what)
+        self._decide(lambda: self._prepare(step, gathered), what)
         tmp = self._layout.tmp_dir(step)
         try:
             written = self._writer.write(saved.state_dict, tmp)
@@ -204,7 +208,7 @@ class CheckpointManager:
                 f"latest is still {self._latest_name()}"
             ) from e
         commit_start = time.perf_counter()
-        info = self._decide(lambda: self._commit(step, epoch, metrics, saved.entries))
+        info = self._decide(lambda: self._commit(step, epoch, metrics, saved.entries), what)
         self._entries = sorted([*self._entries, info], key=lambda c: c.step)
         now = time.perf_counter()
         stats = SaveStats(
@@ -356,7 +360,7 @@ class CheckpointManager:
         self._layout.checkpoints_dir.mkdir(parents=True, exist_ok=True)
         return index.reconcile(self._layout, fsync=self.config.fsync).committed
 
-    def _decide(self, fn: Callable[[], T]) -> T:
+    def _decide(self, fn: Callable[[], T], what: str) -> T:
         """Run ``fn`` on rank 0 only and give its result (or its error) to every rank."""
         result: Any = None
         error: Exception | None = None
@@ -367,9 +371,10 @@ class CheckpointManager:
                 error = e
         if self._comm.distributed:
             payload = ("err", f"{type(error).__name__}: {error}") if error else ("ok", result)
-            kind, value = self._comm.broadcast(payload if self._comm.is_coordinator else None)
+            mine = payload if self._comm.is_coordinator else None
+            kind, value = self._comm.broadcast(mine, what)
             if kind == "err" and error is None:
-                raise CheckpointError(f"rank 0: {value}")
+                raise CheckpointError(f"{what} failed on rank 0: {value}")
             result = value
         if error is not None:
             raise error
@@ -383,7 +388,7 @@ class CheckpointManager:
             result, error = None, e
         if self._comm.distributed:
             mine = None if error is None else f"{type(error).__name__}: {error}"
-            errors = self._comm.all_gather(mine)
+            errors = self._comm.all_gather(mine, what)
             bad = [(r, e) for r, e in enumerate(errors) if e is not None]
             if bad and error is None:
                 raise CheckpointError(f"{what} failed on rank {bad[0][0]}: {bad[0][1]}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 import dcp_engine as de
 from tests import toy, workers
@@ -45,3 +46,16 @@ def test_errors_are_raised_on_every_rank_and_leave_state_untouched(tmp_path):
 def test_rng_state_of_every_rank_is_restored(tmp_path):
     draws = run_ranks(workers.rng_roundtrip, 2, str(tmp_path))
     assert draws[0] != draws[1]  # per-rank streams, each restored to its own
+
+
+def test_a_rank_that_never_arrives_fails_the_save_within_timeout_s(tmp_path):
+    """Bounded wait: rank 0 raises a CheckpointError naming the step within timeout_s
+    (plus slack), and the previous checkpoint stays the latest committed one."""
+    timeout_s = 4.0
+    out = run_ranks(workers.absent_rank, 2, str(tmp_path), timeout_s)[0]
+    assert "save of step 2" in out["error"] and "did not arrive" in out["error"]
+    assert out["elapsed"] < timeout_s + 10
+    cfg = de.CheckpointConfig(root_dir=str(tmp_path), experiment_name="absent")
+    with de.CheckpointManager(cfg) as mgr:
+        assert [c.step for c in mgr.checkpoints()] == [1]
+        assert mgr.load({"w": torch.zeros(4)}).step == 1

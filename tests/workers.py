@@ -114,3 +114,22 @@ def rng_roundtrip(rank: int, world_size: int, root: str) -> list[float]:
         again = [torch.rand(1).item(), float(np.random.rand()), random.random()]
     assert draws == again, (draws, again)
     return draws
+
+
+def absent_rank(rank: int, world_size: int, root: str, timeout_s: float) -> dict[str, Any]:
+    """Rank 1 never calls save: rank 0 must raise, naming the step, within the timeout."""
+    import time
+
+    cfg = de.CheckpointConfig(root_dir=root, experiment_name="absent", timeout_s=timeout_s)
+    mgr = de.CheckpointManager(cfg)
+    app = {"w": torch.ones(4)}
+    mgr.save(1, app)
+    if rank != 0:
+        time.sleep(3 * timeout_s)  # alive but absent: a hang, not a crash
+        return {}
+    start = time.monotonic()
+    try:
+        mgr.save(2, app)
+    except de.CheckpointError as e:
+        return {"elapsed": time.monotonic() - start, "error": str(e)}
+    raise AssertionError("save returned although rank 1 never arrived")
