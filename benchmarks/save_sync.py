@@ -148,7 +148,9 @@ def main() -> None:
         rm(dcp_dir),
     )
 
-    cfg = de.CheckpointConfig(root_dir=str(root), experiment_name="engine", capture_rng=False)
+    cfg = de.CheckpointConfig(
+        root_dir=str(root), experiment_name="engine", capture_rng=False, async_mode="off"
+    )
     mgr = de.CheckpointManager(cfg)
     counter = iter(range(10**6))
     engine_bytes: list[int] = []

@@ -28,15 +28,19 @@ class Comm:
         self.world_size = dist.get_world_size(group) if group is not None else 1
 
     @classmethod
-    def create(cls, process_group: dist.ProcessGroup | None, timeout_s: float) -> Comm:
+    def create(
+        cls, process_group: dist.ProcessGroup | None, timeout_s: float, purpose: str = "control"
+    ) -> Comm:
+        """A side group over the ranks of ``process_group``, one per ``purpose``: the
+        foreground's decisions (``control``) and the background writes (``io``) never share
+        one, so a save in flight cannot interleave its collectives with the next call's."""
         if not (dist.is_available() and dist.is_initialized()):
             if process_group is not None:
                 raise ValueError("process_group given but torch.distributed is not initialised")
             return cls(None, timeout_s)
         base = process_group if process_group is not None else dist.group.WORLD
-        return cls(
-            _side_group(tuple(sorted(dist.get_process_group_ranks(base))), timeout_s), timeout_s
-        )
+        ranks = tuple(sorted(dist.get_process_group_ranks(base)))
+        return cls(_side_group(ranks, timeout_s, purpose), timeout_s)
 
     @property
     def is_coordinator(self) -> bool:
@@ -96,11 +100,11 @@ class Comm:
 # One side group per (ranks, timeout), reused by every manager of the process and never
 # destroyed: a group re-created over the same ranks would find the previous one's
 # addresses in the store (hashed group names) and fail to connect.
-_SIDE_GROUPS: dict[tuple[tuple[int, ...], float], dist.ProcessGroup] = {}
+_SIDE_GROUPS: dict[tuple[tuple[int, ...], float, str], dist.ProcessGroup] = {}
 
 
-def _side_group(ranks: tuple[int, ...], timeout_s: float) -> dist.ProcessGroup:
-    key = (ranks, timeout_s)
+def _side_group(ranks: tuple[int, ...], timeout_s: float, purpose: str) -> dist.ProcessGroup:
+    key = (ranks, timeout_s, purpose)
     group = _SIDE_GROUPS.get(key)
     if group is not None and group in dist.distributed_c10d._world.pg_map:
         return group

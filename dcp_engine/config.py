@@ -10,7 +10,9 @@ from typing import Any
 
 from .errors import ConfigError
 
-ASYNC_MODES = ("off",)
+ASYNC_MODES = ("off", "thread", "process")
+STAGING = ("sync", "overlap")
+WHEN_BUSY = ("wait", "skip")
 MODES = ("min", "max")
 
 
@@ -37,9 +39,23 @@ class CheckpointConfig:
     mode: str = "min"
     """``"min"`` or ``"max"``: which direction of ``monitor`` is better."""
 
-    async_mode: str = "off"
-    """How shards are written. This version writes in-line (``"off"``): ``save`` returns
-    once the checkpoint is committed."""
+    async_mode: str = "process"
+    """How shards are written: ``"off"`` (in-line; ``save`` returns once committed),
+    ``"thread"`` (a background thread per rank writes a staged copy) or ``"process"`` (a
+    persistent writer process per rank reads the staged copy from shared memory, so the
+    write never holds the training's GIL). Scripts using ``"process"`` must guard their
+    entry point with ``if __name__ == "__main__":`` (the writer is spawned)."""
+
+    staging: str = "sync"
+    """``"sync"``: ``save`` returns once the state is copied into the staging buffers.
+    ``"overlap"``: ``save`` returns before the copy of parameters and optimizer state is
+    done; the copy overlaps the next forward/backward and a step pre-hook on the
+    optimizers of ``app_state`` waits for it. Parameters and optimizer state must then
+    change only through those optimizers until their next step."""
+
+    when_busy: str = "wait"
+    """A ``save`` while the previous one is still writing: ``"wait"`` for it, or ``"skip"``
+    this save (logged and counted in ``stats()``). Decided alike on every rank."""
 
     timeout_s: float = 600.0
     """Upper bound on every wait on another rank (barriers, gathers, the commit)."""
@@ -67,12 +83,15 @@ class CheckpointConfig:
             raise ConfigError("monitor", self.monitor, "a metric name or None")
         if self.mode not in MODES:
             raise ConfigError("mode", self.mode, f"one of {MODES}")
-        if self.async_mode not in ASYNC_MODES:
-            raise ConfigError(
-                "async_mode",
-                self.async_mode,
-                f"one of {ASYNC_MODES} (the background writers are not in this version)",
-            )
+        for name, allowed in (
+            ("async_mode", ASYNC_MODES),
+            ("staging", STAGING),
+            ("when_busy", WHEN_BUSY),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(name, getattr(self, name), f"one of {allowed}")
+        if self.staging == "overlap" and self.async_mode == "off":
+            raise ConfigError("staging", self.staging, "'sync' when async_mode='off'")
         if (
             isinstance(self.timeout_s, bool)
             or not isinstance(self.timeout_s, (int, float))

@@ -7,18 +7,23 @@ the manager's side group, so that all ranks raise the same error or go on togeth
 
 from __future__ import annotations
 
+import atexit
 import logging
 import math
 import os
 import shutil
+import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch import nn
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
 
@@ -27,7 +32,8 @@ from .comm import Comm
 from .config import CheckpointConfig
 from .errors import CheckpointError, CheckpointNotFoundError, NotACheckpointError
 from .index import CheckpointInfo
-from .writers import InlineWriter, ShardWriter
+from .staging import StagedState, StagingPool
+from .writers import InlineWriter, ProcessWriter, ShardWriter, ThreadWriter, Worker
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -49,6 +55,8 @@ class SaveStats:
     """Marker, rename, directory fsyncs, index and alias (rank 0's work, waited for)."""
     total_s: float
     """From the call until committed."""
+    skipped: bool = False
+    """``when_busy="skip"``: the save was not made because the previous one was writing."""
 
     @property
     def gbps(self) -> float:
@@ -80,9 +88,15 @@ class CheckpointManager:
         self._entries: list[CheckpointInfo] = self._decide(
             self._open_experiment, f"opening {self.experiment_dir}"
         )
-        self._writer: ShardWriter = InlineWriter(
-            self._comm, fsync=config.fsync, threads=config.write_threads
-        )
+        self._lock = threading.Lock()  # entries and stats, shared with the background
+        self._worker: Worker | None = None
+        self._pool: StagingPool | None = None
+        self._staged = threading.Event()  # set while no staging copy is pending
+        self._staged.set()
+        self._hooks: dict[int, Any] = {}
+        self._hook_wait_s = 0.0
+        self._writer: ShardWriter = self._start_writer(process_group)
+        atexit.register(_close_at_exit, weakref.ref(self))
 
     # ------------------------------------------------------------------ public
 
@@ -96,11 +110,13 @@ class CheckpointManager:
 
     def checkpoints(self) -> list[CheckpointInfo]:
         """Committed checkpoints, oldest (lowest step) first."""
-        return list(self._entries)
+        with self._lock:
+            return list(self._entries)
 
     def stats(self) -> list[SaveStats]:
-        """One entry per committed save of this manager, in order."""
-        return list(self._stats)
+        """One entry per save of this manager (committed or skipped), in order."""
+        with self._lock:
+            return list(self._stats)
 
     def save(
         self,
@@ -109,17 +125,23 @@ class CheckpointManager:
         *,
         epoch: int | None = None,
         metrics: Mapping[str, Any] | None = None,
-    ) -> CheckpointInfo:
+    ) -> CheckpointInfo | None:
         """Write ``app_state`` as checkpoint ``step`` on every rank and commit it.
 
-        Collective: every rank calls it with the same step. Returns once committed.
+        Collective: every rank calls it with the same step. With ``async_mode="off"`` it
+        returns the committed checkpoint; otherwise it returns None as soon as the state is
+        staged, and the write and commit go on in the background (``wait()`` for them). An
+        error of the previous background save is raised here, on every rank.
         """
         self._check_open()
         _check_step(step)
         if epoch is not None and (isinstance(epoch, bool) or not isinstance(epoch, int)):
             raise TypeError(f"epoch must be an int or None, got {epoch!r}")
         clean = commit.clean_metrics(metrics)
-        return self._save(step, app_state, epoch, clean)
+        if self._worker is None:
+            return self._save(step, app_state, epoch, clean)
+        self._save_async(step, app_state, epoch, clean)
+        return None
 
     def load(self, app_state: dict[str, Any], which: Which = "latest") -> CheckpointInfo | None:
         """Restore ``app_state`` from a checkpoint; None if there is none (a fresh run).
@@ -130,6 +152,7 @@ class CheckpointManager:
         Collective: every rank calls it.
         """
         self._check_open()
+        self.wait()  # a save in flight finishes (or fails) before anything is resolved
         found = self._decide(lambda: self._resolve(which), f"load of {which!r}")
         if found is None:
             log.info(
@@ -165,16 +188,28 @@ class CheckpointManager:
         return info
 
     def wait(self) -> None:
-        """Block until every save in flight is committed (saves are in-line in this version)."""
+        """Block until the save in flight is committed; raise its error if it failed."""
         self._check_open()
+        self._flush()
 
     def close(self) -> None:
-        """Flush, then release the writers. Idempotent."""
+        """Flush the save in flight (raising its error), then stop the writers and free the
+        staging memory. Idempotent; also run at interpreter exit."""
         if self._closed:
             return
-        self._closed = True
-        self._writer.close()
-        self._comm.release()
+        try:
+            self._flush()
+        finally:
+            self._closed = True
+            for handle in self._hooks.values():
+                handle.remove()
+            self._hooks.clear()
+            if self._worker is not None:
+                self._worker.stop()
+            self._writer.close()
+            if self._pool is not None:
+                self._pool.release()
+            self._comm.release()
 
     def __enter__(self) -> CheckpointManager:
         return self
@@ -209,27 +244,158 @@ class CheckpointManager:
             ) from e
         commit_start = time.perf_counter()
         info = self._decide(lambda: self._commit(step, epoch, metrics, saved.entries), what)
-        self._entries = sorted([*self._entries, info], key=lambda c: c.step)
         now = time.perf_counter()
-        stats = SaveStats(
-            step=step,
-            bytes=info.bytes,
-            blocked_s=now - start,
-            write_s=written.seconds,
-            commit_s=now - commit_start,
-            total_s=now - start,
-        )
-        self._stats.append(stats)
-        if self.rank == 0:
-            log.info(
-                "[rank=0][step=%d] saved %s in %.2f s (%.2f GB/s), blocked %.0f ms",
-                step,
-                _fmt_bytes(stats.bytes),
-                stats.total_s,
-                stats.gbps,
-                stats.blocked_s * 1e3,
-            )
+        self._record(info, SaveStats(
+            step=step, bytes=info.bytes, blocked_s=now - start, write_s=written.seconds,
+            commit_s=now - commit_start, total_s=now - start,
+        ))  # fmt: skip
         return info
+
+    # ------------------------------------------------------------------ async save
+
+    def _save_async(
+        self, step: int, app_state: Mapping[str, Any], epoch: int | None, metrics: dict[str, float]
+    ) -> None:
+        """Foreground: agree, stage, hand over. Only the control group is used here; the
+        background uses the I/O group, and never while this runs (one save in flight)."""
+        assert self._worker is not None and self._pool is not None
+        start = time.perf_counter()
+        what = f"save of step {step}"
+        cfg = self.config
+        if cfg.when_busy == "wait":
+            self._wait_worker(what)
+        busy = self._worker.busy
+        previous = None if busy else self._worker.take_error()
+        try:
+            saved = state.build_save_state(
+                app_state, rank=self.rank, world_size=self.world_size, capture_rng=cfg.capture_rng
+            )
+            shape = {k: v for k, v in saved.entries.items() if k != state.RNG_KEY}
+            mine: str | None = None if previous is None else f"the previous save failed: {previous}"
+        except Exception as e:
+            saved, shape, mine = None, {}, f"{type(e).__name__}: {e}"
+            previous = e
+        gathered = self._comm.all_gather((step, shape, busy, mine), what)
+        failed = [(r, g[3]) for r, g in enumerate(gathered) if g[3] is not None]
+        if failed:
+            # Every rank raises, and no rank keeps an error to raise again later.
+            self._wait_worker(what)
+            previous = previous or self._worker.take_error()
+            r, msg = failed[0]
+            raise CheckpointError(f"{what} refused: rank {r}: {msg}") from previous
+        assert saved is not None
+        if any(g[2] for g in gathered):
+            busy_ranks = [r for r, g in enumerate(gathered) if g[2]]
+            if self.rank == 0:
+                log.warning("[rank=0][step=%d] save skipped: the previous save is still "
+                            "writing on ranks %s (when_busy='skip')", step, busy_ranks)  # fmt: skip
+            blocked = time.perf_counter() - start
+            with self._lock:
+                self._stats.append(SaveStats(step, 0, blocked, 0.0, 0.0, blocked, skipped=True))
+            return
+        self._decide(lambda: self._prepare(step, [(g[0], g[1]) for g in gathered]), what)
+        if cfg.staging == "overlap":
+            self._hook_optimizers(app_state)
+            deferred = _mutated_by_optimizers_only(app_state)
+            staged = self._pool.stage(saved.state_dict, defer=lambda _, t: _ptr(t) in deferred)
+        else:
+            staged = self._pool.stage(saved.state_dict)
+        if staged.pending:
+            self._staged.clear()
+        self._hook_wait_s = 0.0
+        blocked = time.perf_counter() - start
+        self._worker.submit(
+            lambda: self._write_and_commit(
+                step, epoch, metrics, saved.entries, staged, start, blocked
+            )
+        )
+
+    def _write_and_commit(
+        self,
+        step: int,
+        epoch: int | None,
+        metrics: dict[str, float],
+        entries: dict[str, Any],
+        staged: StagedState,
+        start: float,
+        blocked: float,
+    ) -> None:
+        """Background: finish the staging copy, write, commit (rank 0), learn the outcome."""
+        try:
+            staged.finish_copies()
+        finally:
+            self._staged.set()
+        tmp = self._layout.tmp_dir(step)
+        what = f"save of step {step}"
+        try:
+            written = self._writer.write(staged, tmp)
+        except (Exception, CheckpointException) as e:
+            raise CheckpointError(
+                f"{what} failed while writing {tmp} ({_summary(e)}); nothing was committed, "
+                f"latest is still {self._latest_name()}"
+            ) from e
+        commit_start = time.perf_counter()
+        info = self._decide(lambda: self._commit(step, epoch, metrics, entries), what, self._io)
+        now = time.perf_counter()
+        self._record(info, SaveStats(
+            step=step, bytes=info.bytes, blocked_s=blocked + self._hook_wait_s,
+            write_s=written.seconds, commit_s=now - commit_start, total_s=now - start,
+        ))  # fmt: skip
+
+    def _record(self, info: CheckpointInfo, stats: SaveStats) -> None:
+        with self._lock:
+            self._entries = sorted([*self._entries, info], key=lambda c: c.step)
+            self._stats.append(stats)
+        if self.rank == 0:
+            log.info("[rank=0][step=%d] saved %s in %.2f s (%.2f GB/s), blocked %.0f ms",
+                     stats.step, _fmt_bytes(stats.bytes), stats.total_s, stats.gbps,
+                     stats.blocked_s * 1e3)  # fmt: skip
+
+    def _hook_optimizers(self, app_state: Mapping[str, Any]) -> None:
+        """Overlapped staging: an optimizer step waits for the copy of what it mutates."""
+        for value in app_state.values():
+            if isinstance(value, torch.optim.Optimizer) and id(value) not in self._hooks:
+                self._hooks[id(value)] = value.register_step_pre_hook(self._before_step)
+
+    def _before_step(self, *_: Any) -> None:
+        if self._staged.is_set():
+            return
+        start = time.perf_counter()
+        if not self._staged.wait(self.config.timeout_s):
+            raise CheckpointError(
+                f"the staging copy did not finish within {self.config.timeout_s:.0f} s"
+            )
+        self._hook_wait_s += time.perf_counter() - start
+
+    def _wait_worker(self, what: str) -> None:
+        assert self._worker is not None
+        budget = 4 * self.config.timeout_s + 60  # each of its collectives is bounded
+        if not self._worker.wait(budget):
+            raise CheckpointError(
+                f"{what}: the previous save is still in flight after {budget:.0f} s"
+            )
+
+    def _flush(self) -> None:
+        if self._worker is None:
+            return
+        self._wait_worker("flush")
+        error = self._worker.take_error()
+        if error is not None:
+            raise CheckpointError(f"the background save failed: {error}") from error
+
+    def _start_writer(self, process_group: dist.ProcessGroup | None) -> ShardWriter:
+        cfg = self.config
+        if cfg.async_mode == "off":
+            return InlineWriter(self._comm, fsync=cfg.fsync, threads=cfg.write_threads)
+        self._io = Comm.create(process_group, cfg.timeout_s, purpose="io")
+        self._pool = StagingPool(shared=cfg.async_mode == "process")
+        self._worker = Worker(name=f"dcp_engine_saver_rank{self.rank}")
+        if cfg.async_mode == "thread":
+            return ThreadWriter(self._io, fsync=cfg.fsync, threads=cfg.write_threads)
+        return ProcessWriter(
+            self._comm, self._pool, fsync=cfg.fsync, threads=cfg.write_threads,
+            timeout_s=cfg.timeout_s,
+        )  # fmt: skip
 
     def _prepare(self, step: int, gathered: list[tuple[int, dict[str, Any]]]) -> None:
         """Rank 0: every rank saves the same step and keys, the step is free, ``.tmp`` is new."""
@@ -276,7 +442,7 @@ class CheckpointManager:
         commit.publish(tmp, final, fsync=fsync)
         # Committed from here on: the index and the alias are conveniences rebuilt at start.
         info = CheckpointInfo.from_marker(final, marker)
-        entries_after = sorted([*self._entries, info], key=lambda c: c.step)
+        entries_after = sorted([*self.checkpoints(), info], key=lambda c: c.step)
         try:
             index.write_index(self._layout, entries_after, fsync=fsync)
         except OSError as e:
@@ -360,19 +526,20 @@ class CheckpointManager:
         self._layout.checkpoints_dir.mkdir(parents=True, exist_ok=True)
         return index.reconcile(self._layout, fsync=self.config.fsync).committed
 
-    def _decide(self, fn: Callable[[], T], what: str) -> T:
+    def _decide(self, fn: Callable[[], T], what: str, comm: Comm | None = None) -> T:
         """Run ``fn`` on rank 0 only and give its result (or its error) to every rank."""
+        comm = comm or self._comm
         result: Any = None
         error: Exception | None = None
-        if self._comm.is_coordinator:
+        if comm.is_coordinator:
             try:
                 result = fn()
             except Exception as e:
                 error = e
-        if self._comm.distributed:
+        if comm.distributed:
             payload = ("err", f"{type(error).__name__}: {error}") if error else ("ok", result)
-            mine = payload if self._comm.is_coordinator else None
-            kind, value = self._comm.broadcast(mine, what)
+            mine = payload if comm.is_coordinator else None
+            kind, value = comm.broadcast(mine, what)
             if kind == "err" and error is None:
                 raise CheckpointError(f"{what} failed on rank 0: {value}")
             result = value
@@ -402,6 +569,33 @@ class CheckpointManager:
     def _check_open(self) -> None:
         if self._closed:
             raise CheckpointError(f"the CheckpointManager of {self.experiment_dir} is closed")
+
+
+def _ptr(t: torch.Tensor) -> int:
+    return (t.to_local() if isinstance(t, dist.tensor.DTensor) else t).data_ptr()
+
+
+def _mutated_by_optimizers_only(app_state: Mapping[str, Any]) -> set[int]:
+    """Storage of parameters and optimizer state: changed only by an optimizer step, so
+    their staging copy may overlap the next forward/backward."""
+    ptrs: set[int] = set()
+    for value in app_state.values():
+        if isinstance(value, nn.Module):
+            ptrs.update(_ptr(p) for p in value.parameters())
+        elif isinstance(value, torch.optim.Optimizer):
+            for per_param in value.state.values():
+                ptrs.update(_ptr(t) for t in per_param.values() if isinstance(t, torch.Tensor))
+    ptrs.discard(0)  # empty tensors
+    return ptrs
+
+
+def _close_at_exit(ref: weakref.ref[CheckpointManager]) -> None:
+    manager = ref()
+    if manager is not None and not manager._closed:
+        try:
+            manager.close()
+        except Exception as e:  # at exit there is no caller left to raise to
+            log.error("closing %s at exit: %s", manager.experiment_dir, e)
 
 
 def _summary(e: BaseException) -> str:

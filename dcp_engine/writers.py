@@ -1,24 +1,53 @@
 """Where the shard bytes are written.
 
-A writer takes a DCP state dict and a ``.tmp`` directory and returns once every rank's
-shards are written and fsynced and rank 0 has written DCP's ``.metadata``. It does not
-commit: the manager does that after the writer returns (``commit.py``).
+A writer takes a state and a ``.tmp`` directory and returns once every rank's shards are
+written and fsynced and rank 0 has written DCP's ``.metadata``. It does not commit: the
+manager does that after the writer returns (``commit.py``).
 
-This version has the in-line writer (``async_mode="off"``): the write runs on the calling
-thread. Background writers plug in behind the same ``write`` signature.
+- ``InlineWriter`` (``async_mode="off"``): ``dcp.save`` of the live state on the caller's
+  thread.
+- ``ThreadWriter`` (``"thread"``): ``dcp.save`` of a staged state (``staging.py``) on the
+  manager's background thread, over the manager's I/O side group.
+- ``ProcessWriter`` (``"process"``): a persistent writer process per rank, started once,
+  reading the staging buffers from shared memory (sent once, by handle) and joined to the
+  other ranks' writers by a gloo group of their own, so the write never holds the
+  training's GIL. Per save only the write items and the small non-tensor values cross
+  the pipe.
+
+``Worker`` is the background thread: one job in flight, its error kept for the caller.
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime as dt
+import logging
+import multiprocessing.connection
+import os
+import queue
+import threading
 import time
+import traceback
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+import torch.multiprocessing as mp
 from torch.distributed.checkpoint import FileSystemWriter
 
 from .comm import Comm
+from .errors import CheckpointError
+from .staging import StagedSavePlanner, StagedState, StagingPool
+
+log = logging.getLogger(__name__)
+
+SLOW_WRITE_ENV = "DCP_ENGINE_SLOW_WRITE_S"
+"""Fault injection for tests: seconds every write sleeps before writing (a slow disk)."""
 
 
 @dataclass(frozen=True)
@@ -28,30 +57,36 @@ class WriteResult:
 
 
 class ShardWriter(Protocol):
-    def write(self, state_dict: dict[str, Any], directory: Path) -> WriteResult: ...
+    def write(self, state: Any, directory: Path) -> WriteResult: ...
 
     def close(self) -> None: ...
 
 
+def _injected_delay() -> None:
+    delay = float(os.environ.get(SLOW_WRITE_ENV, "0") or 0)
+    if delay > 0:
+        time.sleep(delay)
+
+
+def _fs_writer(directory: Path | str, fsync: bool, threads: int) -> FileSystemWriter:
+    return FileSystemWriter(directory, sync_files=fsync, thread_count=threads, overwrite=True)
+
+
 class InlineWriter:
-    """Writes on the calling thread through ``dcp.save`` on the manager's side group."""
+    """Writes the live state on the calling thread through ``dcp.save``."""
 
     def __init__(self, comm: Comm, *, fsync: bool, threads: int) -> None:
-        self._comm = comm
-        self._fsync = fsync
-        self._threads = threads
+        self._comm, self._fsync, self._threads = comm, fsync, threads
 
-    def write(self, state_dict: dict[str, Any], directory: Path) -> WriteResult:
+    def write(self, state: dict[str, Any], directory: Path) -> WriteResult:
         start = time.perf_counter()
-        writer = FileSystemWriter(
-            directory, sync_files=self._fsync, thread_count=self._threads, overwrite=True
-        )
+        _injected_delay()
         # DCP's own collectives (plan gather, write-result gather, finish) run on the side
         # group, whose timeout bounds them: a rank that never arrives fails every rank.
         with self._comm.dcp_call():
             dcp.save(
-                state_dict,
-                storage_writer=writer,
+                state,
+                storage_writer=_fs_writer(directory, self._fsync, self._threads),
                 process_group=self._comm.group,
                 no_dist=not self._comm.distributed,
             )
@@ -59,3 +94,226 @@ class InlineWriter:
 
     def close(self) -> None:
         pass
+
+
+def save_staged(
+    staged: StagedState, directory: Path | str, *, group: Any, fsync: bool, threads: int
+) -> None:
+    """``dcp.save`` of a staged state (the same call in a thread and in a writer process)."""
+    no_dist = group is None and not dist.is_initialized()
+    with warnings.catch_warnings():
+        if no_dist:  # one rank: exactly the intent DCP warns that it assumes
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save(
+            staged.values,
+            storage_writer=_fs_writer(directory, fsync, threads),
+            planner=StagedSavePlanner(staged.items, staged.mappings),
+            process_group=group,
+            no_dist=no_dist,
+        )
+
+
+class ThreadWriter:
+    """Writes a staged state on the calling (background) thread over the I/O side group."""
+
+    def __init__(self, io_comm: Comm, *, fsync: bool, threads: int) -> None:
+        self._comm, self._fsync, self._threads = io_comm, fsync, threads
+
+    def write(self, state: StagedState, directory: Path) -> WriteResult:
+        start = time.perf_counter()
+        _injected_delay()
+        with self._comm.dcp_call():
+            save_staged(
+                state, directory, group=self._comm.group, fsync=self._fsync, threads=self._threads
+            )
+        return WriteResult(seconds=time.perf_counter() - start)
+
+    def close(self) -> None:
+        pass
+
+
+class ProcessWriter:
+    """A persistent writer process for this rank. Constructed collectively (rendezvous)."""
+
+    def __init__(
+        self, comm: Comm, pool: StagingPool, *, fsync: bool, threads: int, timeout_s: float
+    ) -> None:
+        self._pool = pool
+        self._timeout_s = timeout_s
+        self._fsync, self._threads = fsync, threads
+        self._sent_generation = -1
+        self._store: Any = None
+        host = os.environ.get("MASTER_ADDR", "127.0.0.1") if comm.distributed else "127.0.0.1"
+        if comm.is_coordinator:
+            # The writers' rendezvous store lives in rank 0's training process.
+            self._store = dist.TCPStore(
+                host, 0, is_master=True, wait_for_workers=False,
+                timeout=dt.timedelta(seconds=timeout_s),
+            )  # fmt: skip
+            address = (host, self._store.port, f"dcp_engine_writers/{os.getpid()}/{time.time_ns()}")
+        else:
+            address = None
+        address = comm.broadcast(address, "starting the writer processes")
+        ctx = mp.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(
+            target=_writer_main,
+            args=(child, comm.rank, comm.world_size, address, timeout_s),
+            name=f"dcp_engine_writer_rank{comm.rank}",
+            daemon=True,
+        )
+        self._proc.start()
+        child.close()
+        self._expect("ready", "starting")
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid
+
+    def write(self, state: StagedState, directory: Path) -> WriteResult:
+        start = time.perf_counter()
+        buffers = self._pool.buffers
+        if self._pool.generation != self._sent_generation:
+            # Once per pool layout: shared-memory handles, not bytes.
+            self._send(("buffers", buffers))
+            self._sent_generation = self._pool.generation
+        small = {k: v for k, v in state.values.items() if k not in buffers}
+        self._send(("save", str(directory), state.items, small, state.mappings,
+                    self._fsync, self._threads))  # fmt: skip
+        self._expect("done", f"writing {directory}")
+        return WriteResult(seconds=time.perf_counter() - start)
+
+    def _send(self, msg: tuple[Any, ...]) -> None:
+        try:
+            self._conn.send(msg)
+        except (BrokenPipeError, ConnectionResetError, EOFError, OSError) as e:
+            raise CheckpointError(f"the writer process ({self._describe()}) is gone: {e}") from e
+
+    def _expect(self, what: str, doing: str) -> Any:
+        """The writer's answer; bounded by timeout_s, and by the writer's life."""
+        deadline = time.monotonic() + self._timeout_s + 30
+        while not self._conn.poll(0.2):
+            if not self._proc.is_alive():
+                raise CheckpointError(f"the writer process died while {doing} ({self._describe()})")
+            if time.monotonic() > deadline:
+                raise CheckpointError(f"the writer process did not answer within "
+                                      f"{self._timeout_s:.0f} s while {doing}")  # fmt: skip
+        try:
+            kind, payload = self._conn.recv()
+        except (EOFError, ConnectionResetError, OSError) as e:
+            raise CheckpointError(
+                f"the writer process died while {doing} ({self._describe()})"
+            ) from e
+        if kind == "error":
+            raise CheckpointError(f"the writer process failed while {doing}: {payload}")
+        if kind != what:
+            raise CheckpointError(f"the writer process answered {kind!r} while {doing}")
+        return payload
+
+    def _describe(self) -> str:
+        code = self._proc.exitcode
+        return f"pid {self._proc.pid}, " + ("alive" if code is None else f"exit code {code}")
+
+    def close(self) -> None:
+        """Stop the writer; kill it if it does not stop. Never raises."""
+        if self._proc.is_alive():
+            with contextlib.suppress(Exception):
+                self._conn.send(("stop",))
+            self._proc.join(timeout=10)
+        if self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join(timeout=10)
+        with contextlib.suppress(Exception):
+            self._conn.close()
+        self._store = None
+
+
+def _writer_main(
+    conn: multiprocessing.connection.Connection,
+    rank: int,
+    world_size: int,
+    address: tuple[str, int, str],
+    timeout_s: float,
+) -> None:
+    """The writer process: join the other writers, then write what the trainer stages."""
+    torch.set_num_threads(1)
+    host, port, prefix = address
+    timeout = dt.timedelta(seconds=timeout_s)
+    try:
+        if world_size > 1:
+            store = dist.TCPStore(host, port, is_master=False, timeout=timeout)
+            dist.init_process_group(
+                "gloo", store=dist.PrefixStore(prefix, store), rank=rank,
+                world_size=world_size, timeout=timeout,
+            )  # fmt: skip
+        conn.send(("ready", None))
+    except BaseException:
+        conn.send(("error", traceback.format_exc(limit=3)))
+        return
+    buffers: dict[str, torch.Tensor] = {}
+    while True:
+        try:
+            msg = conn.recv()
+        except EOFError:  # the trainer is gone
+            break
+        if msg[0] == "stop":
+            break
+        if msg[0] == "buffers":
+            buffers = msg[1]
+            continue
+        _, directory, items, small, mappings, fsync, threads = msg
+        try:
+            _injected_delay()
+            staged = StagedState({**buffers, **small}, items, mappings)
+            save_staged(staged, directory, group=None, fsync=fsync, threads=threads)
+            conn.send(("done", None))
+        except BaseException as e:  # DCP's CheckpointException is a BaseException
+            conn.send(("error", f"{type(e).__name__}: {e}"[:4000]))
+    if dist.is_initialized():
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
+
+
+class Worker:
+    """One daemon thread running one job at a time; the job's error waits for the caller.
+
+    A daemon thread, so a job stuck on a dead peer can never hold interpreter exit.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._jobs: queue.Queue[Callable[[], None] | None] = queue.Queue()
+        self._idle = threading.Event()
+        self._idle.set()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    @property
+    def busy(self) -> bool:
+        return not self._idle.is_set()
+
+    def submit(self, job: Callable[[], None]) -> None:
+        assert not self.busy, "one job in flight at a time"
+        self._idle.clear()
+        self._jobs.put(job)
+
+    def wait(self, timeout: float) -> bool:
+        """True once no job is in flight (False if ``timeout`` ran out first)."""
+        return self._idle.wait(timeout)
+
+    def take_error(self) -> BaseException | None:
+        error, self._error = self._error, None
+        return error
+
+    def stop(self) -> None:
+        self._jobs.put(None)
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            try:
+                job()
+            except BaseException as e:
+                self._error = e
+                log.error("background save failed: %s", e)
+            finally:
+                self._idle.set()

@@ -80,6 +80,7 @@ def main() -> None:
     p.add_argument("--kill-at-step", type=int, default=None)
     p.add_argument("--resume", default="", help="'latest', 'best', a step or a path")
     p.add_argument("--out", default=None, help="file for rank 0's digest of the final state")
+    p.add_argument("--async-mode", default="process", choices=["off", "thread", "process"])
     args = p.parse_args()
 
     dist.init_process_group("gloo")
@@ -89,7 +90,10 @@ def main() -> None:
     torch.manual_seed(1234 + rank)  # per-rank data and dropout streams
 
     app = build(args.hidden)
-    cfg = de.CheckpointConfig(root_dir=args.root, experiment_name=args.experiment, monitor="loss")
+    cfg = de.CheckpointConfig(
+        root_dir=args.root, experiment_name=args.experiment, monitor="loss",
+        async_mode=args.async_mode,
+    )  # fmt: skip
     with de.CheckpointManager(cfg) as mgr:
         if args.resume:
             which = int(args.resume) if args.resume.isdigit() else args.resume
@@ -108,6 +112,7 @@ def main() -> None:
                          (step - start) / (time.perf_counter() - t0))  # fmt: skip
             if step % args.save_every == 0 or step == args.steps:
                 mgr.save(step, app, metrics={"loss": loss})
+        mgr.wait()  # the last save is committed (async writers)
         digest = state_digest(app)
         if rank == 0:
             print("step   bytes        blocked_ms  GB/s")

@@ -15,7 +15,10 @@ def _small_threads() -> None:
 
 @pytest.fixture
 def cfg(tmp_path: Path) -> de.CheckpointConfig:
-    return de.CheckpointConfig(root_dir=str(tmp_path), experiment_name="exp", monitor="loss")
+    # The engine's promises do not depend on the writer; tests/test_async.py covers those.
+    return de.CheckpointConfig(
+        root_dir=str(tmp_path), experiment_name="exp", monitor="loss", async_mode="off"
+    )
 
 
 @pytest.fixture

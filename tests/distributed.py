@@ -31,7 +31,7 @@ def run_ranks(
     store_dir = tempfile.mkdtemp(prefix="dcp_engine_store_")
     store = os.path.join(store_dir, "store")
     procs = [
-        ctx.Process(target=_entry, args=(fn, rank, world_size, store, results, args), daemon=True)
+        ctx.Process(target=_entry, args=(fn, rank, world_size, store, results, args))
         for rank in range(world_size)
     ]
     for p in procs:

@@ -84,7 +84,7 @@ def test_load_by_step_path_and_best(mgr):
 
 def test_best_needs_a_monitor(tmp_path):
     with de.CheckpointManager(
-        de.CheckpointConfig(root_dir=str(tmp_path), experiment_name="x")
+        de.CheckpointConfig(root_dir=str(tmp_path), experiment_name="x", async_mode="off")
     ) as m:
         m.save(1, {"t": torch.ones(1)})
         with pytest.raises(de.CheckpointError, match="monitor"):
@@ -235,7 +235,9 @@ def test_closed_manager_refuses_work(cfg):
 
 
 def test_default_experiment_name_is_model_dataset_timestamp(tmp_path):
-    cfg = de.CheckpointConfig(root_dir=str(tmp_path), model_name="vit", dataset_name="cifar")
+    cfg = de.CheckpointConfig(
+        root_dir=str(tmp_path), model_name="vit", dataset_name="cifar", async_mode="off"
+    )
     with de.CheckpointManager(cfg) as m:
         name = m.experiment_dir.name
     assert name.startswith("vit_cifar_") and len(name) == len("vit_cifar_20240115_143022")
@@ -245,7 +247,10 @@ def test_rng_is_captured_and_restored_unless_opted_out(tmp_path):
     app = {"t": torch.ones(1)}
     for capture in (True, False):
         cfg = de.CheckpointConfig(
-            root_dir=str(tmp_path), experiment_name=f"rng{capture}", capture_rng=capture
+            root_dir=str(tmp_path),
+            experiment_name=f"rng{capture}",
+            capture_rng=capture,
+            async_mode="off",
         )
         with de.CheckpointManager(cfg) as m:
             torch.manual_seed(1)
@@ -284,6 +289,9 @@ def test_layout_parses_only_canonical_names():
         ({"mode": "lowest"}, "mode"),
         ({"monitor": ""}, "monitor"),
         ({"async_mode": "threads"}, "async_mode"),
+        ({"staging": "later"}, "staging"),
+        ({"async_mode": "off", "staging": "overlap"}, "staging"),
+        ({"when_busy": "queue"}, "when_busy"),
         ({"timeout_s": 0}, "timeout_s"),
         ({"timeout_s": math.inf}, "timeout_s"),
         ({"capture_rng": "yes"}, "capture_rng"),

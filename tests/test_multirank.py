@@ -28,7 +28,7 @@ def test_reshard_fsdp2_4_ranks_to_2_ranks_and_to_1_plain_model(tmp_path):
     toy.assert_equal(saved, on_two, "4->2")
 
     app = toy.make_app("plain", seed=11)
-    cfg = de.CheckpointConfig(root_dir=str(tmp_path), experiment_name="reshard")
+    cfg = de.CheckpointConfig(root_dir=str(tmp_path), experiment_name="reshard", async_mode="off")
     with de.CheckpointManager(cfg) as mgr:
         assert mgr.load(app).step == 3
     toy.assert_equal(saved, toy.full_state(app), "4->1")
@@ -55,7 +55,7 @@ def test_a_rank_that_never_arrives_fails_the_save_within_timeout_s(tmp_path):
     out = run_ranks(workers.absent_rank, 2, str(tmp_path), timeout_s)[0]
     assert "save of step 2" in out["error"] and "did not arrive" in out["error"]
     assert out["elapsed"] < timeout_s + 10
-    cfg = de.CheckpointConfig(root_dir=str(tmp_path), experiment_name="absent")
+    cfg = de.CheckpointConfig(root_dir=str(tmp_path), experiment_name="absent", async_mode="off")
     with de.CheckpointManager(cfg) as mgr:
         assert [c.step for c in mgr.checkpoints()] == [1]
         assert mgr.load({"w": torch.zeros(4)}).step == 1

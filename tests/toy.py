@@ -3,6 +3,7 @@ scheduler and an extra tensor buffer (a loss centre), with deterministic per-ran
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -72,12 +73,10 @@ def full_state(app: dict[str, Any]) -> dict[str, Any]:
             full_state_dict=True, cpu_offload=True, flatten_optimizer_state_dict=True
         ),
     )
-    return {
-        "model": msd,
-        "optim": osd,
-        "sched": app["sched"].state_dict(),
-        "center": app["center"].clone(),
-    }
+    snapshot = {"model": msd, "optim": osd, "sched": app["sched"].state_dict()}
+    snapshot["center"] = app["center"]
+    # A snapshot, not views: cpu_offload leaves CPU tensors aliasing the live state.
+    return copy.deepcopy(snapshot)
 
 
 def full_model_state(app: dict[str, Any]) -> dict[str, Any]:

@@ -10,7 +10,9 @@ import dcp_engine as de
 from tests import toy
 
 
-def roundtrip(rank: int, world_size: int, root: str, wrappers: tuple[str, ...]) -> dict[str, Any]:
+def roundtrip(
+    rank: int, world_size: int, root: str, wrappers: tuple[str, ...], mode: str = "off"
+) -> dict[str, Any]:
     """Save after 3 steps, load into a differently initialised state, compare, train on."""
     out: dict[str, Any] = {}
     for wrapper in wrappers:
@@ -18,10 +20,14 @@ def roundtrip(rank: int, world_size: int, root: str, wrappers: tuple[str, ...]) 
         data_rank = 0 if wrapper == "plain" else rank
         app = toy.make_app(wrapper, seed=0)
         toy.train(app, 3, data_rank)
-        cfg = de.CheckpointConfig(root_dir=root, experiment_name=f"rt_{wrapper}_{world_size}")
+        cfg = de.CheckpointConfig(
+            root_dir=root, experiment_name=f"rt_{wrapper}_{world_size}_{mode}", async_mode=mode
+        )
         with de.CheckpointManager(cfg) as mgr:
-            info = mgr.save(3, app, epoch=0, metrics={"loss": 1.5})
+            mgr.save(3, app, epoch=0, metrics={"loss": 1.5})
             saved = toy.full_state(app)
+            mgr.wait()
+            info = mgr.checkpoints()[-1]
             fresh = toy.make_app(wrapper, seed=1)
             loaded_info = mgr.load(fresh)
             loaded = toy.full_state(fresh)
@@ -48,6 +54,7 @@ def roundtrip(rank: int, world_size: int, root: str, wrappers: tuple[str, ...]) 
 def fsdp_save(rank: int, world_size: int, root: str) -> dict[str, Any] | None:
     app = toy.make_app("fsdp", seed=0)
     toy.train(app, 3, rank)
+    # Written by the default (process) writers, read back in-line by fsdp_load.
     with de.CheckpointManager(de.CheckpointConfig(root_dir=root, experiment_name="reshard")) as mgr:
         mgr.save(3, app, epoch=0)
     state = toy.full_state(app)
@@ -56,7 +63,8 @@ def fsdp_save(rank: int, world_size: int, root: str) -> dict[str, Any] | None:
 
 def fsdp_load(rank: int, world_size: int, root: str) -> dict[str, Any] | None:
     app = toy.make_app("fsdp", seed=7)
-    with de.CheckpointManager(de.CheckpointConfig(root_dir=root, experiment_name="reshard")) as mgr:
+    cfg = de.CheckpointConfig(root_dir=root, experiment_name="reshard", async_mode="off")
+    with de.CheckpointManager(cfg) as mgr:
         info = mgr.load(app)
         assert info is not None and info.step == 3
     state = toy.full_state(app)
@@ -69,7 +77,7 @@ def collective_errors(rank: int, world_size: int, root: str) -> dict[str, str]:
     msgs: dict[str, str] = {}
     app = toy.make_app("fsdp", seed=0)
     toy.train(app, 1, rank)
-    cfg = de.CheckpointConfig(root_dir=root, experiment_name="errors")
+    cfg = de.CheckpointConfig(root_dir=root, experiment_name="errors", async_mode="off")
     with de.CheckpointManager(cfg) as mgr:
         try:
             mgr.save(5 + rank, app)
@@ -104,7 +112,8 @@ def rng_roundtrip(rank: int, world_size: int, root: str) -> list[float]:
     np.random.seed(200 + rank)
     random.seed(300 + rank)
     app = {"w": torch.ones(2)}
-    with de.CheckpointManager(de.CheckpointConfig(root_dir=root, experiment_name="rng")) as mgr:
+    cfg = de.CheckpointConfig(root_dir=root, experiment_name="rng", async_mode="thread")
+    with de.CheckpointManager(cfg) as mgr:
         mgr.save(1, app)
         draws = [torch.rand(1).item(), float(np.random.rand()), random.random()]
         torch.manual_seed(0)
@@ -120,7 +129,9 @@ def absent_rank(rank: int, world_size: int, root: str, timeout_s: float) -> dict
     """Rank 1 never calls save: rank 0 must raise, naming the step, within the timeout."""
     import time
 
-    cfg = de.CheckpointConfig(root_dir=root, experiment_name="absent", timeout_s=timeout_s)
+    cfg = de.CheckpointConfig(
+        root_dir=root, experiment_name="absent", timeout_s=timeout_s, async_mode="off"
+    )
     mgr = de.CheckpointManager(cfg)
     app = {"w": torch.ones(4)}
     mgr.save(1, app)
@@ -133,3 +144,130 @@ def absent_rank(rank: int, world_size: int, root: str, timeout_s: float) -> dict
     except de.CheckpointError as e:
         return {"elapsed": time.monotonic() - start, "error": str(e)}
     raise AssertionError("save returned although rank 1 never arrived")
+
+
+def snapshot_under_mutation(rank: int, world_size: int, root: str, mode: str, staging: str) -> None:
+    """What is written is the state at the moment of save(), whatever training does next."""
+    app = toy.make_app("fsdp", seed=0)
+    toy.train(app, 2, rank)
+    cfg = de.CheckpointConfig(
+        root_dir=root, experiment_name=f"snap_{mode}_{staging}", async_mode=mode, staging=staging
+    )
+    with de.CheckpointManager(cfg) as mgr:
+        at_save = toy.full_state(app)
+        assert mgr.save(2, app) is None  # returned before the write
+        if staging == "sync":
+            with torch.no_grad():  # in-place mutation right after save() returns
+                for p in app["model"].parameters():
+                    p.mul_(-3.0).add_(1.0)
+                app["center"].fill_(7.0)
+        toy.train(app, 2, rank, start=2)  # optimizer steps (waits for an overlapped copy)
+        mgr.wait()
+        fresh = toy.make_app("fsdp", seed=5)
+        assert mgr.load(fresh).step == 2
+        loaded = toy.full_state(fresh)
+    if rank == 0:
+        toy.assert_equal(at_save, loaded, f"{mode}/{staging}")
+
+
+def busy_policy(rank: int, world_size: int, root: str, policy: str) -> dict[str, Any]:
+    """A slow writer (DCP_ENGINE_SLOW_WRITE_S) and a second save while the first writes."""
+    import time
+
+    app = {"w": torch.full((64,), float(rank)), "step": 0}
+    cfg = de.CheckpointConfig(
+        root_dir=root, experiment_name=f"busy_{policy}", async_mode="thread", when_busy=policy
+    )
+    with de.CheckpointManager(cfg) as mgr:
+        mgr.save(1, app)
+        start = time.monotonic()
+        mgr.save(2, app)
+        second_call_s = time.monotonic() - start
+        mgr.wait()
+        return {
+            "steps": [c.step for c in mgr.checkpoints()],
+            "skipped": [s.step for s in mgr.stats() if s.skipped],
+            "second_call_s": second_call_s,
+        }
+
+
+def writer_killed(rank: int, world_size: int, root: str) -> dict[str, Any]:
+    """SIGKILL of rank 1's writer process mid-write: every rank raises from wait() within
+    the timeout; a fresh manager loads the previous checkpoint."""
+    import os
+    import signal
+    import time
+
+    import psutil
+
+    app = {"w": torch.arange(1000, dtype=torch.float32) + rank}
+    cfg = de.CheckpointConfig(
+        root_dir=root, experiment_name="killed", async_mode="process", timeout_s=10.0
+    )
+    mgr = de.CheckpointManager(cfg)
+    mgr.save(1, app)
+    mgr.wait()
+    mgr.save(2, app)
+    if rank == 1:
+        time.sleep(0.5)  # the writer is in its (slowed) write
+        os.kill(mgr._writer.pid, signal.SIGKILL)  # type: ignore[attr-defined]
+    start = time.monotonic()
+    try:
+        mgr.wait()
+        error = None
+    except de.CheckpointError as e:
+        error = str(e)
+    elapsed = time.monotonic() - start
+    mgr.close()
+    children = [p for p in psutil.Process().children(recursive=True) if p.is_running()]
+    fresh = {"w": torch.zeros(1000)}
+    with de.CheckpointManager(
+        de.CheckpointConfig(root_dir=root, experiment_name="killed", async_mode="off")
+    ) as again:
+        info = again.load(fresh)
+    return {
+        "error": error,
+        "elapsed": elapsed,
+        "loaded": info.step if info else None,
+        "children": [c.name() for c in children],
+        "w0": fresh["w"][0].item(),
+    }
+
+
+def clean_close(rank: int, world_size: int, root: str, fail: bool) -> dict[str, Any]:
+    """After close() (also after an exception in training) no writer process is alive and
+    no shared-memory segment of ours remains."""
+    import os
+
+    import psutil
+
+    def shm_state() -> tuple[set[str], int]:
+        # Named segments (semaphores of other tests' queues aside) and our own mappings of
+        # shared memory (torch's unlinked segments show as '/dev/shm/... (deleted)').
+        names = {n for n in os.listdir("/dev/shm") if not n.startswith("sem.")}
+        with open("/proc/self/maps") as f:
+            mapped = sum("/dev/shm/" in line for line in f)
+        return names, mapped
+
+    shm_before, mapped_before = shm_state()
+    app = toy.make_app("fsdp", seed=0)
+    cfg = de.CheckpointConfig(root_dir=root, experiment_name=f"close_{fail}", async_mode="process")
+    try:
+        with de.CheckpointManager(cfg) as mgr:
+            writer_pid = mgr._writer.pid  # type: ignore[attr-defined]
+            toy.train(app, 1, rank)
+            mgr.save(1, app)
+            if fail:
+                raise RuntimeError("training blew up")
+    except RuntimeError as e:
+        assert "blew up" in str(e)
+    alive = [p.pid for p in psutil.Process().children(recursive=True) if p.is_running()]
+    import gc
+
+    gc.collect()
+    shm_after, mapped_after = shm_state()
+    return {
+        "writer_alive": writer_pid in alive,
+        "new_shm": sorted(shm_after - shm_before),
+        "mapped": (mapped_before, mapped_after),
+    }

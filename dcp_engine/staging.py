@@ -1,0 +1,177 @@
+"""Reused CPU staging buffers: the copy of the state that a background write reads.
+
+A save in an async mode copies every tensor of the DCP state dict into a buffer that was
+allocated (and touched) once and is reused by every later save of the same shapes: plain
+CPU memory in thread mode, shared memory in process mode (so the writer process reads it
+without a pipe), pinned memory when the tensors live on CUDA. If the shapes change, the
+pool is rebuilt and the log says so. There is one pool per manager (invariant 6).
+
+What a writer receives is a *staged state*: a flat dict ``fqn -> buffer or value`` and the
+DCP write items computed from the live tensors (DTensor offsets included), so that the
+write needs neither the device mesh nor the live tensors.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint._nested_dict import flatten_state_dict
+from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+from torch.distributed.checkpoint.metadata import MetadataIndex
+from torch.distributed.checkpoint.planner import SavePlan, WriteItem
+from torch.distributed.checkpoint.planner_helpers import _create_write_items
+from torch.distributed.tensor import DTensor
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StagedState:
+    """A snapshot of the state in the pool's buffers, ready for any writer."""
+
+    values: dict[str, Any]
+    """fqn -> staged CPU tensor (a pool buffer) or a non-tensor value."""
+    items: list[WriteItem]
+    """DCP write items of this rank, computed from the live tensors."""
+    mappings: dict[str, Any]
+    """DCP's flatten mappings (stored as the checkpoint's planner data)."""
+    pending: list[Callable[[], None]] = field(default_factory=list)
+    """Copies not done yet (overlapped staging); run them before anything reads ``values``."""
+
+    def finish_copies(self) -> None:
+        for copy in self.pending:
+            copy()
+        self.pending = []
+        _sync_cuda()
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _sync_cuda() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.current_stream().synchronize()
+
+
+class StagingPool:
+    """Buffers for one layout of state (``fqn``, shape, dtype), reused across saves."""
+
+    def __init__(self, *, shared: bool) -> None:
+        self.shared = shared
+        self.generation = 0
+        """Bumped at every rebuild; a writer process holding old buffers must get new ones."""
+        self._signature: tuple[Any, ...] | None = None
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers.values())
+
+    def stage(
+        self,
+        state_dict: dict[str, Any],
+        *,
+        defer: Callable[[str, torch.Tensor], bool] | None = None,
+    ) -> StagedState:
+        """Copy the tensors of ``state_dict`` into the pool (building it if the layout changed).
+
+        ``defer(fqn, tensor)``: tensors for which it is true are not copied now; their
+        copies are returned in ``StagedState.pending`` (overlapped staging).
+        """
+        flat, mappings = flatten_state_dict(state_dict)
+        tensors = {k: v for k, v in flat.items() if isinstance(v, torch.Tensor)}
+        self._ensure(tensors)
+        items: list[WriteItem] = []
+        values: dict[str, Any] = {}
+        pending: list[Callable[[], None]] = []
+        for fqn, value in flat.items():
+            new_items = _create_write_items(fqn, value)
+            if isinstance(value, torch.Tensor) and len(new_items) != 1:
+                raise NotImplementedError(
+                    f"{fqn}: a tensor written as {len(new_items)} chunks by one rank is not "
+                    "supported by the async writers; use async_mode='off'"
+                )
+            items.extend(new_items)
+            if not isinstance(value, torch.Tensor):
+                values[fqn] = value
+                continue
+            buf, src = self.buffers[fqn], _local(value).detach()
+            values[fqn] = buf
+            if defer is not None and defer(fqn, value):
+                pending.append(_copier(buf, src))
+            else:
+                buf.copy_(src, non_blocking=src.is_cuda)
+        _sync_cuda()
+        return StagedState(values, items, mappings, pending)
+
+    def _ensure(self, tensors: dict[str, torch.Tensor]) -> None:
+        signature = tuple(
+            (k, tuple(_local(t).shape), _local(t).dtype, _local(t).is_cuda)
+            for k, t in sorted(tensors.items())
+        )
+        if signature == self._signature:
+            return
+        start = time.perf_counter()
+        rebuilt = self._signature is not None
+        self.buffers = {k: self._allocate(_local(t)) for k, t in tensors.items()}
+        self._signature = signature
+        self.generation += 1
+        log.info(
+            "staging pool %s: %d tensors, %.1f MiB (%s) in %.2f s",
+            "rebuilt (the state's shapes changed)" if rebuilt else "allocated",
+            len(self.buffers),
+            self.nbytes / 2**20,
+            "shared memory" if self.shared else "process memory",
+            time.perf_counter() - start,
+        )
+
+    def _allocate(self, like: torch.Tensor) -> torch.Tensor:
+        pin = like.is_cuda and not self.shared
+        buf = torch.empty(like.shape, dtype=like.dtype, device="cpu", pin_memory=pin)
+        if self.shared:
+            buf.share_memory_()
+        buf.zero_()  # touch every page now, not during the first save
+        return buf
+
+    def release(self) -> None:
+        self.buffers = {}
+        self._signature = None
+
+
+def _copier(buf: torch.Tensor, src: torch.Tensor) -> Callable[[], None]:
+    def copy() -> None:
+        buf.copy_(src, non_blocking=src.is_cuda)
+
+    return copy
+
+
+class StagedSavePlanner(DefaultSavePlanner):
+    """DCP's default planner over a staged state: the write items were computed in the
+    foreground from the live tensors; the data comes from the staging buffers."""
+
+    def __init__(self, items: list[WriteItem], mappings: dict[str, Any]) -> None:
+        super().__init__(flatten_state_dict=True)
+        self._items = items
+        self._staged_mappings = mappings
+
+    def set_up_planner(
+        self, state_dict: dict[str, Any], storage_meta: Any = None, is_coordinator: bool = False
+    ) -> None:
+        # Already flat: keep the foreground's mappings instead of flattening again.
+        self.state_dict = state_dict
+        self.mappings = self._staged_mappings
+        self.is_coordinator = is_coordinator
+
+    def create_local_plan(self) -> SavePlan:
+        self.plan = SavePlan(list(self._items), planner_data=self._staged_mappings)
+        return self.plan
+
+    def lookup_object(self, index: MetadataIndex) -> Any:
+        # One item per fqn: the buffer holds exactly this rank's chunk.
+        return self.state_dict[index.fqn]
