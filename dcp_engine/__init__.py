@@ -5,6 +5,7 @@ from .errors import (
     CheckpointError,
     CheckpointNotFoundError,
     ConfigError,
+    IntegrityError,
     NotACheckpointError,
     StateMismatchError,
 )
@@ -20,6 +21,7 @@ __all__ = [
     "CheckpointManager",
     "CheckpointNotFoundError",
     "ConfigError",
+    "IntegrityError",
     "NotACheckpointError",
     "SaveStats",
     "StateMismatchError",

@@ -6,12 +6,15 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import warnings
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import torch.distributed as dist
 
+from . import errors
 from .errors import CheckpointError
+
+T = TypeVar("T")
 
 
 class Comm:
@@ -83,6 +86,45 @@ class Comm:
                 f"{self.timeout.total_seconds():.0f} s): {e}"
             ) from e
 
+    def decide(self, fn: Callable[[], T], what: str) -> T:
+        """Run ``fn`` on rank 0 only and give its result (or its error) to every rank."""
+        result: Any = None
+        error: Exception | None = None
+        if self.is_coordinator:
+            try:
+                result = fn()
+            except Exception as e:
+                error = e
+        if self.distributed:
+            payload = ("err", wire_error(error)) if error else ("ok", result)
+            kind, value = self.broadcast(payload if self.is_coordinator else None, what)
+            if kind == "err" and error is None:
+                raise unwire_error(value, f"{what} failed on rank 0")
+            result = value
+        if error is not None:
+            raise error
+        return result
+
+    def everywhere(self, fn: Callable[[], T], what: str) -> T:
+        """Run ``fn`` on every rank; if it fails on any, raise on all (before a collective)."""
+        try:
+            result, error = fn(), None
+        except Exception as e:
+            result, error = None, e
+        self.agree(error, what)
+        return result  # type: ignore[return-value]
+
+    def agree(self, error: Exception | None, what: str) -> None:
+        """Raise on every rank if any rank has an error: its own, or the first other
+        rank's as the same exception type, so that every rank takes the same branch."""
+        if self.distributed:
+            gathered = self.all_gather(None if error is None else wire_error(error), what)
+            bad = [(r, e) for r, e in enumerate(gathered) if e is not None]
+            if bad and error is None:
+                raise unwire_error(bad[0][1], f"{what} failed on rank {bad[0][0]}")
+        if error is not None:
+            raise error
+
     @contextlib.contextmanager
     def dcp_call(self) -> Iterator[None]:
         """Around a DCP save/load: in a 1-rank world DCP warns that it assumes one process;
@@ -95,6 +137,29 @@ class Comm:
     def release(self) -> None:
         """Stop using the group; it stays cached for the next manager over the same ranks."""
         self.group = None
+
+
+_WIRE_TYPES: dict[str, type[Exception]] = {
+    cls.__name__: cls
+    for cls in (
+        ValueError, TypeError, errors.CheckpointError, errors.CheckpointNotFoundError,
+        errors.NotACheckpointError, errors.IntegrityError, errors.StateMismatchError,
+    )
+}  # fmt: skip
+
+
+def wire_error(error: Exception) -> tuple[str, str]:
+    """An error as it crosses to the other ranks."""
+    return type(error).__name__, str(error)
+
+
+def unwire_error(wired: tuple[str, str], context: str) -> Exception:
+    """Another rank's error as the same type (CheckpointError for types not ours)."""
+    name, message = wired
+    cls = _WIRE_TYPES.get(name)
+    if cls is None:
+        return CheckpointError(f"{context}: {name}: {message}")
+    return cls(f"{context}: {message}")
 
 
 # One side group per (ranks, timeout), reused by every manager of the process and never

@@ -25,9 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.distributed.checkpoint import FileSystemReader
 
 from . import layout
-from .errors import NotACheckpointError
+from .errors import IntegrityError, NotACheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +162,28 @@ def _marker_problem(m: Any) -> str | None:
     return None
 
 
+def check_files(checkpoint_dir: Path, marker: Mapping[str, Any]) -> None:
+    """Every file the marker lists exists with its size, and DCP's metadata reads.
+
+    Raises ``IntegrityError`` naming the first bad file. (Sizes only: a flipped byte is
+    the business of per-file digests.)
+    """
+    for name, meta in marker["files"].items():
+        path = checkpoint_dir / name
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise IntegrityError(f"{path} is missing (listed in the marker)") from None
+        if size != meta["size"]:
+            raise IntegrityError(f"{path} is {size} bytes, the marker says {meta['size']}")
+    try:
+        FileSystemReader(checkpoint_dir).read_metadata()
+    except Exception as e:
+        raise IntegrityError(
+            f"{layout.dcp_metadata_path(checkpoint_dir)} is unreadable: {e}"
+        ) from e
+
+
 def move_alias(checkpoints_dir: Path, alias: str, target_name: str, *, fsync: bool = True) -> bool:
     """Point ``checkpoints/<alias>`` at ``target_name`` atomically (temp link + rename).
 
@@ -168,20 +191,20 @@ def move_alias(checkpoints_dir: Path, alias: str, target_name: str, *, fsync: bo
     is taken by something that is not our symlink; the index stays the truth either way.
     """
     link = checkpoints_dir / alias
-    if link.exists() and not link.is_symlink():
-        log.warning("%s exists and is not a symlink; not moving the %r alias", link, alias)
-        return False
     tmp = checkpoints_dir / f".{alias}.{os.getpid()}.tmp"
     try:
+        if link.exists() and not link.is_symlink():
+            log.warning("%s exists and is not a symlink; not moving the %r alias", link, alias)
+            return False
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         os.symlink(target_name, tmp)
         os.replace(tmp, link)
-    except OSError as e:
+        if fsync:
+            fsync_dir(checkpoints_dir)
+    except OSError as e:  # called after the commit: never turn it into a failed save
         with contextlib.suppress(OSError):
             tmp.unlink()
         log.warning("cannot point %r at %s (%s); the index is the truth", alias, target_name, e)
         return False
-    if fsync:
-        fsync_dir(checkpoints_dir)
     return True

@@ -15,6 +15,10 @@ class NotACheckpointError(CheckpointError):
     """A directory exists but is not a committed dcp-engine checkpoint (torn, foreign)."""
 
 
+class IntegrityError(CheckpointError):
+    """A committed checkpoint's files do not match its marker (missing, truncated, corrupt)."""
+
+
 class StateMismatchError(CheckpointError):
     """The checkpoint's keys or shapes do not match the objects it is loaded into."""
 

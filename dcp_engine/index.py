@@ -10,13 +10,14 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from . import commit, layout
-from .errors import NotACheckpointError
+from .errors import CheckpointError, CheckpointNotFoundError, NotACheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,8 @@ def inspect_checkpoint_dir(path: Path) -> CheckpointInfo:
     """The info of a committed checkpoint directory, or ``NotACheckpointError`` saying why not."""
     if not path.is_dir():
         raise NotACheckpointError(f"{path} is not a directory")
+    if layout.parse_tmp_dirname(path.name) is not None:
+        raise NotACheckpointError(f"{path} is in flight or torn (.tmp), never loaded")
     marker = commit.read_marker(path)
     if not layout.dcp_metadata_path(path).is_file():
         raise NotACheckpointError(f"{path} has a marker but no {layout.DCP_METADATA_FILE}")
@@ -159,3 +162,65 @@ def reconcile(exp: layout.ExperimentLayout, *, fsync: bool = True) -> Scan:
     for path, why in found.torn:
         log.warning("not a committed checkpoint, ignored: %s (%s)", path, why)
     return found
+
+
+Which = str | int | os.PathLike[str]
+
+
+def resolve(
+    exp: layout.ExperimentLayout, which: Which, *, monitor: str | None, mode: str
+) -> tuple[Path, dict[str, Any]] | None:
+    """The checkpoint directory that ``which`` names, and its marker; None if there is
+    none yet. ``"latest"`` and ``"best"`` pick the newest (best) checkpoint whose files
+    check out and skip a bad one with a warning; a step or a path that is bad raises."""
+    if which in ("latest", "best"):
+        committed = scan(exp).committed
+        candidates = committed if which == "latest" else _by_metric(exp, committed, monitor, mode)
+        for info in reversed(candidates):
+            try:
+                marker = commit.read_marker(info.path)
+                commit.check_files(info.path, marker)
+                return info.path, marker
+            except CheckpointError as e:
+                log.warning("skipping step %d for which=%r: %s", info.step, which, e)
+        return None
+    if isinstance(which, int) and not isinstance(which, bool):
+        path = exp.step_dir(which)
+        if not path.exists():
+            raise CheckpointNotFoundError(_missing_step_message(exp, which))
+    elif isinstance(which, (str, os.PathLike)):
+        path = Path(which)
+        if not path.exists():
+            raise CheckpointNotFoundError(f"checkpoint path {path} does not exist")
+        path = path.resolve()
+    else:
+        raise TypeError(f"which must be 'latest', 'best', a step or a path, got {which!r}")
+    info = inspect_checkpoint_dir(path)
+    marker = commit.read_marker(info.path)
+    commit.check_files(info.path, marker)
+    return path, marker
+
+
+def _by_metric(
+    exp: layout.ExperimentLayout, entries: list[CheckpointInfo], monitor: str | None, mode: str
+) -> list[CheckpointInfo]:
+    """Entries with a finite ``monitor`` value, worst first (so the best is last)."""
+    if monitor is None:
+        raise CheckpointError("which='best' needs CheckpointConfig.monitor (a metric name)")
+    ranked = [e for e in entries if math.isfinite(e.metrics.get(monitor, math.nan))]
+    if entries and not ranked:
+        raise CheckpointError(
+            f"no committed checkpoint in {exp.checkpoints_dir} has a finite {monitor!r} "
+            "metric; cannot pick the best"
+        )
+    sign = 1.0 if mode == "max" else -1.0
+    return sorted(ranked, key=lambda e: (sign * e.metrics[monitor], e.step))
+
+
+def _missing_step_message(exp: layout.ExperimentLayout, step: int) -> str:
+    committed = [e.step for e in scan(exp).committed]
+    tmp = exp.tmp_dir(step)
+    latest = f"latest committed is step {committed[-1]}" if committed else "none is committed"
+    if tmp.exists():
+        return f"checkpoint {tmp} is incomplete (no {layout.MARKER_FILE} marker); {latest}"
+    return f"no checkpoint for step {step} in {exp.checkpoints_dir}; {latest}"

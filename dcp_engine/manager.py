@@ -10,35 +10,30 @@ from __future__ import annotations
 import atexit
 import logging
 import math
-import os
 import shutil
 import threading
 import time
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch import nn
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
 
 from . import commit, index, layout, state
-from .comm import Comm
+from .comm import Comm, unwire_error, wire_error
 from .config import CheckpointConfig
-from .errors import CheckpointError, CheckpointNotFoundError, NotACheckpointError
+from .errors import CheckpointError
 from .index import CheckpointInfo
-from .staging import StagedState, StagingPool
+from .staging import StagedState, StagingPool, mutated_by_optimizers_only
 from .writers import InlineWriter, ProcessWriter, ShardWriter, ThreadWriter, Worker
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
-
-Which = str | int | os.PathLike[str]
 
 
 @dataclass(frozen=True)
@@ -80,12 +75,12 @@ class CheckpointManager:
         self._comm = Comm.create(process_group, config.timeout_s)
         self._closed = False
         self._stats: list[SaveStats] = []
-        name = self._decide(
+        name = self._comm.decide(
             lambda: config.experiment_name or _default_name(config), "choosing the experiment"
         )
         self.experiment_dir = config.root_path / name
         self._layout = layout.ExperimentLayout(self.experiment_dir)
-        self._entries: list[CheckpointInfo] = self._decide(
+        self._entries: list[CheckpointInfo] = self._comm.decide(
             self._open_experiment, f"opening {self.experiment_dir}"
         )
         self._lock = threading.Lock()  # entries and stats, shared with the background
@@ -134,16 +129,14 @@ class CheckpointManager:
         error of the previous background save is raised here, on every rank.
         """
         self._check_open()
-        _check_step(step)
-        if epoch is not None and (isinstance(epoch, bool) or not isinstance(epoch, int)):
-            raise TypeError(f"epoch must be an int or None, got {epoch!r}")
-        clean = commit.clean_metrics(metrics)
         if self._worker is None:
-            return self._save(step, app_state, epoch, clean)
-        self._save_async(step, app_state, epoch, clean)
+            return self._save(step, app_state, epoch, metrics)
+        self._save_async(step, app_state, epoch, metrics)
         return None
 
-    def load(self, app_state: dict[str, Any], which: Which = "latest") -> CheckpointInfo | None:
+    def load(
+        self, app_state: dict[str, Any], which: index.Which = "latest"
+    ) -> CheckpointInfo | None:
         """Restore ``app_state`` from a checkpoint; None if there is none (a fresh run).
 
         ``which``: ``"latest"``, ``"best"`` (by ``config.monitor``), a step (int) or the path
@@ -153,7 +146,12 @@ class CheckpointManager:
         """
         self._check_open()
         self.wait()  # a save in flight finishes (or fails) before anything is resolved
-        found = self._decide(lambda: self._resolve(which), f"load of {which!r}")
+        found = self._comm.decide(
+            lambda: index.resolve(
+                self._layout, which, monitor=self.config.monitor, mode=self.config.mode
+            ),
+            f"load of {which!r}",
+        )
         if found is None:
             log.info(
                 "[rank=%d] no committed checkpoint in %s: starting fresh",
@@ -161,10 +159,21 @@ class CheckpointManager:
                 self._layout.checkpoints_dir,
             )
             return None
-        path, info_json = Path(found[0]), found[1]
-        info = CheckpointInfo.from_marker(path, info_json)
+        path, marker = Path(found[0]), found[1]
+        info = CheckpointInfo.from_marker(path, marker)
         start = time.perf_counter()
-        plan = self._everywhere(lambda: self._plan_load(app_state, path), f"load of {path}")
+        plan, error = None, None
+        try:
+            plan = self._plan_load(app_state, path, marker)
+        except Exception as e:
+            error = e
+        try:
+            self._comm.agree(error, f"load of {path}")
+        except BaseException:
+            if plan is not None:  # another rank failed: undo this rank's side effects
+                plan.rollback()
+            raise
+        assert plan is not None
         try:
             with self._comm.dcp_call():
                 dcp.load(
@@ -176,7 +185,11 @@ class CheckpointManager:
         except (Exception, CheckpointException) as e:  # DCP's is a BaseException
             plan.rollback()
             raise CheckpointError(f"reading checkpoint {path} failed: {_summary(e)}") from e
-        plan.apply()
+        try:
+            self._comm.everywhere(plan.apply, f"restoring {path}")
+        except BaseException:
+            plan.rollback()
+            raise
         if self.rank == 0:
             log.info(
                 "[rank=0][step=%d] loaded %s (%s) in %.2f s",
@@ -219,21 +232,34 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ save
 
+    def _build(
+        self, step: int, app_state: Mapping[str, Any], epoch: int | None, metrics: Any
+    ) -> tuple[state.SaveState, dict[str, float]]:
+        """Arguments checked and the state dict built; run under agreement, so that a bad
+        argument on one rank fails every rank instead of leaving them in a collective."""
+        _check_step(step)
+        if epoch is not None and (isinstance(epoch, bool) or not isinstance(epoch, int)):
+            raise TypeError(f"epoch must be an int or None, got {epoch!r}")
+        clean = commit.clean_metrics(metrics)
+        saved = state.build_save_state(
+            app_state,
+            rank=self.rank,
+            world_size=self.world_size,
+            capture_rng=self.config.capture_rng,
+        )
+        return saved, clean
+
     def _save(
-        self, step: int, app_state: Mapping[str, Any], epoch: int | None, metrics: dict[str, float]
+        self, step: int, app_state: Mapping[str, Any], epoch: int | None, metrics: Any
     ) -> CheckpointInfo:
         start = time.perf_counter()
-        cfg = self.config
         what = f"save of step {step}"
-        saved = self._everywhere(
-            lambda: state.build_save_state(
-                app_state, rank=self.rank, world_size=self.world_size, capture_rng=cfg.capture_rng
-            ),
-            what,
+        saved, metrics = self._comm.everywhere(
+            lambda: self._build(step, app_state, epoch, metrics), what
         )
         shape = {k: v for k, v in saved.entries.items() if k != state.RNG_KEY}
         gathered = self._comm.all_gather((step, shape), what)
-        self._decide(lambda: self._prepare(step, gathered), what)
+        self._comm.decide(lambda: self._prepare(step, gathered), what)
         tmp = self._layout.tmp_dir(step)
         try:
             written = self._writer.write(saved.state_dict, tmp)
@@ -243,7 +269,7 @@ class CheckpointManager:
                 f"latest is still {self._latest_name()}"
             ) from e
         commit_start = time.perf_counter()
-        info = self._decide(lambda: self._commit(step, epoch, metrics, saved.entries), what)
+        info = self._comm.decide(lambda: self._commit(step, epoch, metrics, saved.entries), what)
         now = time.perf_counter()
         self._record(info, SaveStats(
             step=step, bytes=info.bytes, blocked_s=now - start, write_s=written.seconds,
@@ -254,7 +280,7 @@ class CheckpointManager:
     # ------------------------------------------------------------------ async save
 
     def _save_async(
-        self, step: int, app_state: Mapping[str, Any], epoch: int | None, metrics: dict[str, float]
+        self, step: int, app_state: Mapping[str, Any], epoch: int | None, metrics: Any
     ) -> None:
         """Foreground: agree, stage, hand over. Only the control group is used here; the
         background uses the I/O group, and never while this runs (one save in flight)."""
@@ -266,23 +292,28 @@ class CheckpointManager:
             self._wait_worker(what)
         busy = self._worker.busy
         previous = None if busy else self._worker.take_error()
+        saved: state.SaveState | None = None
+        error: Exception | None = None
         try:
-            saved = state.build_save_state(
-                app_state, rank=self.rank, world_size=self.world_size, capture_rng=cfg.capture_rng
-            )
-            shape = {k: v for k, v in saved.entries.items() if k != state.RNG_KEY}
-            mine: str | None = None if previous is None else f"the previous save failed: {previous}"
+            saved, metrics = self._build(step, app_state, epoch, metrics)
+            if previous is not None:
+                error = CheckpointError(f"{what} refused: the previous save failed: {previous}")
         except Exception as e:
-            saved, shape, mine = None, {}, f"{type(e).__name__}: {e}"
-            previous = e
+            error = e
+        shape = (
+            {} if saved is None else {k: v for k, v in saved.entries.items() if k != state.RNG_KEY}
+        )
+        mine = None if error is None else wire_error(error)
         gathered = self._comm.all_gather((step, shape, busy, mine), what)
         failed = [(r, g[3]) for r, g in enumerate(gathered) if g[3] is not None]
         if failed:
             # Every rank raises, and no rank keeps an error to raise again later.
             self._wait_worker(what)
-            previous = previous or self._worker.take_error()
-            r, msg = failed[0]
-            raise CheckpointError(f"{what} refused: rank {r}: {msg}") from previous
+            self._worker.take_error()
+            if error is not None:
+                raise error from previous
+            r, wired = failed[0]
+            raise unwire_error(wired, f"{what} failed on rank {r}")
         assert saved is not None
         if any(g[2] for g in gathered):
             busy_ranks = [r for r, g in enumerate(gathered) if g[2]]
@@ -293,11 +324,10 @@ class CheckpointManager:
             with self._lock:
                 self._stats.append(SaveStats(step, 0, blocked, 0.0, 0.0, blocked, skipped=True))
             return
-        self._decide(lambda: self._prepare(step, [(g[0], g[1]) for g in gathered]), what)
+        self._comm.decide(lambda: self._prepare(step, [(g[0], g[1]) for g in gathered]), what)
         if cfg.staging == "overlap":
             self._hook_optimizers(app_state)
-            deferred = _mutated_by_optimizers_only(app_state)
-            staged = self._pool.stage(saved.state_dict, defer=lambda _, t: _ptr(t) in deferred)
+            staged = self._pool.stage(saved.state_dict, defer=mutated_by_optimizers_only(app_state))
         else:
             staged = self._pool.stage(saved.state_dict)
         if staged.pending:
@@ -335,7 +365,7 @@ class CheckpointManager:
                 f"latest is still {self._latest_name()}"
             ) from e
         commit_start = time.perf_counter()
-        info = self._decide(lambda: self._commit(step, epoch, metrics, entries), what, self._io)
+        info = self._io.decide(lambda: self._commit(step, epoch, metrics, entries), what)
         now = time.perf_counter()
         self._record(info, SaveStats(
             step=step, bytes=info.bytes, blocked_s=blocked + self._hook_wait_s,
@@ -459,56 +489,9 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ load
 
-    def _resolve(self, which: Which) -> tuple[str, dict[str, Any]] | None:
-        """Rank 0: the checkpoint directory ``which`` names, and its marker; None if fresh."""
-        if which in ("latest", "best"):
-            committed = index.scan(self._layout).committed
-            candidates = committed if which == "latest" else self._by_metric(committed)
-            for info in reversed(candidates):
-                try:
-                    return str(info.path), commit.read_marker(info.path)
-                except NotACheckpointError as e:
-                    log.warning("skipping %s: %s", info.path, e)
-            return None
-        if isinstance(which, int) and not isinstance(which, bool):
-            _check_step(which)
-            path = self._layout.step_dir(which)
-            if not path.exists():
-                raise CheckpointNotFoundError(self._missing_step_message(which))
-        elif isinstance(which, (str, os.PathLike)):
-            path = Path(which)
-            if not path.exists():
-                raise CheckpointNotFoundError(f"checkpoint path {path} does not exist")
-            path = path.resolve()
-        else:
-            raise TypeError(f"which must be 'latest', 'best', a step or a path, got {which!r}")
-        info = index.inspect_checkpoint_dir(path)
-        return str(path), commit.read_marker(info.path)
-
-    def _by_metric(self, entries: list[CheckpointInfo]) -> list[CheckpointInfo]:
-        """Entries with a finite ``monitor`` value, worst first (so the best is last)."""
-        monitor = self.config.monitor
-        if monitor is None:
-            raise CheckpointError("which='best' needs CheckpointConfig.monitor (a metric name)")
-        ranked = [e for e in entries if math.isfinite(e.metrics.get(monitor, math.nan))]
-        if entries and not ranked:
-            raise CheckpointError(
-                f"no committed checkpoint in {self._layout.checkpoints_dir} has a finite "
-                f"{monitor!r} metric; cannot pick the best"
-            )
-        sign = 1.0 if self.config.mode == "max" else -1.0
-        return sorted(ranked, key=lambda e: (sign * e.metrics[monitor], e.step))
-
-    def _missing_step_message(self, step: int) -> str:
-        committed = [e.step for e in index.scan(self._layout).committed]
-        tmp = self._layout.tmp_dir(step)
-        latest = f"latest committed is step {committed[-1]}" if committed else "none is committed"
-        if tmp.exists():
-            return f"checkpoint {tmp} is incomplete (no {layout.MARKER_FILE} marker); {latest}"
-        return f"no checkpoint for step {step} in {self._layout.checkpoints_dir}; {latest}"
-
-    def _plan_load(self, app_state: dict[str, Any], path: Path) -> state.LoadPlan:
-        marker = commit.read_marker(path)
+    def _plan_load(
+        self, app_state: dict[str, Any], path: Path, marker: dict[str, Any]
+    ) -> state.LoadPlan:
         metadata = FileSystemReader(path).read_metadata()
         return state.build_load_plan(
             app_state,
@@ -526,67 +509,12 @@ class CheckpointManager:
         self._layout.checkpoints_dir.mkdir(parents=True, exist_ok=True)
         return index.reconcile(self._layout, fsync=self.config.fsync).committed
 
-    def _decide(self, fn: Callable[[], T], what: str, comm: Comm | None = None) -> T:
-        """Run ``fn`` on rank 0 only and give its result (or its error) to every rank."""
-        comm = comm or self._comm
-        result: Any = None
-        error: Exception | None = None
-        if comm.is_coordinator:
-            try:
-                result = fn()
-            except Exception as e:
-                error = e
-        if comm.distributed:
-            payload = ("err", f"{type(error).__name__}: {error}") if error else ("ok", result)
-            mine = payload if comm.is_coordinator else None
-            kind, value = comm.broadcast(mine, what)
-            if kind == "err" and error is None:
-                raise CheckpointError(f"{what} failed on rank 0: {value}")
-            result = value
-        if error is not None:
-            raise error
-        return result
-
-    def _everywhere(self, fn: Callable[[], T], what: str) -> T:
-        """Run ``fn`` on every rank; if it fails on any, raise on all (before a collective)."""
-        try:
-            result, error = fn(), None
-        except Exception as e:
-            result, error = None, e
-        if self._comm.distributed:
-            mine = None if error is None else f"{type(error).__name__}: {error}"
-            errors = self._comm.all_gather(mine, what)
-            bad = [(r, e) for r, e in enumerate(errors) if e is not None]
-            if bad and error is None:
-                raise CheckpointError(f"{what} failed on rank {bad[0][0]}: {bad[0][1]}")
-        if error is not None:
-            raise error
-        return result  # type: ignore[return-value]
-
     def _latest_name(self) -> str:
         return self._entries[-1].path.name if self._entries else "(none)"
 
     def _check_open(self) -> None:
         if self._closed:
             raise CheckpointError(f"the CheckpointManager of {self.experiment_dir} is closed")
-
-
-def _ptr(t: torch.Tensor) -> int:
-    return (t.to_local() if isinstance(t, dist.tensor.DTensor) else t).data_ptr()
-
-
-def _mutated_by_optimizers_only(app_state: Mapping[str, Any]) -> set[int]:
-    """Storage of parameters and optimizer state: changed only by an optimizer step, so
-    their staging copy may overlap the next forward/backward."""
-    ptrs: set[int] = set()
-    for value in app_state.values():
-        if isinstance(value, nn.Module):
-            ptrs.update(_ptr(p) for p in value.parameters())
-        elif isinstance(value, torch.optim.Optimizer):
-            for per_param in value.state.values():
-                ptrs.update(_ptr(t) for t in per_param.values() if isinstance(t, torch.Tensor))
-    ptrs.discard(0)  # empty tensors
-    return ptrs
 
 
 def _close_at_exit(ref: weakref.ref[CheckpointManager]) -> None:

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import nn
 from torch.distributed.checkpoint._nested_dict import flatten_state_dict
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import MetadataIndex
@@ -142,6 +143,22 @@ class StagingPool:
     def release(self) -> None:
         self.buffers = {}
         self._signature = None
+
+
+def mutated_by_optimizers_only(app_state: Mapping[str, Any]) -> Callable[[str, torch.Tensor], bool]:
+    """For overlapped staging: is a tensor the storage of a parameter or of optimizer state
+    (changed only by an optimizer step, so its copy may overlap the next forward/backward)?"""
+    ptrs: set[int] = set()
+    for value in app_state.values():
+        if isinstance(value, nn.Module):
+            ptrs.update(_local(p).data_ptr() for p in value.parameters())
+        elif isinstance(value, torch.optim.Optimizer):
+            for per_param in value.state.values():
+                ptrs.update(
+                    _local(t).data_ptr() for t in per_param.values() if isinstance(t, torch.Tensor)
+                )
+    ptrs.discard(0)  # empty tensors
+    return lambda _, t: _local(t).data_ptr() in ptrs
 
 
 def _copier(buf: torch.Tensor, src: torch.Tensor) -> Callable[[], None]:

@@ -24,7 +24,7 @@ import logging
 import pickle
 import random
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -56,9 +56,6 @@ TREE, PICKLE = "tree", "pickle"
 RNG_KEY = "_rng"
 _OPTIM_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 _MAX_KEYS_SHOWN = 5
-
-Applier = Callable[[dict[str, Any]], None]
-"""Writes the loaded (nested) state into one of the caller's objects."""
 
 
 def kind_of(value: Any) -> str:
@@ -188,8 +185,12 @@ def build_save_state(
             owner_key, owner = _owner_module(key, value, app_state)
             sd[key] = get_optimizer_state_dict(owner, value, options=_OPTIM_OPTIONS)
             entry["module"] = owner_key
-        elif kind in (STATEFUL, TENSORS, OBJECT):
-            payload = value.state_dict() if kind == STATEFUL else value
+        elif kind == TENSORS:
+            sd[key], entry["encoding"] = _detached(value), TREE
+        elif kind == OBJECT:
+            sd[key], entry["encoding"] = _pickle(key, value), PICKLE
+        else:  # STATEFUL: its state dict as a tensor tree, or one blob if it has no tensor
+            payload = value.state_dict()
             if has_tensor(payload):
                 sd[key], entry["encoding"] = _detached(payload), TREE
             else:
@@ -214,6 +215,22 @@ def _pickle(key: str, value: Any) -> bytes:
 # ---------------------------------------------------------------- load
 
 
+@dataclass(frozen=True)
+class _Restore:
+    """How one key of ``app_state`` is restored: ``decode`` is pure (unpickle, rebuild the
+    caller's container types) and runs for every key before any ``apply`` writes."""
+
+    key: str
+    order: int
+    decode: Callable[[Any], Any]
+    apply: Callable[[Any], None]
+
+
+# Apply order: what runs the caller's code (load_state_dict of Stateful objects) first,
+# so that if it raises, modules and optimizers are still untouched; RNG last.
+_ORDER = {STATEFUL: 0, OBJECT: 0, TENSORS: 1, OPTIMIZER: 2, MODULE: 3, RNG: 4}
+
+
 @dataclass
 class LoadPlan:
     """Fresh storage to read into, and what to do with it once the read succeeded."""
@@ -223,15 +240,26 @@ class LoadPlan:
     flat: dict[str, Any]
     """``read`` plus the keys kept at their current value (tolerated as absent)."""
     mappings: dict[str, Any]
-    appliers: list[Applier] = field(default_factory=list)
-    rollbacks: list[Callable[[], None]] = field(default_factory=list)
+    restores: list[_Restore]
+    rollbacks: list[Callable[[], None]]
+    where: str
 
     def apply(self) -> None:
         """Write the loaded values into the caller's objects (only after a full read)."""
         self.flat.update(self.read)  # DCP replaced the placeholders of non-tensor leaves
         nested = unflatten_state_dict(self.flat, self.mappings)
-        for fn in self.appliers:
-            fn(nested)
+        decoded = []
+        for r in self.restores:
+            try:
+                decoded.append((r, r.decode(nested[r.key])))
+            except StateMismatchError:
+                raise
+            except Exception as e:
+                raise CheckpointError(
+                    f"checkpoint {self.where}: cannot decode {r.key!r}: {e}"
+                ) from e
+        for r, value in sorted(decoded, key=lambda rv: rv[0].order):
+            r.apply(value)
 
     def rollback(self) -> None:
         for fn in self.rollbacks:
@@ -251,13 +279,30 @@ def build_load_plan(
 
     Raises ``StateMismatchError`` naming ``where`` and the first mismatching keys before
     anything is read; the caller's objects are untouched (an optimizer whose state had to
-    be initialised to learn its shapes is reset by ``LoadPlan.rollback``).
+    be initialised to learn its shapes is reset, here and by ``LoadPlan.rollback``).
     """
     check_keys(app_state)
-    nested: dict[str, Any] = {}
-    appliers: list[Applier] = []
     rollbacks: list[Callable[[], None]] = []
-    lenient: set[str] = set()  # keys whose absence from the checkpoint is tolerated
+    try:
+        return _build_load_plan(app_state, entries, metadata, rank, restore_rng, where, rollbacks)
+    except BaseException:
+        for fn in rollbacks:
+            fn()
+        raise
+
+
+def _build_load_plan(
+    app_state: dict[str, Any],
+    entries: Mapping[str, Mapping[str, Any]],
+    metadata: Metadata,
+    rank: int,
+    restore_rng: bool,
+    where: str,
+    rollbacks: list[Callable[[], None]],
+) -> LoadPlan:
+    nested: dict[str, Any] = {}
+    restores: list[_Restore] = []
+    lenient: set[str] = set()  # key prefixes whose absence from the checkpoint is tolerated
     for key, value in app_state.items():
         saved = entries.get(key)
         if saved is None:
@@ -272,7 +317,7 @@ def build_load_plan(
             )
         if kind == MODULE:
             nested[key] = _empty_like(get_model_state_dict(value))
-            appliers.append(_module_applier(key, value))
+            restores.append(_Restore(key, _ORDER[kind], _same, _module_setter(value)))
         elif kind == OPTIMIZER:
             _, owner = _owner_module(key, value, app_state)
             if not value.state:
@@ -280,43 +325,50 @@ def build_load_plan(
                 rollbacks.append(value.state.clear)
             osd = get_optimizer_state_dict(owner, value, options=_OPTIM_OPTIONS)
             nested[key] = _empty_like(osd)
-            appliers.append(_optimizer_applier(key, owner, value))
+            restores.append(_Restore(key, _ORDER[kind], _same, _optimizer_setter(owner, value)))
             lenient.add(f"{key}.param_groups.")
         elif saved.get("encoding") == PICKLE:
             nested[key] = b""
-            appliers.append(_pickle_applier(key, kind, app_state))
+            restores.append(
+                _Restore(key, _ORDER[kind], pickle.loads, _setter(key, kind, app_state))
+            )
         else:
-            payload = value.state_dict() if kind == STATEFUL else value
-            nested[key] = _empty_like(payload)
-            appliers.append(_tree_applier(key, kind, app_state))
+            template = value.state_dict() if kind == STATEFUL else value
+            nested[key] = _empty_like(template)
+            restores.append(
+                _Restore(
+                    key, _ORDER[kind], _rebuilder(template, key), _setter(key, kind, app_state)
+                )
+            )
     if restore_rng and RNG_KEY in entries:
         if rng_fqn(rank) in metadata.state_dict_metadata:
             nested[RNG_KEY] = {f"rank{rank}": b""}
-            appliers.append(_rng_applier(rank))
+            restores.append(
+                _Restore(
+                    RNG_KEY,
+                    _ORDER[RNG],
+                    lambda v: pickle.loads(v[f"rank{rank}"]),
+                    restore_rng_state,
+                )
+            )
         else:
-            saved_by = entries[RNG_KEY].get("world_size")
             log.warning(
                 "[rank=%d] checkpoint %s has no RNG state for this rank (saved by %s ranks); "
                 "RNG not restored",
                 rank,
                 where,
-                saved_by,
+                entries[RNG_KEY].get("world_size"),
             )
     flat, mappings = flatten_state_dict(nested)
-    try:
-        tolerated = _match(flat, metadata, list(app_state), lenient, where)
-    except BaseException:
-        for fn in rollbacks:
-            fn()
-        raise
+    tolerated = _match(flat, metadata, list(app_state), lenient, where)
     read = {k: v for k, v in flat.items() if k not in tolerated}
-    return LoadPlan(read, flat, mappings, appliers, rollbacks)
+    return LoadPlan(read, flat, mappings, restores, rollbacks, where)
 
 
 def _match(
     flat: dict[str, Any], metadata: Metadata, keys: list[str], lenient: set[str], where: str
 ) -> set[str]:
-    """Keys and shapes of the fresh targets against the checkpoint's metadata.
+    """Keys, shapes and dtypes of the fresh targets against the checkpoint's metadata.
 
     Returns the keys absent from the checkpoint that are tolerated (they keep their value).
     """
@@ -339,22 +391,26 @@ def _match(
             problems.append(f"missing in checkpoint: {_first(missing)}")
         if unexpected:
             problems.append(f"not in {key!r}: {_first(unexpected)}")
-        bad_shapes = []
-        for f in sorted(want & have):
-            is_tensor = isinstance(flat[f], torch.Tensor)
-            saved = md[f]
-            if isinstance(saved, BytesStorageMetadata) or not is_tensor:
-                if isinstance(saved, BytesStorageMetadata) != (not is_tensor):
-                    bad_shapes.append(f"{f} (tensor vs object)")
-            elif tuple(saved.size) != tuple(flat[f].shape):
-                bad_shapes.append(f"{f} checkpoint {tuple(saved.size)} vs {tuple(flat[f].shape)}")
-        if bad_shapes:
-            problems.append(f"shape mismatch: {_first(bad_shapes)}")
+        bad = [m for f in sorted(want & have) if (m := _mismatch(f, flat[f], md[f]))]
+        if bad:
+            problems.append(f"mismatch: {_first(bad)}")
         if problems:
             raise StateMismatchError(
                 f"cannot load checkpoint {where} into {key!r}: " + "; ".join(problems)
             )
     return all_tolerated
+
+
+def _mismatch(fqn: str, target: Any, saved: Any) -> str | None:
+    if isinstance(saved, BytesStorageMetadata) or not isinstance(target, torch.Tensor):
+        if isinstance(saved, BytesStorageMetadata) == isinstance(target, torch.Tensor):
+            return f"{fqn} (tensor vs object)"
+        return None
+    if tuple(saved.size) != tuple(target.shape):
+        return f"{fqn} shape checkpoint {tuple(saved.size)} vs {tuple(target.shape)}"
+    if saved.properties.dtype != target.dtype:
+        return f"{fqn} dtype checkpoint {saved.properties.dtype} vs {target.dtype}"
+    return None
 
 
 def _first(items: list[str]) -> str:
@@ -363,63 +419,90 @@ def _first(items: list[str]) -> str:
     return shown + (f" (+{more} more)" if more > 0 else "")
 
 
-def _module_applier(key: str, module: nn.Module) -> Applier:
-    def apply(loaded: dict[str, Any]) -> None:
-        set_model_state_dict(module, loaded[key])
+def _same(value: Any) -> Any:
+    return value
+
+
+def _module_setter(module: nn.Module) -> Callable[[Any], None]:
+    def apply(sd: Any) -> None:
+        set_model_state_dict(module, sd)
 
     return apply
 
 
-def _optimizer_applier(key: str, owner: nn.Module, optim: torch.optim.Optimizer) -> Applier:
-    def apply(loaded: dict[str, Any]) -> None:
-        set_optimizer_state_dict(owner, optim, loaded[key], options=_OPTIM_OPTIONS)
-
-    return apply
+def _optimizer_setter(owner: nn.Module, optim: torch.optim.Optimizer) -> Callable[[Any], None]:
+    return lambda osd: set_optimizer_state_dict(owner, optim, osd, options=_OPTIM_OPTIONS)
 
 
-def _rng_applier(rank: int) -> Applier:
-    def apply(loaded: dict[str, Any]) -> None:
-        restore_rng_state(pickle.loads(loaded[RNG_KEY][f"rank{rank}"]))
-
-    return apply
-
-
-def _pickle_applier(key: str, kind: str, app_state: dict[str, Any]) -> Applier:
-    def apply(loaded: dict[str, Any]) -> None:
-        value = pickle.loads(loaded[key])
+def _setter(key: str, kind: str, app_state: dict[str, Any]) -> Callable[[Any], None]:
+    def apply(value: Any) -> None:
         if kind == STATEFUL:
             app_state[key].load_state_dict(value)
+        elif kind == TENSORS:
+            app_state[key] = _copy_into(app_state[key], value)
         else:
             app_state[key] = value
 
     return apply
 
 
-def _tree_applier(key: str, kind: str, app_state: dict[str, Any]) -> Applier:
-    def apply(loaded: dict[str, Any]) -> None:
-        if kind == STATEFUL:
-            app_state[key].load_state_dict(loaded[key])
-        else:
-            app_state[key] = _restore_tree(app_state[key], loaded[key])
+def _rebuilder(template: Any, key: str) -> Callable[[Any], Any]:
+    return lambda loaded: _rebuild(template, loaded, key)
 
-    return apply
+
+def _rebuild(template: Any, src: Any, path: str) -> Any:
+    """``src`` (as DCP returns it) in the shape of ``template``: its keys (DCP made them
+    str), its container types (DCP made tuples lists) and its empty containers (DCP
+    dropped them)."""
+    if isinstance(template, torch.Tensor):
+        if not isinstance(src, torch.Tensor):
+            raise StateMismatchError(f"{path}: checkpoint holds {type(src).__name__}, not a tensor")
+        return src
+    if isinstance(template, Mapping):
+        if not isinstance(src, Mapping):
+            raise StateMismatchError(f"{path}: checkpoint holds {type(src).__name__}, not a dict")
+        out = {}
+        for k, v in template.items():
+            if k in src or str(k) in src:
+                out[k] = _rebuild(v, src[k] if k in src else src[str(k)], f"{path}.{k}")
+            elif _is_empty(v):
+                out[k] = v
+            else:
+                raise StateMismatchError(f"{path}.{k} is not in the checkpoint")
+        return out
+    if isinstance(template, (list, tuple)):
+        if not isinstance(src, (list, tuple)) or len(src) != len(template):
+            raise StateMismatchError(f"{path}: checkpoint holds {src!r:.80}")
+        values = [
+            _rebuild(t, v, f"{path}[{i}]")
+            for i, (t, v) in enumerate(zip(template, src, strict=True))
+        ]
+        if isinstance(template, tuple):
+            return type(template)(*values) if hasattr(template, "_fields") else tuple(values)
+        return values
+    return src
+
+
+def _is_empty(value: Any) -> bool:
+    return isinstance(value, (Mapping, list, tuple)) and not value
 
 
 @torch.no_grad()
-def _restore_tree(dst: Any, src: Any) -> Any:
-    """Tensors of ``dst`` updated by copy, containers in place, other leaves replaced."""
+def _copy_into(dst: Any, src: Any) -> Any:
+    """Tensors of ``dst`` updated by copy, containers in place, other leaves replaced.
+    ``src`` has ``dst``'s structure (``_rebuild``)."""
     if isinstance(dst, torch.Tensor):
         dst.copy_(src)
         return dst
     if isinstance(dst, dict):
-        for k in dst:  # DCP flattening turns keys into str
-            dst[k] = _restore_tree(dst[k], src[k] if k in src else src[str(k)])
+        for k in dst:
+            dst[k] = _copy_into(dst[k], src[k])
         return dst
     if isinstance(dst, list):
         for i in range(len(dst)):
-            dst[i] = _restore_tree(dst[i], src[i])
+            dst[i] = _copy_into(dst[i], src[i])
         return dst
     if isinstance(dst, tuple):
-        values = [_restore_tree(d, s) for d, s in zip(dst, src, strict=True)]
+        values = [_copy_into(d, s) for d, s in zip(dst, src, strict=True)]
         return type(dst)(*values) if hasattr(dst, "_fields") else tuple(values)
     return src

@@ -170,7 +170,7 @@ def test_load_of_a_missing_path_or_a_non_checkpoint_names_it(mgr, tmp_path):
     [
         (
             lambda app: app.update(toy.make_app("plain", 3, hidden=32)),
-            "model.0.weight checkpoint (16, 8) vs (32, 8)",
+            "model.0.weight shape checkpoint (16, 8) vs (32, 8)",
         ),
         (
             lambda app: app["model"].add_module("extra", torch.nn.Linear(2, 2)),
@@ -199,10 +199,11 @@ def test_mismatched_state_raises_naming_path_and_keys_and_changes_nothing(mgr, c
 def test_failed_read_leaves_fresh_optimizer_empty_and_model_unchanged(mgr):
     info = mgr.save(1, trained_app())
     shard = info.path / "__0_0.distcp"
-    shard.write_bytes(shard.read_bytes()[:100])  # truncated shard: the read fails
+    raw = shard.read_bytes()
+    shard.write_bytes(b"\0" * 64 + raw[64:])  # same size, unreadable first item
     app = toy.make_app("plain", seed=4)
     before = {k: v.clone() for k, v in app["model"].state_dict().items()}
-    with pytest.raises(de.CheckpointError, match="step_00000001"):
+    with pytest.raises(de.CheckpointError, match=r"reading checkpoint .*step_00000001 failed"):
         mgr.load(app, 1)
     assert not app["optim"].state
     toy.assert_equal(before, app["model"].state_dict())
@@ -309,3 +310,85 @@ def test_config_is_frozen_and_accepts_paths(tmp_path):
     assert cfg.root_dir == str(tmp_path)
     with pytest.raises(AttributeError):
         cfg.root_dir = "elsewhere"  # type: ignore[misc]
+
+
+def test_truncated_latest_is_skipped_on_resume_and_refused_by_name(mgr, caplog):
+    app = trained_app()
+    mgr.save(1, app)
+    second = mgr.save(2, app)
+    shard = second.path / "__0_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:100])
+    with caplog.at_level("WARNING"):
+        assert mgr.load(app).step == 1  # the newest that checks out
+    assert "skipping step 2" in caplog.text and "__0_0.distcp is 100 bytes" in caplog.text
+    with pytest.raises(de.IntegrityError, match=r"step_00000002/__0_0\.distcp is 100 bytes"):
+        mgr.load(app, 2)
+
+
+def test_a_tmp_directory_is_refused_even_by_path(mgr):
+    info = mgr.save(1, {"t": torch.ones(1)})
+    tmp = info.path.with_name("step_00000002.tmp")
+    shutil.copytree(info.path, tmp)  # complete, marker and all, but never renamed
+    with pytest.raises(de.NotACheckpointError, match=r"step_00000002\.tmp is in flight or torn"):
+        mgr.load({"t": torch.ones(1)}, str(tmp))
+
+
+def test_dtype_mismatch_is_refused(mgr):
+    info = mgr.save(1, {"t": torch.ones(3)})
+    target = {"t": torch.zeros(3, dtype=torch.float64)}
+    with pytest.raises(
+        de.StateMismatchError, match=r"t dtype checkpoint torch\.float32 vs torch\.float64"
+    ):
+        mgr.load(target)
+    assert str(info.path) in str(mgr.checkpoints()[0].path)
+    assert target["t"].sum() == 0
+
+
+class TreeState:
+    """A Stateful whose state dict has int keys, a tuple and an empty dict."""
+
+    def __init__(self, fill: float) -> None:
+        self.sd = {0: torch.full((2,), fill), "pair": (torch.ones(1) * fill, 3), "empty": {}}
+
+    def state_dict(self) -> dict:
+        return self.sd
+
+    def load_state_dict(self, sd: dict) -> None:
+        assert set(sd) == {0, "pair", "empty"} and isinstance(sd["pair"], tuple), sd
+        self.sd = sd
+
+
+def test_trees_come_back_with_their_keys_types_and_empty_containers(mgr):
+    Point = __import__("collections").namedtuple("Point", "x y")
+    app = {
+        "tree": TreeState(2.0),
+        "bufs": {1: torch.ones(2), "p": Point(torch.ones(1), 5), "e": {}},
+    }
+    mgr.save(1, app)
+    target = {
+        "tree": TreeState(0.0),
+        "bufs": {1: torch.zeros(2), "p": Point(torch.zeros(1), 0), "e": {}},
+    }
+    mgr.load(target)
+    assert torch.equal(target["tree"].sd[0], torch.full((2,), 2.0))
+    assert target["tree"].sd["pair"][1] == 3
+    assert isinstance(target["bufs"]["p"], Point) and target["bufs"]["p"].y == 5
+    assert torch.equal(target["bufs"][1], torch.ones(2)) and target["bufs"]["e"] == {}
+
+
+class Exploding:
+    def state_dict(self) -> dict:
+        return {"v": 1}
+
+    def load_state_dict(self, sd: dict) -> None:
+        raise RuntimeError("user code failed")
+
+
+def test_a_failing_stateful_runs_before_modules_are_touched(mgr):
+    mgr.save(1, {**trained_app(), "x": Exploding()})
+    app = {**toy.make_app("plain", seed=8), "x": Exploding()}
+    before = {k: v.clone() for k, v in app["model"].state_dict().items()}
+    with pytest.raises(RuntimeError, match="user code failed"):
+        mgr.load(app)
+    toy.assert_equal(before, app["model"].state_dict())
+    assert not app["optim"].state
