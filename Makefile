@@ -1,15 +1,13 @@
 # The two commands of the README (`make demo`, `make test`) do their own set-up.
 PYTHON ?= python3
-STAMP := .make/installed
 NPROC ?= 2
 
 .PHONY: install test demo lint docs bench clean
 
-install: $(STAMP)
-
-$(STAMP): pyproject.toml scripts/install.sh
-	bash scripts/install.sh $(PYTHON)
-	@mkdir -p $(dir $@) && touch $@
+# Always checked (fast when nothing is missing): a stamp file would survive a move of the
+# checkout or an install of another clone, and leave `import dcp_engine` broken.
+install:
+	@bash scripts/install.sh $(PYTHON)
 
 test: install
 	$(PYTHON) -m pytest -n auto -q tests
@@ -26,8 +24,13 @@ docs: install
 	$(PYTHON) -m pip install -q -e ".[docs]"
 	$(PYTHON) -m mkdocs build --strict
 
+BENCH := MALLOC_MMAP_THRESHOLD_=65536 OMP_NUM_THREADS=1 $(PYTHON) -m torch.distributed.run \
+	--standalone --nproc_per_node=$(NPROC)
+
 bench: install
-	$(PYTHON) -m torch.distributed.run --standalone --nproc_per_node=$(NPROC) -m benchmarks.save_sync
+	$(BENCH) -m benchmarks.save_sync
+	$(BENCH) -m benchmarks.save_async throughput
+	$(BENCH) -m benchmarks.save_async stall
 
 clean:
-	rm -rf .make site demo_runs .pytest_cache
+	rm -rf site demo_runs .pytest_cache

@@ -190,6 +190,11 @@ class CheckpointManager:
         except BaseException:
             plan.rollback()
             raise
+        if self._pool is not None:  # resuming: the staging buffers are allocated now
+            resumed = state.build_save_state(
+                app_state, rank=self.rank, world_size=self.world_size, capture_rng=False
+            )
+            self._pool.prepare(resumed.state_dict)
         if self.rank == 0:
             log.info(
                 "[rank=0][step=%d] loaded %s (%s) in %.2f s",

@@ -111,6 +111,11 @@ class StagingPool:
         _sync_cuda()
         return StagedState(values, items, mappings, pending)
 
+    def prepare(self, state_dict: dict[str, Any]) -> None:
+        """Allocate (and touch) the buffers for this state now, not in the first save."""
+        flat, _ = flatten_state_dict(state_dict)
+        self._ensure({k: v for k, v in flat.items() if isinstance(v, torch.Tensor)})
+
     def _ensure(self, tensors: dict[str, torch.Tensor]) -> None:
         signature = tuple(
             (k, tuple(_local(t).shape), _local(t).dtype, _local(t).is_cuda)
@@ -133,10 +138,14 @@ class StagingPool:
         )
 
     def _allocate(self, like: torch.Tensor) -> torch.Tensor:
-        pin = like.is_cuda and not self.shared
-        buf = torch.empty(like.shape, dtype=like.dtype, device="cpu", pin_memory=pin)
         if self.shared:
-            buf.share_memory_()
+            # Straight into shared memory (share_memory_() would allocate, then copy).
+            nbytes = like.numel() * like.element_size()
+            storage = torch.UntypedStorage._new_shared(nbytes)
+            buf = torch.empty(0, dtype=like.dtype)
+            buf.set_(storage, 0, like.shape, _row_major_strides(like.shape))
+        else:
+            buf = torch.empty(like.shape, dtype=like.dtype, pin_memory=like.is_cuda)
         buf.zero_()  # touch every page now, not during the first save
         return buf
 
@@ -159,6 +168,14 @@ def mutated_by_optimizers_only(app_state: Mapping[str, Any]) -> Callable[[str, t
                 )
     ptrs.discard(0)  # empty tensors
     return lambda _, t: _local(t).data_ptr() in ptrs
+
+
+def _row_major_strides(shape: torch.Size) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
 
 
 def _copier(buf: torch.Tensor, src: torch.Tensor) -> Callable[[], None]:

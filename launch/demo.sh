@@ -10,6 +10,8 @@ SAVE_EVERY=${SAVE_EVERY:-10}
 KILL_AT=${KILL_AT:-27}
 ROOT=${ROOT:-./demo_runs}
 export OMP_NUM_THREADS=1 LOGLEVEL=${LOGLEVEL:-WARNING}
+# The scripts import this checkout's dcp_engine, whatever else is installed.
+export PYTHONPATH="$(cd "$(dirname "$0")/.." && pwd -P)${PYTHONPATH:+:$PYTHONPATH}"
 
 run() { "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" \
           launch/toy_fsdp.py --root "$ROOT" --steps "$STEPS" --save-every "$SAVE_EVERY" "$@"; }

@@ -6,7 +6,19 @@
 # CPU wheel that lies on disk on this kind of machine).
 set -euo pipefail
 PY=${1:-python3}
+HERE=$(cd "$(dirname "$0")/.." && pwd -P)
 export PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1
+
+# Fast path: this checkout is the installed dcp_engine and the test tools are there. (An
+# editable install of another clone of the repository does not count.)
+if (cd / && "$PY" - "$HERE" <<'PYEOF'
+import os, sys
+import dcp_engine, pytest, xdist, hypothesis, ruff  # noqa: F401
+sys.exit(0 if os.path.realpath(dcp_engine.__file__).startswith(sys.argv[1] + os.sep) else 1)
+PYEOF
+) >/dev/null 2>&1; then
+  exit 0
+fi
 
 torch_ok() {
   "$PY" - <<'PYEOF'

@@ -39,7 +39,11 @@ def test_errors_are_raised_on_every_rank_and_leave_state_untouched(tmp_path):
     for m in msgs:
         assert "disagree on the step" in m["disagree"] and "[5, 6]" in m["disagree"]
         assert "already committed" in m["twice"] and "step_00000005" in m["twice"]
-        assert "mismatch: " in m["shape"] and "shape checkpoint" in m["shape"] and "step_00000005" in m["shape"]
+        assert (
+            "mismatch: " in m["shape"]
+            and "shape checkpoint" in m["shape"]
+            and "step_00000005" in m["shape"]
+        )
         assert "model.0.weight" in m["shape"]
 
 
