@@ -9,12 +9,14 @@ warm-up save, the median of ``--reps`` saves is reported (the slowest rank's tim
 
 ``throughput`` (idle between saves), per method: blocking ms (until the call returns),
 time until committed (durable), GB/s, extra memory (PSS of the rank and its children, so
-shared memory is not counted twice) after the first and the last save.
+shared memory is not counted twice) after the first and the last save (the engine's
+methods save ``--growth-saves`` times, to show whether that memory grows).
 Methods: ``copy`` (T_copy, one copy into reused buffers), ``raw_write`` (the same bytes,
 one file per rank, fsync: the storage floor), ``torch_save`` (gathered to rank 0, +fsync),
 ``dcp_save``, ``dcp_async_save`` (as shipped), ``dcp_async_save_stager`` (with a reused
 ``DefaultStager``), ``engine_thread``, ``engine_process``, ``engine_overlap`` (process +
-overlapped staging).
+overlapped staging), each after the start-up ``load()`` of a fresh run (which allocates the
+staging buffers), and ``engine_process_cold`` without it.
 
 ``stall`` (training between saves): per mode, the median training step in the
 ``--window`` steps after each save against the median step without saves, and the
@@ -37,9 +39,10 @@ import os
 import platform
 import shutil
 import statistics
+import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import psutil
 import torch
@@ -195,6 +198,19 @@ class DcpSave(Method):
         self.n += 1
 
 
+_SIDE_GROUP: dist.ProcessGroup | None = None
+
+
+def side_group() -> dist.ProcessGroup:
+    """A gloo group for dcp.async_save's collectives, as DCP's docs advise: on the default
+    group its background collectives interleave with training's, and the run hangs (it
+    does here, with FSDP2 on gloo)."""
+    global _SIDE_GROUP
+    if _SIDE_GROUP is None:
+        _SIDE_GROUP = dist.new_group(backend="gloo")
+    return _SIDE_GROUP
+
+
 class DcpAsyncSave(Method):
     name = "dcp_async_save"
     stager: Any = None
@@ -202,8 +218,9 @@ class DcpAsyncSave(Method):
     def start(self) -> None:
         kwargs = {"async_stager": self.stager} if self.stager is not None else {}
         self.future = dcp.async_save(
-            dcp_state(self.app), checkpoint_id=self.root / f"dcpa{self.n}", **kwargs
-        )
+            dcp_state(self.app), checkpoint_id=self.root / f"dcpa{self.n}",
+            process_group=side_group(), **kwargs,
+        )  # fmt: skip
         self.n += 1
 
     def done(self) -> None:
@@ -226,7 +243,10 @@ class DcpAsyncSaveStager(DcpAsyncSave):
 
 
 class Engine(Method):
-    mode, staging = "thread", "sync"
+    """The engine as a run uses it: ``load()`` at start-up (a fresh run's finds nothing,
+    and allocates the staging buffers), then ``save``/``wait``."""
+
+    mode, staging, cold = "thread", "sync", False
 
     def __init__(self, app: dict[str, Any], root: Path) -> None:
         super().__init__(app, root)
@@ -235,6 +255,8 @@ class Engine(Method):
             staging=self.staging, capture_rng=False,
         )  # fmt: skip
         self.mgr = de.CheckpointManager(cfg)
+        if not self.cold:
+            assert self.mgr.load(self.app) is None
 
     def start(self) -> None:
         self.mgr.save(self.n, self.app)
@@ -259,23 +281,15 @@ class EngineOverlap(Engine):
     name, mode, staging = "engine_overlap", "process", "overlap"
 
 
-class EngineProcessResumed(EngineProcess):
-    """Process mode as a resumed run sees it: ``load()`` allocated the staging buffers, so
-    the first measured save is the first save after a resume."""
+class EngineProcessCold(EngineProcess):
+    """Process mode without the start-up ``load()``: the first save allocates the pool."""
 
-    name = "engine_process_resumed"
-
-    def __init__(self, app: dict[str, Any], root: Path) -> None:
-        super().__init__(app, root)
-        self.mgr.save(10**6, self.app)  # an earlier run's checkpoint, not measured
-        self.mgr.close()
-        self.mgr = de.CheckpointManager(self.mgr.config)
-        self.mgr.load(self.app)
+    name, cold = "engine_process_cold", True
 
 
 THROUGHPUT = [Copy, RawWrite, TorchSave, DcpSave, DcpAsyncSave, DcpAsyncSaveStager,
-              EngineThread, EngineProcess, EngineOverlap, EngineProcessResumed]  # fmt: skip
-STALL = [DcpAsyncSave, DcpAsyncSaveStager, EngineThread, EngineProcess, EngineOverlap]
+              EngineThread, EngineProcess, EngineOverlap, EngineProcessCold]  # fmt: skip
+STALL = [RawWrite, DcpAsyncSave, DcpAsyncSaveStager, EngineThread, EngineProcess, EngineOverlap]
 
 
 def slowest(x: float) -> float:
@@ -287,14 +301,17 @@ def slowest(x: float) -> float:
 # ----------------------------------------------------------------------------- runs
 
 
-def run_throughput(app: dict[str, Any], root: Path, reps: int) -> dict[str, Any]:
+def run_throughput(app: dict[str, Any], root: Path, reps: int, growth: int) -> dict[str, Any]:
     rows = []
     for cls in THROUGHPUT:
         gc.collect()
         base = pss_bytes()
         method = cls(app, root)
         blocking, committed, extra = [], [], []
-        for i in range(reps + 1):
+        # The engine saves `growth` times, to see its memory over many saves; the timings
+        # are the medians of the `reps` saves after the warm-up, alike for every method.
+        n_saves = max(reps + 1, growth) if issubclass(cls, Engine) else reps + 1
+        for i in range(n_saves):
             dist.barrier()
             t0 = time.perf_counter()
             method.start()
@@ -313,20 +330,45 @@ def run_throughput(app: dict[str, Any], root: Path, reps: int) -> dict[str, Any]
         rows.append({
             "method": cls.name,
             "first_blocking_s": blocking[0],
-            "blocking_s": statistics.median(blocking[1:]),
-            "committed_s": statistics.median(committed[1:]),
+            "blocking_s": statistics.median(blocking[1 : reps + 1]),
+            "committed_s": statistics.median(committed[1 : reps + 1]),
             "runs_blocking_s": blocking[1:],
             "runs_committed_s": committed[1:],
+            "saves": n_saves,
             "extra_pss_first_bytes": extra[0],
             "extra_pss_last_bytes": extra[-1],
         })  # fmt: skip
     return {"rows": rows}
 
 
+class Waiter:
+    """``method.done()`` in a thread: the time the save became durable."""
+
+    def __init__(self, method: Method) -> None:
+        self.at, self.error = 0.0, cast(BaseException | None, None)
+        self.thread = threading.Thread(target=self._run, args=(method,), daemon=True)
+        self.thread.start()
+
+    def _run(self, method: Method) -> None:
+        try:
+            method.done()
+        except BaseException as e:
+            self.error = e
+        self.at = time.perf_counter()
+
+    def join(self) -> float:
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.at
+
+
 def run_stall(app: dict[str, Any], root: Path, saves: int, window: int) -> dict[str, Any]:
     for _ in range(3):
         train_step(app)
     base = [slowest(train_step(app)) for _ in range(saves * window)]
+    if dist.get_rank() == 0:
+        print(f"step without saves: {statistics.median(base):.3f} s", flush=True)
     rows = []
     for cls in STALL:
         method = cls(app, root)
@@ -338,10 +380,10 @@ def run_stall(app: dict[str, Any], root: Path, saves: int, window: int) -> dict[
             t0 = time.perf_counter()
             method.start()
             blocked = time.perf_counter() - t0
+            waiter = Waiter(method)  # learns when the save is durable, while training runs
             steps = [train_step(app) for _ in range(window)]
             steps[0] += blocked  # the save stalls the step it precedes
-            method.done()
-            committed.append(slowest(time.perf_counter() - t0))
+            committed.append(slowest(waiter.join() - t0))
             after.extend(slowest(s) for s in steps)
             method.cleanup()
         method.close()
@@ -371,7 +413,7 @@ def report(cmd: str, result: dict[str, Any], out: Path) -> None:
         rows = {r["method"]: r for r in result["rows"]}
         t_copy, raw = rows["copy"]["blocking_s"], rows["raw_write"]["committed_s"]
         lines += ["| method | blocking ms | first blocking ms | blocking / (1.25 T_copy + 5 ms) "
-                  "| committed s | GB/s | vs raw write | extra PSS first / last MiB |",
+                  "| committed s | GB/s | vs raw write | extra PSS first / last MiB (saves) |",
                   "|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for r in result["rows"]:
             gbps = total / r["committed_s"] / 1e9
@@ -380,20 +422,25 @@ def report(cmd: str, result: dict[str, Any], out: Path) -> None:
                 f"| {r['method']} | {r['blocking_s'] * 1e3:.1f} "
                 f"| {r['first_blocking_s'] * 1e3:.1f} "
                 f"| {r['blocking_s'] / (1.25 * t_copy + 0.005):.2f} | {r['committed_s']:.3f} "
-                f"| {gbps:.2f} | {raw / r['committed_s']:.0%} | {mem[0]:.0f} / {mem[1]:.0f} |"
+                f"| {gbps:.2f} | {raw / r['committed_s']:.0%} "
+                f"| {mem[0]:.0f} / {mem[1]:.0f} ({r['saves']}) |"
             )
         lines += ["", "GB/s: the whole state's bytes over the time until committed (slowest rank). "
                   "`vs raw write`: the storage floor's time over the method's (100% = as fast as "
                   "writing the bytes with fsync)."]  # fmt: skip
     else:
+        raw = {r["method"]: r for r in result["rows"]}["raw_write"]["committed_while_training_s"]
         lines += ["| method | step after save s | step without saves s | ratio | committed while "
-                  "training s |", "|---|---|---|---|---|"]  # fmt: skip
+                  "training s | vs raw write |", "|---|---|---|---|---|---|"]  # fmt: skip
         for r in result["rows"]:
             lines.append(f"| {r['method']} | {r['step_after_save_s']:.3f} | "
                          f"{r['step_without_saves_s']:.3f} | {r['ratio']:.3f} | "
-                         f"{r['committed_while_training_s']:.3f} |")  # fmt: skip
+                         f"{r['committed_while_training_s']:.3f} | "
+                         f"{raw / r['committed_while_training_s']:.0%} |")  # fmt: skip
         lines += ["", f"Window: the {result['window']} steps after each of {result['saves']} "
-                  "saves; the blocking part of a save is added to the step after it."]  # fmt: skip
+                  "saves; the blocking part of a save is added to the step after it. "
+                  "`raw_write` blocks (it is the storage floor: the same bytes written and "
+                  "fsynced by the training thread)."]  # fmt: skip
     (out / f"save_async_{cmd}.json").write_text(json.dumps(result, indent=1))
     (out / f"save_async_{cmd}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -423,6 +470,7 @@ def main() -> None:
     p.add_argument("--mib-per-rank", type=float, default=512)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--window", type=int, default=3)
+    p.add_argument("--growth-saves", type=int, default=20)
     p.add_argument("--dir", default="/tmp/dcp_engine_bench_async")
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args()
@@ -433,12 +481,13 @@ def main() -> None:
         shutil.rmtree(root, ignore_errors=True)
         root.mkdir(parents=True)
     dist.barrier()
+    side_group()  # collective: created by every rank, before any method runs
     app = build(args.mib_per_rank)
     per_rank = sum(t.numel() * t.element_size() for t in local_tensors(app))
     sizes: list[int] = [0] * dist.get_world_size()
     dist.all_gather_object(sizes, per_rank)
     if args.cmd == "throughput":
-        result = run_throughput(app, root, args.reps)
+        result = run_throughput(app, root, args.reps, args.growth_saves)
     else:
         result = run_stall(app, root, args.reps, args.window)
     result.update(

@@ -88,7 +88,8 @@ class CheckpointManager:
         self._pool: StagingPool | None = None
         self._staged = threading.Event()  # set while no staging copy is pending
         self._staged.set()
-        self._hooks: dict[int, Any] = {}
+        self._hooks: dict[int, Any] = {}  # overlapped staging: optimizer -> step pre-hook
+        self._first_step_hooks: dict[int, Any] = {}  # optimizer -> prepare after 1st step
         self._hook_wait_s = 0.0
         self._writer: ShardWriter = self._start_writer(process_group)
         atexit.register(_close_at_exit, weakref.ref(self))
@@ -158,6 +159,7 @@ class CheckpointManager:
                 self.rank,
                 self._layout.checkpoints_dir,
             )
+            self.prepare(app_state)
             return None
         path, marker = Path(found[0]), found[1]
         info = CheckpointInfo.from_marker(path, marker)
@@ -190,11 +192,7 @@ class CheckpointManager:
         except BaseException:
             plan.rollback()
             raise
-        if self._pool is not None:  # resuming: the staging buffers are allocated now
-            resumed = state.build_save_state(
-                app_state, rank=self.rank, world_size=self.world_size, capture_rng=False
-            )
-            self._pool.prepare(resumed.state_dict)
+        self.prepare(app_state)
         if self.rank == 0:
             log.info(
                 "[rank=0][step=%d] loaded %s (%s) in %.2f s",
@@ -204,6 +202,31 @@ class CheckpointManager:
                 time.perf_counter() - start,
             )
         return info
+
+    def prepare(self, app_state: Mapping[str, Any]) -> None:
+        """Allocate and touch the staging buffers for ``app_state`` now, so that the first
+        async save costs what every later one does. ``load()`` calls it, a fresh run's
+        ``load()`` too; call it after building the state if the run never loads. An
+        optimizer without state yet (before its first step) is not stepped to create it:
+        its buffers are allocated right after its first step. Local (no collective); a
+        no-op with ``async_mode="off"``."""
+        self._check_open()
+        if self._pool is None:
+            return
+        ready = {}
+        for key, value in app_state.items():
+            if isinstance(value, torch.optim.Optimizer) and not value.state:
+                self._prepare_after_first_step(value, app_state)
+            else:
+                ready[key] = value
+        try:
+            built = state.build_save_state(
+                ready, rank=self.rank, world_size=self.world_size, capture_rng=False
+            )
+        except Exception as e:  # the first save reports it, on every rank
+            log.debug("[rank=%d] staging not prepared: %s", self.rank, e)
+            return
+        self._pool.prepare(built.state_dict)
 
     def wait(self) -> None:
         """Block until the save in flight is committed; raise its error if it failed."""
@@ -219,9 +242,10 @@ class CheckpointManager:
             self._flush()
         finally:
             self._closed = True
-            for handle in self._hooks.values():
+            for handle in [*self._hooks.values(), *self._first_step_hooks.values()]:
                 handle.remove()
             self._hooks.clear()
+            self._first_step_hooks.clear()
             if self._worker is not None:
                 self._worker.stop()
             self._writer.close()
@@ -392,6 +416,26 @@ class CheckpointManager:
             if isinstance(value, torch.optim.Optimizer) and id(value) not in self._hooks:
                 self._hooks[id(value)] = value.register_step_pre_hook(self._before_step)
 
+    def _prepare_after_first_step(
+        self, optimizer: torch.optim.Optimizer, app_state: Mapping[str, Any]
+    ) -> None:
+        """Once: after ``optimizer``'s first step, allocate the buffers of its new state.
+        (DCP would create the state by stepping it with zero gradients, which moves e.g.
+        Adam's step count: a run's trajectory must not depend on the checkpointer.)"""
+        if id(optimizer) in self._first_step_hooks:
+            return
+        manager = weakref.ref(self)  # the hook must not keep the manager alive
+
+        def after_step(*_: Any) -> None:
+            handle.remove()
+            mgr = manager()
+            if mgr is not None and not mgr._closed:
+                mgr._first_step_hooks.pop(id(optimizer), None)
+                mgr.prepare(app_state)
+
+        handle = optimizer.register_step_post_hook(after_step)
+        self._first_step_hooks[id(optimizer)] = handle
+
     def _before_step(self, *_: Any) -> None:
         if self._staged.is_set():
             return
@@ -428,7 +472,7 @@ class CheckpointManager:
         if cfg.async_mode == "thread":
             return ThreadWriter(self._io, fsync=cfg.fsync, threads=cfg.write_threads)
         return ProcessWriter(
-            self._comm, self._pool, fsync=cfg.fsync, threads=cfg.write_threads,
+            self._comm, fsync=cfg.fsync, threads=cfg.write_threads,
             timeout_s=cfg.timeout_s,
         )  # fmt: skip
 

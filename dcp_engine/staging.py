@@ -43,6 +43,8 @@ class StagedState:
     """DCP's flatten mappings (stored as the checkpoint's planner data)."""
     pending: list[Callable[[], None]] = field(default_factory=list)
     """Copies not done yet (overlapped staging); run them before anything reads ``values``."""
+    generation: int = 0
+    """The pool layout the buffers belong to (``StagingPool.generation``)."""
 
     def finish_copies(self) -> None:
         for copy in self.pending:
@@ -67,7 +69,7 @@ class StagingPool:
         self.shared = shared
         self.generation = 0
         """Bumped at every rebuild; a writer process holding old buffers must get new ones."""
-        self._signature: tuple[Any, ...] | None = None
+        self._specs: dict[str, tuple[Any, ...]] = {}
         self.buffers: dict[str, torch.Tensor] = {}
 
     @property
@@ -109,33 +111,41 @@ class StagingPool:
             else:
                 buf.copy_(src, non_blocking=src.is_cuda)
         _sync_cuda()
-        return StagedState(values, items, mappings, pending)
+        return StagedState(values, items, mappings, pending, self.generation)
 
     def prepare(self, state_dict: dict[str, Any]) -> None:
-        """Allocate (and touch) the buffers for this state now, not in the first save."""
+        """Allocate (and touch) the buffers for these tensors now, not in the first save.
+        Adds to the pool: buffers of tensors not in ``state_dict`` are kept."""
         flat, _ = flatten_state_dict(state_dict)
-        self._ensure({k: v for k, v in flat.items() if isinstance(v, torch.Tensor)})
+        tensors = {k: v for k, v in flat.items() if isinstance(v, torch.Tensor)}
+        self._ensure(tensors, keep_others=True)
 
-    def _ensure(self, tensors: dict[str, torch.Tensor]) -> None:
-        signature = tuple(
-            (k, tuple(_local(t).shape), _local(t).dtype, _local(t).is_cuda)
-            for k, t in sorted(tensors.items())
-        )
-        if signature == self._signature:
+    def _ensure(self, tensors: dict[str, torch.Tensor], *, keep_others: bool = False) -> None:
+        specs = {k: _spec(t) for k, t in tensors.items()}
+        if keep_others:
+            specs = {**self._specs, **specs}
+        if specs == self._specs:
             return
+        # Rebuild: a buffer whose (shape, dtype, origin) still matches is kept (e.g. a
+        # fresh run's pool prepared before the optimizer had state only gains the moments).
         start = time.perf_counter()
-        rebuilt = self._signature is not None
-        self.buffers = {k: self._allocate(_local(t)) for k, t in tensors.items()}
-        self._signature = signature
+        rebuilt = bool(self._specs)
+        kept = {k: b for k, b in self.buffers.items() if self._specs[k] == specs.get(k)}
+        new = {k: self._allocate(_local(t)) for k, t in tensors.items() if k not in kept}
+        self.buffers = {**kept, **new}
+        self._specs = specs
         self.generation += 1
         log.info(
-            "staging pool %s: %d tensors, %.1f MiB (%s) in %.2f s",
-            "rebuilt (the state's shapes changed)" if rebuilt else "allocated",
+            "staging pool %s: %d tensors, %.1f MiB (%s), %d allocated (%.1f MiB) in %.2f s",
+            "allocated" if not rebuilt else "grown" if keep_others
+            else "rebuilt (the state's shapes changed)",
             len(self.buffers),
             self.nbytes / 2**20,
             "shared memory" if self.shared else "process memory",
+            len(new),
+            sum(b.numel() * b.element_size() for b in new.values()) / 2**20,
             time.perf_counter() - start,
-        )
+        )  # fmt: skip
 
     def _allocate(self, like: torch.Tensor) -> torch.Tensor:
         if self.shared:
@@ -151,7 +161,7 @@ class StagingPool:
 
     def release(self) -> None:
         self.buffers = {}
-        self._signature = None
+        self._specs = {}
 
 
 def mutated_by_optimizers_only(app_state: Mapping[str, Any]) -> Callable[[str, torch.Tensor], bool]:
@@ -168,6 +178,11 @@ def mutated_by_optimizers_only(app_state: Mapping[str, Any]) -> Callable[[str, t
                 )
     ptrs.discard(0)  # empty tensors
     return lambda _, t: _local(t).data_ptr() in ptrs
+
+
+def _spec(t: torch.Tensor) -> tuple[Any, ...]:
+    local = _local(t)
+    return (tuple(local.shape), local.dtype, local.is_cuda)
 
 
 def _row_major_strides(shape: torch.Size) -> tuple[int, ...]:

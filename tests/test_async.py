@@ -64,3 +64,41 @@ def test_close_leaves_no_process_and_no_shared_memory(tmp_path, fail):
 def test_toy_state_helpers_compare_exactly():
     app = toy.make_app("plain", seed=0)
     toy.assert_equal(toy.full_state(app), toy.full_state(app))
+
+
+def test_staging_is_allocated_at_start_up_without_touching_the_training(tmp_path):
+    """A fresh run's load() allocates the model's staging buffers without stepping the
+    optimizer (DCP would, to create its state); the optimizer's first step adds its moments;
+    saves then allocate nothing, and a resumed run's load() allocates everything."""
+    import dataclasses
+
+    import dcp_engine as de
+
+    cfg = de.CheckpointConfig(root_dir=str(tmp_path), experiment_name="e", async_mode="thread")
+    app, twin = toy.make_app("plain", seed=0), toy.make_app("plain", seed=0)
+    with de.CheckpointManager(cfg) as mgr:
+        assert mgr.load(app) is None  # fresh run
+        pool = mgr._pool
+        assert pool is not None and pool.generation == 1
+        assert not app["optim"].state  # not stepped
+        model_bufs = {k: b for k, b in pool.buffers.items() if k.startswith("model.")}
+        assert model_bufs and not any(k.startswith("optim.state") for k in pool.buffers)
+        toy.train(app, 1, rank=0)  # AdamW creates its moments; the pool grows after the step
+        assert pool.generation == 2 and any(k.startswith("optim.state") for k in pool.buffers)
+        assert all(pool.buffers[k] is b for k, b in model_bufs.items())  # kept
+        grown = dict(pool.buffers)
+        for step in (1, 2):
+            toy.train(app, 1, rank=0, start=step)
+            mgr.save(step, app)
+        mgr.wait()
+        assert pool.generation == 2 and pool.buffers == grown
+    toy.train(twin, 3, rank=0)  # the same training without a checkpointer
+    toy.assert_equal(toy.full_state(app), toy.full_state(twin))
+    resumed = toy.make_app("plain", seed=1)
+    with de.CheckpointManager(dataclasses.replace(cfg, async_mode="process")) as mgr:
+        mgr.load(resumed)
+        assert mgr._pool is not None and mgr._pool.generation == 1
+        assert set(mgr._pool.buffers) == set(grown)
+        mgr.save(3, resumed)
+        mgr.wait()
+        assert mgr._pool.generation == 1
