@@ -309,8 +309,11 @@ class Worker:
         error, self._error = self._error, None
         return error
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 5.0) -> None:
+        """Ask the thread to end and give it ``timeout`` s; an idle worker ends at once."""
         self._jobs.put(None)
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
 
     def _run(self) -> None:
         while (job := self._jobs.get()) is not None:
@@ -320,4 +323,7 @@ class Worker:
                 self._error = e
                 log.error("background save failed: %s", e)
             finally:
+                # Drop the job before waiting for the next one: it holds the staged
+                # buffers, which ``close`` must be able to free.
+                job = None
                 self._idle.set()

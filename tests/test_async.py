@@ -102,3 +102,31 @@ def test_staging_is_allocated_at_start_up_without_touching_the_training(tmp_path
         mgr.save(3, resumed)
         mgr.wait()
         assert mgr._pool.generation == 1
+
+
+@pytest.mark.parametrize("mode", ["off", "thread", "process"])
+def test_close_frees_the_manager_and_its_staging(tmp_path, mode):
+    """Pass: once closed, no saver thread of ours is alive, and once dropped the manager
+    (and so its staging buffers) is garbage: no thread, hook or exit handler keeps it."""
+    import gc
+    import threading
+    import weakref
+
+    import torch
+
+    import dcp_engine as de
+
+    model = torch.nn.Linear(64, 64)
+    optim = torch.optim.SGD(model.parameters(), lr=0.1)
+    app = {"model": model, "optim": optim}
+    cfg = de.CheckpointConfig(root_dir=str(tmp_path), experiment_name="free", async_mode=mode)
+    mgr = de.CheckpointManager(cfg)
+    mgr.load(app)
+    for step in (1, 2):
+        mgr.save(step, app)
+    mgr.close()
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("dcp_engine")]
+    ref = weakref.ref(mgr)
+    del mgr
+    gc.collect()
+    assert ref() is None
