@@ -1,5 +1,6 @@
 """dcp-engine: sharded, committed, indexed checkpoints for PyTorch on top of DCP."""
 
+from .callbacks import AsyncCheckpointCallback, CheckpointCallback, TrainStart
 from .config import CheckpointConfig
 from .errors import (
     CheckpointError,
@@ -8,13 +9,17 @@ from .errors import (
     IntegrityError,
     NotACheckpointError,
     StateMismatchError,
+    UnknownKeyError,
 )
-from .index import CheckpointInfo
+from .index import CheckpointInfo, find_checkpoints
 from .manager import CheckpointManager, SaveStats
+from .retention import RetentionPolicy
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AsyncCheckpointCallback",
+    "CheckpointCallback",
     "CheckpointConfig",
     "CheckpointError",
     "CheckpointInfo",
@@ -23,7 +28,11 @@ __all__ = [
     "ConfigError",
     "IntegrityError",
     "NotACheckpointError",
+    "RetentionPolicy",
     "SaveStats",
     "StateMismatchError",
+    "TrainStart",
+    "UnknownKeyError",
     "__version__",
+    "find_checkpoints",
 ]

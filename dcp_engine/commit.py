@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -207,4 +208,25 @@ def move_alias(checkpoints_dir: Path, alias: str, target_name: str, *, fsync: bo
             tmp.unlink()
         log.warning("cannot point %r at %s (%s); the index is the truth", alias, target_name, e)
         return False
+    return True
+
+
+def retire(exp: layout.ExperimentLayout, step: int, *, fsync: bool = True) -> bool:
+    """Delete committed checkpoint ``step``: the reverse of the commit. The rename back to
+    ``step_X.tmp`` makes it stop existing at once (a crash mid-delete leaves a ``.tmp``
+    that is never loaded and is swept), then the files go. Only our own canonical name is
+    ever touched. Returns False if it was already gone."""
+    final, tmp = exp.step_dir(step), exp.tmp_dir(step)
+    if final.is_symlink() or (final.exists() and not final.is_dir()):
+        log.warning("%s is not a checkpoint directory of ours; not deleting it", final)
+        return False
+    if tmp.exists():  # a leftover of an earlier retire that crashed: ours by name
+        shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        os.rename(final, tmp)
+    except FileNotFoundError:
+        return False
+    if fsync:
+        fsync_dir(exp.checkpoints_dir)
+    shutil.rmtree(tmp, ignore_errors=True)
     return True

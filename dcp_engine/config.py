@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, UnknownKeyError
+from .retention import RetentionPolicy
 
 ASYNC_MODES = ("off", "thread", "process")
 STAGING = ("sync", "overlap")
@@ -71,6 +74,58 @@ class CheckpointConfig:
     write_threads: int = 1
     """Threads per rank writing shard files (DCP ``FileSystemWriter.thread_count``)."""
 
+    # ---------------------------------------------------------------- training loop
+
+    enabled: bool = True
+    """False: the callbacks neither save nor resume (the ``enabled: false`` of the guides)."""
+
+    resume: str | None = None
+    """What a run starts from (``CheckpointManager.resume``, ``on_train_start``): None or
+    ``""``: fresh; ``"latest"`` / ``"best"``: continue the experiment in place (without an
+    ``experiment_name``: the newest ``{model_name}_{dataset_name}_*`` run under
+    ``root_dir``); a checkpoint path: branch, i.e. a new experiment directory starts from
+    that checkpoint and saves there, the source untouched."""
+
+    save_every_n_steps: int | None = None
+    """Save when ``on_step_end(step)`` sees ``step % n == 0`` (None or 0: off)."""
+
+    save_every_n_epochs: int | None = None
+    """Save when ``on_epoch_end(epoch)`` ends the n-th, 2n-th, ... epoch (None or 0: off)."""
+
+    save_every_n_seconds: float | None = None
+    """Save at the first step end at least this long after the previous save (rank 0's
+    clock decides for all ranks). None or 0: off."""
+
+    save_on_train_end: bool = True
+    """``on_train_end`` saves the final state (unless that step is already saved)."""
+
+    save_on_exception: bool = False
+    """``on_exception`` saves the state as it is (off: it may be broken). Collective: only
+    for failures that reach every rank alike."""
+
+    save_best_only: bool = False
+    """The step and epoch triggers save only on a new best of ``monitor``."""
+
+    save_best: bool = True
+    """Keep the ``checkpoints/best`` alias on the best checkpoint by ``monitor``."""
+
+    save_last: bool = True
+    """Keep the ``checkpoints/latest`` alias on the newest checkpoint."""
+
+    # ---------------------------------------------------------------- retention
+
+    keep_top_k: int | None = None
+    """Keep the k best by ``monitor`` (``-1``: all, ``0``: none by metric)."""
+
+    keep_last_n: int | None = None
+    """Keep the n newest."""
+
+    keep_every_n_steps: int | None = None
+    """Keep, for good, every checkpoint whose step is a multiple of n."""
+
+    keep_every_n_epochs: int | None = None
+    """Keep, for good, the newest checkpoint of every epoch that is a multiple of n."""
+
     def __post_init__(self) -> None:
         if isinstance(self.root_dir, os.PathLike):
             object.__setattr__(self, "root_dir", os.fspath(self.root_dir))
@@ -108,6 +163,114 @@ class CheckpointConfig:
             or self.write_threads < 1
         ):
             raise ConfigError("write_threads", self.write_threads, "an int >= 1")
+        for name in (
+            "enabled",
+            "save_on_train_end",
+            "save_on_exception",
+            "save_best_only",
+            "save_best",
+            "save_last",
+        ):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(name, getattr(self, name), "True or False")
+        if isinstance(self.resume, os.PathLike):
+            object.__setattr__(self, "resume", os.fspath(self.resume))
+        if self.resume == "":
+            object.__setattr__(self, "resume", None)
+        if self.resume is not None and not isinstance(self.resume, str):
+            raise ConfigError("resume", self.resume, "None, 'latest', 'best' or a path")
+        _check_count("save_every_n_steps", self.save_every_n_steps, low=0)
+        _check_count("save_every_n_epochs", self.save_every_n_epochs, low=0)
+        seconds = self.save_every_n_seconds
+        if seconds is not None and (
+            isinstance(seconds, bool)
+            or not isinstance(seconds, (int, float))
+            or not math.isfinite(seconds)
+            or seconds < 0
+        ):
+            raise ConfigError("save_every_n_seconds", seconds, "None or a number of seconds >= 0")
+        _check_count("keep_top_k", self.keep_top_k, low=-1)
+        _check_count("keep_last_n", self.keep_last_n, low=0)
+        _check_count("keep_every_n_steps", self.keep_every_n_steps, low=1)
+        _check_count("keep_every_n_epochs", self.keep_every_n_epochs, low=1)
+        # Rules that need a metric to rank by.
+        if self.monitor is None:
+            needs = "a monitor to rank by (set monitor)"
+            if self.keep_top_k not in (None, -1, 0):
+                raise ConfigError("keep_top_k", self.keep_top_k, needs)
+            if self.save_best_only:
+                raise ConfigError("save_best_only", True, needs)
+            if self.resume == "best":
+                raise ConfigError("resume", "best", needs)
+
+    @property
+    def retention(self) -> RetentionPolicy:
+        """The retention policies of this config, composed."""
+        return RetentionPolicy(
+            keep_top_k=self.keep_top_k,
+            monitor=self.monitor,
+            mode=self.mode,
+            keep_last_n=self.keep_last_n,
+            keep_every_n_steps=self.keep_every_n_steps,
+            keep_every_n_epochs=self.keep_every_n_epochs,
+        )
+
+    # ---------------------------------------------------------------- from files
+
+    @classmethod
+    def from_dict(cls, block: Mapping[str, Any], *, where: str = "checkpoint") -> CheckpointConfig:
+        """A config from a ``checkpoint:`` block in the style of the reference guides
+        (``dir``/``save_dir``/``ckpt_root_dir``, ``save_frequency``/``save_freq``,
+        ``save_latest``, ``resume: true``, ...) or from field names. An unknown key raises
+        ``UnknownKeyError`` naming it and the nearest known key; a bad value raises
+        ``ConfigError`` naming the key as written."""
+        if not isinstance(block, Mapping):
+            raise ConfigError("checkpoint", block, "a mapping of keys to values", where=where)
+        kwargs: dict[str, Any] = {}
+        written: dict[str, str] = {}  # field -> key as written
+        for key, value in block.items():
+            if not isinstance(key, str):
+                raise UnknownKeyError(repr(key), where, None)
+            field = KEY_ALIASES.get(key)
+            if field is None:
+                near = difflib.get_close_matches(key, sorted(KEY_ALIASES), n=1, cutoff=0.6)
+                raise UnknownKeyError(key, where, near[0] if near else None)
+            if field in written:
+                raise ConfigError(
+                    field, value, f"one of {written[field]!r} and {key!r}, not both",
+                    where=f"{where}.{key}",
+                )  # fmt: skip
+            written[field] = key
+            kwargs[field] = _from_file_value(field, value)
+        try:
+            return cls(**kwargs)
+        except ConfigError as e:
+            as_written = written.get(e.field)
+            if as_written is None:
+                raise
+            expected = str(e).split("expected ", 1)[-1]
+            raise ConfigError(
+                e.field, kwargs[e.field], expected, where=f"{where}.{as_written}"
+            ) from None
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike[str]) -> CheckpointConfig:
+        """A config from a YAML file: its top-level ``checkpoint:`` block if it has one
+        (the rest of a training config is ignored), else the whole file as the block."""
+        import yaml
+
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"config file {path} does not exist") from None
+        except yaml.YAMLError as e:
+            raise ConfigError("checkpoint", str(path), f"valid YAML ({e})", where=str(path)) from e
+        if data is None:
+            data = {}
+        if isinstance(data, Mapping) and "checkpoint" in data:
+            return cls.from_dict(data["checkpoint"] or {}, where=f"{path}: checkpoint")
+        return cls.from_dict(data, where=str(path))
 
     @property
     def root_path(self) -> Path:
@@ -115,6 +278,34 @@ class CheckpointConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def _check_count(field: str, value: object, *, low: int) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+        raise ConfigError(field, value, f"None or an int >= {low}")
+
+
+def _from_file_value(field: str, value: Any) -> Any:
+    """The spellings files use for a value: ``resume: true`` (SuperGradients) is latest,
+    ``resume: false`` fresh."""
+    if field == "resume" and isinstance(value, bool):
+        return "latest" if value else None
+    return value
+
+
+# Every key a ``checkpoint:`` block may hold -> the field it sets. Field names, plus the
+# spellings of the reference guides (experiment config, SuperGradients, Dream Trainer).
+KEY_ALIASES: dict[str, str] = {
+    **{f.name: f.name for f in fields(CheckpointConfig)},
+    "dir": "root_dir",
+    "save_dir": "root_dir",
+    "ckpt_root_dir": "root_dir",
+    "save_frequency": "save_every_n_epochs",
+    "save_freq": "save_every_n_epochs",
+    "save_latest": "save_last",
+    "resume_mode": "resume",
+    "resume_path": "resume",
+}
 
 
 def _check_name(field: str, value: object, *, allow_empty: bool) -> None:

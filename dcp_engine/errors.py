@@ -24,8 +24,19 @@ class StateMismatchError(CheckpointError):
 
 
 class ConfigError(ValueError):
-    """A ``CheckpointConfig`` field has a bad value; the message names the field."""
+    """A ``CheckpointConfig`` field has a bad value; the message names the field (and, for a
+    config read from a file, the file and the key as written there)."""
 
-    def __init__(self, field: str, value: object, expected: str) -> None:
-        super().__init__(f"CheckpointConfig.{field}={value!r} is invalid: expected {expected}")
+    def __init__(self, field: str, value: object, expected: str, *, where: str = "") -> None:
+        name = where or f"CheckpointConfig.{field}"
+        super().__init__(f"{name}={value!r} is invalid: expected {expected}")
         self.field = field
+
+
+class UnknownKeyError(ConfigError):
+    """A config block has a key that is neither a field nor a known alias of one."""
+
+    def __init__(self, key: str, where: str, nearest: str | None) -> None:
+        hint = f"; did you mean {nearest!r}?" if nearest else ""
+        ValueError.__init__(self, f"unknown key {key!r} in {where}{hint}")
+        self.field = key

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import commit, layout
+from . import commit, layout, retention
 from .errors import CheckpointError, CheckpointNotFoundError, NotACheckpointError
 
 log = logging.getLogger(__name__)
@@ -128,12 +128,17 @@ def read_index(exp: layout.ExperimentLayout) -> list[CheckpointInfo] | None:
 
 
 def write_index(
-    exp: layout.ExperimentLayout, entries: Iterable[CheckpointInfo], *, fsync: bool = True
+    exp: layout.ExperimentLayout,
+    entries: Iterable[CheckpointInfo],
+    *,
+    best: int | None = None,
+    fsync: bool = True,
 ) -> None:
     entries = sorted(entries, key=lambda c: c.step)
     data = {
         "format": INDEX_FORMAT,
         "latest": entries[-1].step if entries else None,
+        "best": best,
         "checkpoints": [e.to_json() for e in entries],
     }
     payload = json.dumps(data, indent=1, allow_nan=True).encode()
@@ -148,7 +153,13 @@ def _same(a: list[CheckpointInfo], b: list[CheckpointInfo]) -> bool:
     return [key(c) for c in a] == [key(c) for c in b]
 
 
-def reconcile(exp: layout.ExperimentLayout, *, fsync: bool = True) -> Scan:
+def reconcile(
+    exp: layout.ExperimentLayout,
+    *,
+    monitor: str | None = None,
+    mode: str = "min",
+    fsync: bool = True,
+) -> Scan:
     """Scan the markers and rewrite ``index.json`` if it does not say the same. Rank 0 only."""
     found = scan(exp)
     cached = read_index(exp)
@@ -158,7 +169,8 @@ def reconcile(exp: layout.ExperimentLayout, *, fsync: bool = True) -> Scan:
             reason = "missing or unreadable" if cached is None else "stale"
             n = len(found.committed)
             log.info("%s %s: rebuilt from %d markers", exp.index_path, reason, n)
-        write_index(exp, found.committed, fsync=fsync)
+        top = retention.best(found.committed, monitor, mode)
+        write_index(exp, found.committed, best=None if top is None else top.step, fsync=fsync)
     for path, why in found.torn:
         log.warning("not a committed checkpoint, ignored: %s (%s)", path, why)
     return found
@@ -201,20 +213,71 @@ def resolve(
     return path, marker
 
 
+def find_checkpoints(
+    experiment_dir: str | os.PathLike[str],
+    mode: str = "latest",
+    *,
+    monitor: str | None = None,
+    metric_mode: str | None = None,
+) -> list[CheckpointInfo]:
+    """The committed checkpoints of an experiment, read from their markers (no process
+    group, nothing written): ``mode="latest"``: newest first; ``mode="best"``: best first
+    by ``monitor`` (default: the ``checkpoint.monitor``/``mode`` of the experiment's
+    ``config.yaml``), checkpoints without a finite value last."""
+    exp = layout.ExperimentLayout(Path(experiment_dir))
+    if not exp.root.is_dir():
+        raise CheckpointNotFoundError(f"experiment directory {exp.root} does not exist")
+    committed = scan(exp).committed
+    if mode == "latest":
+        return list(reversed(committed))
+    if mode != "best":
+        raise ValueError(f"mode must be 'latest' or 'best', got {mode!r}")
+    if monitor is None:
+        monitor, saved_mode = _monitor_of(exp)
+        metric_mode = metric_mode or saved_mode
+    if monitor is None:
+        raise CheckpointError(
+            f"mode='best' needs a monitor: pass monitor=, or set checkpoint.monitor in "
+            f"{exp.config_path}"
+        )
+    return retention.rank_by_metric(committed, monitor, metric_mode or "min")
+
+
+def _monitor_of(exp: layout.ExperimentLayout) -> tuple[str | None, str | None]:
+    """``checkpoint.monitor`` and ``checkpoint.mode`` of the experiment's ``config.yaml``."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(exp.config_path.read_text())
+    except (OSError, yaml.YAMLError):
+        return None, None
+    block = data.get("checkpoint") if isinstance(data, dict) else None
+    if not isinstance(block, dict):
+        return None, None
+    monitor, mode = block.get("monitor"), block.get("mode")
+    return (
+        monitor if isinstance(monitor, str) else None,
+        mode if mode in ("min", "max") else None,
+    )
+
+
 def _by_metric(
     exp: layout.ExperimentLayout, entries: list[CheckpointInfo], monitor: str | None, mode: str
 ) -> list[CheckpointInfo]:
     """Entries with a finite ``monitor`` value, worst first (so the best is last)."""
     if monitor is None:
         raise CheckpointError("which='best' needs CheckpointConfig.monitor (a metric name)")
-    ranked = [e for e in entries if math.isfinite(e.metrics.get(monitor, math.nan))]
+    ranked = [
+        e
+        for e in retention.rank_by_metric(entries, monitor, mode)
+        if math.isfinite(retention.metric_of(e, monitor))
+    ]
     if entries and not ranked:
         raise CheckpointError(
             f"no committed checkpoint in {exp.checkpoints_dir} has a finite {monitor!r} "
             "metric; cannot pick the best"
         )
-    sign = 1.0 if mode == "max" else -1.0
-    return sorted(ranked, key=lambda e: (sign * e.metrics[monitor], e.step))
+    return list(reversed(ranked))
 
 
 def _missing_step_message(exp: layout.ExperimentLayout, step: int) -> str:

@@ -16,6 +16,7 @@ mistaken for ours (and therefore never listed, loaded or deleted).
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,6 +91,16 @@ class ExperimentLayout:
         if alias not in ALIASES:
             raise ValueError(f"unknown alias {alias!r}; known: {ALIASES}")
         return self.checkpoints_dir / alias
+
+
+def default_experiment_name(model: str, dataset: str, when: float | None = None) -> str:
+    """``{model}_{dataset}_{YYYYmmdd_HHMMSS}`` (local time)."""
+    return f"{model}_{dataset}_{time.strftime('%Y%m%d_%H%M%S', time.localtime(when))}"
+
+
+def is_default_experiment_name(name: str, model: str, dataset: str) -> bool:
+    """Whether ``name`` is a run of ``{model}_{dataset}`` named by default."""
+    return re.fullmatch(re.escape(f"{model}_{dataset}_") + r"\d{8}_\d{6}", name) is not None
 
 
 def marker_path(checkpoint_dir: Path) -> Path:

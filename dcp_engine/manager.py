@@ -14,10 +14,10 @@ import shutil
 import threading
 import time
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -25,15 +25,18 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
 
-from . import commit, index, layout, state
+from . import commit, index, layout, retention, state
+from .collector import Collector
 from .comm import Comm, unwire_error, wire_error
 from .config import CheckpointConfig
-from .errors import CheckpointError
+from .errors import CheckpointError, CheckpointNotFoundError
 from .index import CheckpointInfo
 from .staging import StagedState, StagingPool, mutated_by_optimizers_only
 from .writers import InlineWriter, ProcessWriter, ShardWriter, ThreadWriter, Worker
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -64,10 +67,18 @@ class CheckpointManager:
     ``process_group``: the ranks that checkpoint together (default: the default group if
     ``torch.distributed`` is initialised, else this process alone). The manager creates a
     gloo side group over those ranks, so it must be constructed by all of them.
+
+    The experiment directory follows ``config.resume`` (see ``CheckpointConfig.resume``);
+    ``run_config`` (the training config) is written once, by rank 0, as its
+    ``config.yaml`` (default: this ``CheckpointConfig``).
     """
 
     def __init__(
-        self, config: CheckpointConfig, process_group: dist.ProcessGroup | None = None
+        self,
+        config: CheckpointConfig,
+        process_group: dist.ProcessGroup | None = None,
+        *,
+        run_config: Mapping[str, Any] | None = None,
     ) -> None:
         if not isinstance(config, CheckpointConfig):
             raise TypeError(f"config must be a CheckpointConfig, got {type(config).__name__}")
@@ -75,15 +86,30 @@ class CheckpointManager:
         self._comm = Comm.create(process_group, config.timeout_s)
         self._closed = False
         self._stats: list[SaveStats] = []
-        name = self._comm.decide(
-            lambda: config.experiment_name or _default_name(config), "choosing the experiment"
+        name, source = self._comm.decide(
+            lambda: _choose_experiment(config), "choosing the experiment"
         )
         self.experiment_dir = config.root_path / name
+        self._branch_source = None if source is None else Path(source)
         self._layout = layout.ExperimentLayout(self.experiment_dir)
         self._entries: list[CheckpointInfo] = self._comm.decide(
-            self._open_experiment, f"opening {self.experiment_dir}"
+            lambda: self._open_experiment(run_config), f"opening {self.experiment_dir}"
         )
-        self._lock = threading.Lock()  # entries and stats, shared with the background
+        self._lock = threading.Lock()  # entries, stats and protected steps, shared
+        self._index_lock = threading.Lock()  # index.json writes (commit and collector)
+        self._protected: set[int] = set()  # steps this run loaded: never collected
+        # Metrics that arrive for a save still in flight go into its marker at the commit;
+        # the lock spans the commit's marker-to-entry window and every amendment.
+        self._metrics_lock = threading.Lock()
+        self._inflight: int | None = None  # step of the async save in flight
+        self._late: dict[int, dict[str, float]] = {}
+        self._best_alias: str | None = None  # where rank 0 last pointed ``best``
+        self._collector: Collector | None = None
+        if self.rank == 0 and not config.retention.keeps_all:
+            self._collector = Collector(
+                self._layout, config.retention, entries=self.checkpoints,
+                protected=self._protected_steps, forget=self._forget, fsync=config.fsync,
+            )  # fmt: skip
         self._worker: Worker | None = None
         self._pool: StagingPool | None = None
         self._staged = threading.Event()  # set while no staging copy is pending
@@ -105,9 +131,13 @@ class CheckpointManager:
         return self._comm.world_size
 
     def checkpoints(self) -> list[CheckpointInfo]:
-        """Committed checkpoints, oldest (lowest step) first."""
+        """Committed checkpoints, oldest (lowest step) first. Rank 0 holds the truth (its
+        collector deletes); the other ranks leave out what is no longer on disk."""
         with self._lock:
-            return list(self._entries)
+            entries = list(self._entries)
+        if self.rank != 0:
+            entries = [e for e in entries if e.path.is_dir()]
+        return entries
 
     def stats(self) -> list[SaveStats]:
         """One entry per save of this manager (committed or skipped), in order."""
@@ -121,6 +151,7 @@ class CheckpointManager:
         *,
         epoch: int | None = None,
         metrics: Mapping[str, Any] | None = None,
+        force: bool = False,
     ) -> CheckpointInfo | None:
         """Write ``app_state`` as checkpoint ``step`` on every rank and commit it.
 
@@ -128,21 +159,41 @@ class CheckpointManager:
         returns the committed checkpoint; otherwise it returns None as soon as the state is
         staged, and the write and commit go on in the background (``wait()`` for them). An
         error of the previous background save is raised here, on every rank.
+        ``force=True``: never skipped (``when_busy="skip"`` waits instead).
         """
         self._check_open()
         if self._worker is None:
             return self._save(step, app_state, epoch, metrics)
-        self._save_async(step, app_state, epoch, metrics)
+        self._save_async(step, app_state, epoch, metrics, force)
         return None
 
+    def resume(
+        self, app_state: dict[str, Any], *, optional: Collection[str] = ()
+    ) -> CheckpointInfo | None:
+        """Start the run as ``config.resume`` says: None on a fresh run (the staging is
+        prepared), else the checkpoint loaded (``"latest"``, ``"best"``, or the branch's
+        source). ``"latest"``/``"best"`` in an experiment without checkpoints start fresh.
+        Collective."""
+        which = self.config.resume
+        if which is None:
+            self.prepare(app_state)
+            return None
+        return self.load(app_state, self._branch_source or which, optional=optional)
+
     def load(
-        self, app_state: dict[str, Any], which: index.Which = "latest"
+        self,
+        app_state: dict[str, Any],
+        which: index.Which = "latest",
+        *,
+        optional: Collection[str] = (),
     ) -> CheckpointInfo | None:
         """Restore ``app_state`` from a checkpoint; None if there is none (a fresh run).
 
         ``which``: ``"latest"``, ``"best"`` (by ``config.monitor``), a step (int) or the path
         of a checkpoint directory. Objects are restored in place, tensors by copy and plain
         values replaced in ``app_state``; on any error nothing of ``app_state`` has changed.
+        Keys in ``optional`` that the checkpoint lacks keep their value (entries added to
+        the state since it was saved); any other missing key is an error.
         Collective: every rank calls it.
         """
         self._check_open()
@@ -166,7 +217,7 @@ class CheckpointManager:
         start = time.perf_counter()
         plan, error = None, None
         try:
-            plan = self._plan_load(app_state, path, marker)
+            plan = self._plan_load(app_state, path, marker, optional)
         except Exception as e:
             error = e
         try:
@@ -193,6 +244,9 @@ class CheckpointManager:
             plan.rollback()
             raise
         self.prepare(app_state)
+        if path.resolve().parent == self._layout.checkpoints_dir.resolve():
+            with self._lock:
+                self._protected.add(info.step)  # the run resumed from it: retention keeps it
         if self.rank == 0:
             log.info(
                 "[rank=0][step=%d] loaded %s (%s) in %.2f s",
@@ -228,6 +282,40 @@ class CheckpointManager:
             return
         self._pool.prepare(built.state_dict)
 
+    def update_metrics(self, step: int, metrics: Mapping[str, Any]) -> None:
+        """Attach ``metrics`` to the checkpoint of ``step`` after its ``save`` (e.g. a
+        validation that ends after the step was saved). A save still in flight gets them
+        in its marker at the commit; a committed one has its marker rewritten atomically
+        (the metrics are not part of what the files' integrity covers), and ``best`` and
+        retention follow. Rank 0's values count; no collective."""
+        self._check_open()
+        clean = commit.clean_metrics(metrics)
+        if self.rank != 0 or not clean:
+            return
+        with self._metrics_lock:
+            if step == self._inflight and self._worker is not None and self._worker.busy:
+                self._late.setdefault(step, {}).update(clean)
+                return
+            if not any(e.step == step for e in self.checkpoints()):
+                log.warning("[step=%d] no committed checkpoint of this step in %s: metrics %s "
+                            "not recorded", step, self._layout.checkpoints_dir, clean)  # fmt: skip
+                return
+            path = self._layout.step_dir(step)
+            marker = commit.read_marker(path)
+            marker["metrics"] = {**marker["metrics"], **clean}
+            commit.write_marker(path, marker, fsync=self.config.fsync)
+            info = CheckpointInfo.from_marker(path, marker)
+            with self._lock:
+                self._entries = [info if e.step == step else e for e in self._entries]
+        self._after_commit(info, f"[step={step}] metrics updated, but")
+
+    def decide(self, fn: Callable[[], T], what: str = "a decision") -> T:
+        """Run ``fn`` on rank 0 only and return its result (or raise its error) on every
+        rank, over the manager's side group. Collective. For choices that must be alike on
+        every rank but depend on a clock or on per-rank values (when to save)."""
+        self._check_open()
+        return self._comm.decide(fn, what)
+
     def wait(self) -> None:
         """Block until the save in flight is committed; raise its error if it failed."""
         self._check_open()
@@ -248,6 +336,8 @@ class CheckpointManager:
             self._first_step_hooks.clear()
             if self._worker is not None:
                 self._worker.stop()
+            if self._collector is not None:
+                self._collector.stop(self.config.timeout_s)
             self._writer.close()
             if self._pool is not None:
                 self._pool.release()
@@ -298,9 +388,11 @@ class CheckpointManager:
                 f"latest is still {self._latest_name()}"
             ) from e
         commit_start = time.perf_counter()
-        info = self._comm.decide(lambda: self._commit(step, epoch, metrics, saved.entries), what)
+        info, kept = self._comm.decide(
+            lambda: self._commit(step, epoch, metrics, saved.entries), what
+        )
         now = time.perf_counter()
-        self._record(info, SaveStats(
+        self._record(info, kept, SaveStats(
             step=step, bytes=info.bytes, blocked_s=now - start, write_s=written.seconds,
             commit_s=now - commit_start, total_s=now - start,
         ))  # fmt: skip
@@ -309,7 +401,12 @@ class CheckpointManager:
     # ------------------------------------------------------------------ async save
 
     def _save_async(
-        self, step: int, app_state: Mapping[str, Any], epoch: int | None, metrics: Any
+        self,
+        step: int,
+        app_state: Mapping[str, Any],
+        epoch: int | None,
+        metrics: Any,
+        force: bool = False,
     ) -> None:
         """Foreground: agree, stage, hand over. Only the control group is used here; the
         background uses the I/O group, and never while this runs (one save in flight)."""
@@ -317,7 +414,7 @@ class CheckpointManager:
         start = time.perf_counter()
         what = f"save of step {step}"
         cfg = self.config
-        if cfg.when_busy == "wait":
+        if cfg.when_busy == "wait" or force:
             self._wait_worker(what)
         busy = self._worker.busy
         previous = None if busy else self._worker.take_error()
@@ -363,6 +460,8 @@ class CheckpointManager:
             self._staged.clear()
         self._hook_wait_s = 0.0
         blocked = time.perf_counter() - start
+        with self._metrics_lock:
+            self._inflight = step
         self._worker.submit(
             lambda: self._write_and_commit(
                 step, epoch, metrics, saved.entries, staged, start, blocked
@@ -394,15 +493,18 @@ class CheckpointManager:
                 f"latest is still {self._latest_name()}"
             ) from e
         commit_start = time.perf_counter()
-        info = self._io.decide(lambda: self._commit(step, epoch, metrics, entries), what)
+        info, kept = self._io.decide(lambda: self._commit(step, epoch, metrics, entries), what)
         now = time.perf_counter()
-        self._record(info, SaveStats(
+        self._record(info, kept, SaveStats(
             step=step, bytes=info.bytes, blocked_s=blocked + self._hook_wait_s,
             write_s=written.seconds, commit_s=now - commit_start, total_s=now - start,
         ))  # fmt: skip
 
-    def _record(self, info: CheckpointInfo, stats: SaveStats) -> None:
+    def _record(self, info: CheckpointInfo, kept: list[int], stats: SaveStats) -> None:
+        """Every rank: the new entry, and rank 0's entries as they were at the commit."""
         with self._lock:
+            alive = set(kept)
+            self._entries = [e for e in self._entries if e.step in alive and e.step != info.step]
             self._entries = sorted([*self._entries, info], key=lambda c: c.step)
             self._stats.append(stats)
         if self.rank == 0:
@@ -455,12 +557,14 @@ class CheckpointManager:
             )
 
     def _flush(self) -> None:
-        if self._worker is None:
-            return
-        self._wait_worker("flush")
-        error = self._worker.take_error()
-        if error is not None:
-            raise CheckpointError(f"the background save failed: {error}") from error
+        if self._worker is not None:
+            self._wait_worker("flush")
+            error = self._worker.take_error()
+            if error is not None:
+                raise CheckpointError(f"the background save failed: {error}") from error
+        if self._collector is not None and not self._collector.flush(self.config.timeout_s):
+            log.warning("retention in %s is still deleting after %.0f s",
+                        self._layout.checkpoints_dir, self.config.timeout_s)  # fmt: skip
 
     def _start_writer(self, process_group: dist.ProcessGroup | None) -> ShardWriter:
         cfg = self.config
@@ -502,44 +606,83 @@ class CheckpointManager:
 
     def _commit(
         self, step: int, epoch: int | None, metrics: dict[str, float], entries: dict[str, Any]
-    ) -> CheckpointInfo:
-        """Rank 0, after every rank's shards are durable: marker, rename, index, ``latest``."""
+    ) -> tuple[CheckpointInfo, list[int]]:
+        """Rank 0, after every rank's shards are durable: marker, rename, index, aliases,
+        then retention (in the background). Returns the entry and the steps committed."""
         fsync = self.config.fsync
         tmp, final = self._layout.tmp_dir(step), self._layout.step_dir(step)
         if not layout.dcp_metadata_path(tmp).is_file():
             missing = layout.DCP_METADATA_FILE
             raise CheckpointError(f"save of step {step}: DCP wrote no {missing} in {tmp}")
-        marker = commit.build_marker(
-            step=step,
-            epoch=epoch,
-            metrics=metrics,
-            world_size=self.world_size,
-            entries=entries,
-            files=commit.file_sizes(tmp),
-        )
-        commit.write_marker(tmp, marker, fsync=fsync)
-        commit.publish(tmp, final, fsync=fsync)
-        # Committed from here on: the index and the alias are conveniences rebuilt at start.
-        info = CheckpointInfo.from_marker(final, marker)
-        entries_after = sorted([*self.checkpoints(), info], key=lambda c: c.step)
-        try:
-            index.write_index(self._layout, entries_after, fsync=fsync)
-        except OSError as e:
-            log.warning(
-                "[step=%d] committed, but %s could not be updated (%s); it will be "
-                "rebuilt from the markers",
-                step,
-                self._layout.index_path,
-                e,
+        with self._metrics_lock:
+            metrics = {**metrics, **self._late.pop(step, {})}
+            marker = commit.build_marker(
+                step=step,
+                epoch=epoch,
+                metrics=metrics,
+                world_size=self.world_size,
+                entries=entries,
+                files=commit.file_sizes(tmp),
             )
-        if entries_after[-1].step == step:
-            commit.move_alias(self._layout.checkpoints_dir, "latest", final.name, fsync=fsync)
-        return info
+            commit.write_marker(tmp, marker, fsync=fsync)
+            commit.publish(tmp, final, fsync=fsync)
+            # Committed from here on: the index and the aliases are conveniences rebuilt
+            # at start.
+            info = CheckpointInfo.from_marker(final, marker)
+            with self._lock:
+                self._entries = sorted([*self._entries, info], key=lambda c: c.step)
+            self._inflight = None
+        entries_after = self._after_commit(info, f"[step={step}] committed, but")
+        return info, [e.step for e in entries_after]
+
+    def _after_commit(self, info: CheckpointInfo, context: str) -> list[CheckpointInfo]:
+        """Rank 0, once ``info`` is committed (or its metrics changed): the index and the
+        aliases, then retention in the background."""
+        entries = self._publish(context, newest=info)
+        if self._collector is not None:
+            self._collector.poke()
+        return entries
+
+    def _publish(self, context: str, newest: CheckpointInfo | None = None) -> list[CheckpointInfo]:
+        """Rank 0: ``index.json`` from the entries now, ``latest`` on ``newest`` if it is
+        the newest, ``best`` on the best. Serialised: the commit (background) and
+        ``update_metrics``/retention may publish at once. Returns the entries."""
+        cfg, checkpoints_dir = self.config, self._layout.checkpoints_dir
+        with self._index_lock:
+            entries = self.checkpoints()
+            top = retention.best(entries, cfg.monitor, cfg.mode)
+            best = None if top is None else top.step
+            try:
+                index.write_index(self._layout, entries, best=best, fsync=cfg.fsync)
+            except OSError as e:
+                log.warning("%s %s could not be updated (%s); it will be rebuilt from the "
+                            "markers", context, self._layout.index_path, e)  # fmt: skip
+            if cfg.save_last and newest is not None and entries[-1].step == newest.step:
+                commit.move_alias(checkpoints_dir, "latest", newest.path.name, fsync=cfg.fsync)
+            if cfg.save_best and top is not None and top.path.name != self._best_alias:
+                moved = commit.move_alias(checkpoints_dir, "best", top.path.name, fsync=cfg.fsync)
+                self._best_alias = top.path.name if moved else self._best_alias
+        return entries
+
+    def _forget(self, steps: list[int]) -> None:
+        """Rank 0 (collector): drop ``steps`` from the entries and the index, before their
+        directories are deleted."""
+        with self._lock:
+            self._entries = [e for e in self._entries if e.step not in steps]
+        self._publish("retention:")
+
+    def _protected_steps(self) -> set[int]:
+        with self._lock:
+            return set(self._protected)
 
     # ------------------------------------------------------------------ load
 
     def _plan_load(
-        self, app_state: dict[str, Any], path: Path, marker: dict[str, Any]
+        self,
+        app_state: dict[str, Any],
+        path: Path,
+        marker: dict[str, Any],
+        optional: Collection[str],
     ) -> state.LoadPlan:
         metadata = FileSystemReader(path).read_metadata()
         return state.build_load_plan(
@@ -549,14 +692,29 @@ class CheckpointManager:
             rank=self.rank,
             restore_rng=self.config.capture_rng,
             where=str(path),
+            optional=optional,
         )
 
     # ------------------------------------------------------------------ plumbing
 
-    def _open_experiment(self) -> list[CheckpointInfo]:
-        """Rank 0 at start: create the directories, reconcile the index with the markers."""
+    def _open_experiment(self, run_config: Mapping[str, Any] | None) -> list[CheckpointInfo]:
+        """Rank 0 at start: create the directories, write ``config.yaml`` once, reconcile
+        the index with the markers."""
+        cfg = self.config
         self._layout.checkpoints_dir.mkdir(parents=True, exist_ok=True)
-        return index.reconcile(self._layout, fsync=self.config.fsync).committed
+        path = self._layout.config_path
+        if not path.exists():
+            import yaml
+
+            data = dict(run_config) if run_config is not None else {"checkpoint": cfg.to_dict()}
+            try:
+                text = yaml.safe_dump(data, sort_keys=False, default_flow_style=False)
+            except yaml.YAMLError as e:
+                raise CheckpointError(f"run_config cannot be written to {path}: {e}") from e
+            commit.atomic_write_bytes(path, text.encode(), fsync=cfg.fsync)
+        return index.reconcile(
+            self._layout, monitor=cfg.monitor, mode=cfg.mode, fsync=cfg.fsync
+        ).committed
 
     def _latest_name(self) -> str:
         return self._entries[-1].path.name if self._entries else "(none)"
@@ -590,7 +748,56 @@ def _check_step(step: object) -> None:
 
 
 def _default_name(config: CheckpointConfig) -> str:
-    return f"{config.model_name}_{config.dataset_name}_{time.strftime('%Y%m%d_%H%M%S')}"
+    return layout.default_experiment_name(config.model_name, config.dataset_name)
+
+
+def _choose_experiment(config: CheckpointConfig) -> tuple[str, str | None]:
+    """Rank 0: the experiment directory's name, and the checkpoint a branch starts from.
+
+    - fresh (``resume=None``): ``experiment_name`` or a new default name;
+    - ``"latest"``/``"best"``: continue in place: ``experiment_name``, else the newest
+      default-named run of this model and dataset that has a committed checkpoint;
+    - a path: branch into a new directory (never the source's own experiment).
+    """
+    resume, name = config.resume, config.experiment_name
+    if resume is None:
+        return name or _default_name(config), None
+    if resume in ("latest", "best"):
+        return name or _newest_run(config) or _default_name(config), None
+    source = _branch_source(Path(resume))
+    source_exp = layout.experiment_of(source).resolve()
+    if not name:
+        name = _default_name(config)
+    if (config.root_path / name).resolve() == source_exp:
+        name = f"{name}_branch_{time.strftime('%Y%m%d_%H%M%S')}"
+    log.info("resume=%s: branching from %s into %s", resume, source, config.root_path / name)
+    return name, str(source)
+
+
+def _newest_run(config: CheckpointConfig) -> str | None:
+    try:
+        names = sorted((p.name for p in config.root_path.iterdir() if p.is_dir()), reverse=True)
+    except FileNotFoundError:
+        return None
+    for name in names:
+        ours = layout.is_default_experiment_name(name, config.model_name, config.dataset_name)
+        if ours and index.scan(layout.ExperimentLayout(config.root_path / name)).committed:
+            return name
+    return None
+
+
+def _branch_source(path: Path) -> Path:
+    """The committed checkpoint a branch starts from: ``path`` itself, or the latest of the
+    experiment directory ``path`` names."""
+    if not path.exists():
+        raise CheckpointNotFoundError(f"resume={str(path)!r}: no such checkpoint or experiment")
+    path = path.resolve()
+    if (path / layout.CHECKPOINTS_DIR).is_dir():  # an experiment: its latest checkpoint
+        found = index.resolve(layout.ExperimentLayout(path), "latest", monitor=None, mode="min")
+        if found is None:
+            raise CheckpointNotFoundError(f"resume={str(path)!r}: no committed checkpoint in it")
+        return found[0].resolve()
+    return index.inspect_checkpoint_dir(path).path
 
 
 def _describe(entries: Mapping[str, Any]) -> str:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import pickle
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -274,8 +274,10 @@ def build_load_plan(
     rank: int,
     restore_rng: bool,
     where: str,
+    optional: Collection[str] = (),
 ) -> LoadPlan:
-    """Fresh targets for every key of ``app_state``, checked against the checkpoint.
+    """Fresh targets for every key of ``app_state``, checked against the checkpoint (a key
+    in ``optional`` that the checkpoint lacks is left as it is).
 
     Raises ``StateMismatchError`` naming ``where`` and the first mismatching keys before
     anything is read; the caller's objects are untouched (an optimizer whose state had to
@@ -284,7 +286,9 @@ def build_load_plan(
     check_keys(app_state)
     rollbacks: list[Callable[[], None]] = []
     try:
-        return _build_load_plan(app_state, entries, metadata, rank, restore_rng, where, rollbacks)
+        return _build_load_plan(
+            app_state, entries, metadata, rank, restore_rng, where, rollbacks, optional
+        )
     except BaseException:
         for fn in rollbacks:
             fn()
@@ -299,12 +303,15 @@ def _build_load_plan(
     restore_rng: bool,
     where: str,
     rollbacks: list[Callable[[], None]],
+    optional: Collection[str],
 ) -> LoadPlan:
     nested: dict[str, Any] = {}
     restores: list[_Restore] = []
     lenient: set[str] = set()  # key prefixes whose absence from the checkpoint is tolerated
     for key, value in app_state.items():
         saved = entries.get(key)
+        if saved is None and key in optional:
+            continue  # the caller's value stays
         if saved is None:
             raise StateMismatchError(
                 f"checkpoint {where} has no entry {key!r} (it has: {sorted(entries)})"

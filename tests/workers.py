@@ -271,3 +271,61 @@ def clean_close(rank: int, world_size: int, root: str, fail: bool) -> dict[str, 
         "new_shm": sorted(shm_after - shm_before),
         "mapped": (mapped_before, mapped_after),
     }
+
+
+def retention_under_saves(rank: int, world_size: int, root: str, saves: int) -> dict[str, Any]:
+    """Async saves with keep_last_n=1 and a slowed writer (DCP_ENGINE_SLOW_WRITE_S): ``w``
+    holds the step, so a reader can tell that what it loads is what was saved."""
+    app = {"w": torch.zeros(64), "step": 0}
+    cfg = de.CheckpointConfig(
+        root_dir=root, experiment_name="keep1", async_mode="thread", keep_last_n=1
+    )
+    with de.CheckpointManager(cfg) as mgr:
+        mgr.load(app)
+        for step in range(1, saves + 1):
+            app["w"].fill_(float(step))
+            app["step"] = step
+            mgr.save(step, app)
+            app["w"].fill_(-1.0)  # training goes on mutating the state
+        mgr.wait()
+        return {"steps": [c.step for c in mgr.checkpoints()]}
+
+
+def callback_run(
+    rank: int, world_size: int, root: str, wrapper: str, total: int, stop_at: int
+) -> dict[str, Any]:
+    """A callback-driven loop on FSDP2/DDP with writer processes: ``stop_at`` steps, a
+    clean stop (no train-end save), then a second callback resumes (``resume="latest"``)
+    up to ``total``. Rank 1's clock runs 10x fast: the seconds trigger is rank 0's, so
+    both ranks save the same steps. Returns the final state and what each run saved."""
+    import dataclasses
+
+    base = de.CheckpointConfig(
+        root_dir=root, experiment_name=f"cb_{wrapper}", async_mode="process",
+        save_every_n_steps=3, save_every_n_seconds=1000.0, keep_last_n=2,
+        save_on_train_end=False, fsync=False,
+    )  # fmt: skip
+    now = [0.0]
+
+    def clock() -> float:
+        return now[0] * (10 if rank == 1 else 1)
+
+    saved: list[list[int]] = []
+    starts = []
+    for cfg, until in ((base, stop_at), (dataclasses.replace(base, resume="latest"), total)):
+        app = toy.make_app(wrapper, seed=0)
+        cb = de.CheckpointCallback(cfg, clock=clock)
+        start = cb.on_train_start(app)
+        starts.append((start.step, start.epoch))
+        mine = []
+        for step in range(start.step + 1, until + 1):
+            toy.train(app, 1, rank, start=step - 1)
+            now[0] += 500.0  # rank 1 sees 5000 s per step: it alone would save every step
+            if cb.on_step_end(step, app):
+                mine.append(step)
+        assert cb.manager is not None
+        cb.manager.wait()
+        kept = [c.step for c in cb.manager.checkpoints()]
+        cb.close()
+        saved.append(mine)
+    return {"starts": starts, "saved": saved, "kept": kept, "state": toy.full_state(app)}

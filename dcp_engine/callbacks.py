@@ -1,0 +1,326 @@
+"""Driving the manager from a custom training loop: when to save, resume, flush.
+
+    cb = CheckpointCallback(CheckpointConfig.from_yaml("config.yaml"))
+    start = cb.on_train_start(app_state)           # resumes as config.resume says
+    step = start.step                              # steps done
+    for epoch in range(start.epoch, epochs):
+        for batch in ...:
+            ...
+            step += 1
+            cb.on_step_end(step, app_state, metrics={"loss": loss})
+        cb.on_validation_end({"val_loss": v})
+        cb.on_epoch_end(epoch, app_state)
+    cb.on_train_end(app_state)
+
+Every rank calls every hook with the same arguments. The decision to save is alike on
+every rank: rules on step and epoch numbers are decided locally (no communication); a rule
+on the clock or on a metric, and an overridden ``should_save``, is decided by rank 0 and
+broadcast on the manager's side group.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch.distributed as dist
+
+from . import commit, retention
+from .config import CheckpointConfig
+from .index import CheckpointInfo
+from .manager import CheckpointManager
+
+log = logging.getLogger(__name__)
+
+STEP, EPOCH, TRAIN_END = "step", "epoch", "train_end"
+
+
+@dataclass(frozen=True)
+class TrainStart:
+    """Where the loop starts: ``step`` steps are done (the global step; the next one to
+    run is ``step + 1`` when counting from 1), and ``epoch`` is the epoch to run."""
+
+    step: int
+    epoch: int
+    resumed_from: CheckpointInfo | None = None
+
+
+class CheckpointCallback:
+    """Saves on the schedule of ``config`` (``save_every_n_steps``/``_epochs``/``_seconds``,
+    ``save_best_only``, ``save_on_train_end``) and resumes as ``config.resume`` says.
+
+    The loop position (last step, epoch, whether the epoch had ended) is saved with the
+    state under ``loop_key`` (Dream Trainer's ``trainer`` entry), so ``on_train_start``
+    can say where to go on. Subclasses may override ``should_save``; rank 0's answer
+    is then used on every rank.
+    """
+
+    def __init__(
+        self,
+        config: CheckpointConfig,
+        *,
+        process_group: dist.ProcessGroup | None = None,
+        run_config: Mapping[str, Any] | None = None,
+        loop_key: str = "trainer",
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not isinstance(config, CheckpointConfig):
+            raise TypeError(f"config must be a CheckpointConfig, got {type(config).__name__}")
+        self.config = config
+        self.manager: CheckpointManager | None = None
+        self._group, self._run_config, self._loop_key = process_group, run_config, loop_key
+        self._clock = clock
+        self._step = 0  # steps done
+        self._epoch = 0  # the epoch running now
+        self._metrics: dict[str, float] = {}  # from on_validation_end, not saved yet
+        self._validated = False  # on_validation_end since the last save
+        self._best: float | None = None  # best ``monitor`` value saved so far
+        self._saved_step: int | None = None
+        self._last_save = clock()
+
+    # ------------------------------------------------------------------ hooks
+
+    def on_train_start(self, app_state: dict[str, Any]) -> TrainStart:
+        """Open the experiment and resume (``config.resume``); where the loop starts."""
+        if not self.config.enabled:
+            return TrainStart(0, 0)
+        if self._loop_key in app_state:
+            raise ValueError(
+                f"app_state already has a {self._loop_key!r} entry; the callback keeps the "
+                "loop position there (pass loop_key= to use another name)"
+            )
+        self.manager = CheckpointManager(self.config, self._group, run_config=self._run_config)
+        full = {**app_state, self._loop_key: _position(-1, 0, False)}
+        info = self.manager.resume(full, optional=(self._loop_key,))
+        for key in app_state:  # plain values are replaced by the load
+            app_state[key] = full[key]
+        self._last_save = self._clock()
+        if info is None:
+            return TrainStart(0, 0)
+        loop = full[self._loop_key]
+        step, epoch, ended = (loop["step"], loop["epoch"], loop["epoch_done"])
+        if step < 0:  # saved outside the callback: the marker says where
+            step, epoch, ended = info.step, info.epoch or 0, False
+        self._step, self._epoch = step, epoch + int(ended)
+        self._saved_step = info.step
+        top = retention.best(self.manager.checkpoints(), self.config.monitor, self.config.mode)
+        if self.config.monitor is not None:
+            value = retention.metric_of(top or info, self.config.monitor)
+            self._best = value if math.isfinite(value) else None
+        log.info("resumed from %s: %d steps done, epoch %d next", info.path, step, self._epoch)
+        return TrainStart(step, self._epoch, info)
+
+    def on_step_end(
+        self, step: int, app_state: Mapping[str, Any], metrics: Mapping[str, Any] | None = None
+    ) -> bool:
+        """After the ``step``-th step (the global step, counted from 1); saves if due.
+        Returns whether it saved."""
+        self._step = step
+        return self._maybe_save(STEP, step, self._epoch, app_state, metrics, ended=False)
+
+    def on_epoch_end(
+        self,
+        epoch: int,
+        app_state: Mapping[str, Any],
+        metrics: Mapping[str, Any] | None = None,
+        *,
+        step: int | None = None,
+    ) -> bool:
+        """After epoch ``epoch`` (0-based); saves if due, under ``step`` (default: the last
+        step seen, or the number of epochs done if no step was). Returns whether it saved.
+        A step is saved once: if a step trigger saved this epoch's last step, the epoch
+        end does not save again; its metrics (the validation's) are added to that
+        checkpoint (``CheckpointManager.update_metrics``)."""
+        if step is None:
+            step = self._step if self._step > 0 else epoch + 1
+        self._step = step
+        saved = self._maybe_save(EPOCH, step, epoch, app_state, metrics, ended=True)
+        self._epoch = epoch + 1
+        return saved
+
+    def on_validation_end(self, metrics: Mapping[str, Any]) -> None:
+        """Metrics for the next save (and for ``save_best_only``)."""
+        self._metrics.update(commit.clean_metrics(metrics))
+        self._validated = True
+
+    def on_train_end(self, app_state: Mapping[str, Any], *, step: int | None = None) -> None:
+        """Save the final state (``save_on_train_end``, unless that step is saved), then
+        flush and close the manager."""
+        if self.manager is None:
+            return
+        try:
+            step = self._step if step is None else step
+            if (
+                step > 0
+                and step != self._saved_step
+                and self.should_save_now(TRAIN_END, step, self._epoch, {})
+            ):
+                self._save(step, self._epoch, app_state, {}, ended=False, force=True)
+            self.manager.wait()
+        finally:
+            self.close()
+
+    def on_exception(self, app_state: Mapping[str, Any], exc: BaseException) -> None:
+        """Flush what is in flight (its own error is logged, not raised over ``exc``) and
+        close. A new save of a possibly broken state is made only with
+        ``config.save_on_exception`` (all ranks must have failed alike: it is collective)."""
+        if self.manager is None:
+            return
+        try:
+            self.manager.wait()
+            unsaved = self._step > 0 and self._step != self._saved_step
+            if self.config.save_on_exception and unsaved:
+                self._save(self._step, self._epoch, app_state, {}, ended=False, force=True)
+                self.manager.wait()
+        except Exception as e:
+            log.error("while handling %s: the checkpoint flush failed: %s", type(exc).__name__, e)
+        finally:
+            try:
+                self.close()
+            except Exception as e:
+                log.error("while handling %s: closing the checkpoint manager failed: %s",
+                          type(exc).__name__, e)  # fmt: skip
+
+    def close(self) -> None:
+        if self.manager is not None:
+            manager, self.manager = self.manager, None
+            manager.close()
+
+    # ------------------------------------------------------------------ policy
+
+    def should_save(
+        self, *, event: str, step: int, epoch: int, metrics: Mapping[str, float]
+    ) -> bool:
+        """Whether to save now. ``event``: ``"step"``, ``"epoch"`` or ``"train_end"``.
+        Override for custom rules; the override runs on rank 0 and rank 0's answer is
+        used on every rank."""
+        if event == TRAIN_END:
+            return self.config.save_on_train_end
+        return self._due(event, step, epoch) and (
+            not self.config.save_best_only or self._is_new_best(metrics)
+        )
+
+    def should_save_now(
+        self, event: str, step: int, epoch: int, metrics: Mapping[str, float]
+    ) -> bool:
+        """``should_save``, agreed by every rank (asks rank 0 only where the answer may
+        differ between ranks: a clock, a metric, an override)."""
+        assert self.manager is not None
+        cfg = self.config
+        ask = lambda: self.should_save(event=event, step=step, epoch=epoch, metrics=metrics)  # noqa: E731
+        what = f"should_save at step {step}"
+        if type(self).should_save is not CheckpointCallback.should_save:
+            return self.manager.decide(ask, what)
+        if event == TRAIN_END:
+            return cfg.save_on_train_end
+        if event == STEP and cfg.save_every_n_seconds:
+            return self.manager.decide(ask, what)
+        if not self._due(event, step, epoch):
+            return False
+        if cfg.save_best_only:
+            return self.manager.decide(lambda: self._is_new_best(metrics), what)
+        return True
+
+    def _due(self, event: str, step: int, epoch: int) -> bool:
+        cfg = self.config
+        periodic = bool(
+            cfg.save_every_n_steps or cfg.save_every_n_epochs or cfg.save_every_n_seconds
+        )
+        if event == STEP:
+            if cfg.save_every_n_steps and step > 0 and step % cfg.save_every_n_steps == 0:
+                return True
+            seconds = cfg.save_every_n_seconds
+            if seconds and self._clock() - self._last_save >= seconds:
+                return True
+            # save_best_only alone: right after a validation.
+            return cfg.save_best_only and not periodic and self._validated
+        if event == EPOCH:
+            if cfg.save_every_n_epochs and (epoch + 1) % cfg.save_every_n_epochs == 0:
+                return True
+            return cfg.save_best_only and not periodic
+        return False
+
+    def _is_new_best(self, metrics: Mapping[str, float]) -> bool:
+        monitor = self.config.monitor
+        assert monitor is not None  # save_best_only needs one (checked by the config)
+        value = metrics.get(monitor, math.nan)
+        if not math.isfinite(value):
+            return False
+        if self._best is None:
+            return True
+        return value > self._best if self.config.mode == "max" else value < self._best
+
+    # ------------------------------------------------------------------ saving
+
+    def _maybe_save(
+        self,
+        event: str,
+        step: int,
+        epoch: int,
+        app_state: Mapping[str, Any],
+        metrics: Mapping[str, Any] | None,
+        *,
+        ended: bool,
+    ) -> bool:
+        if self.manager is None:
+            return False
+        merged = {**self._metrics, **commit.clean_metrics(metrics)}
+        if step == self._saved_step:
+            # Saved already at this step (a step trigger on the epoch's last step): the
+            # metrics that came since (the validation) go to that checkpoint.
+            if ended and merged:
+                self.manager.update_metrics(step, merged)
+                self._record_best(merged)
+                self._metrics, self._validated = {}, False
+            return False
+        if not self.should_save_now(event, step, epoch, merged):
+            return False
+        return self._save(step, epoch, app_state, merged, ended=ended)
+
+    def _save(
+        self,
+        step: int,
+        epoch: int,
+        app_state: Mapping[str, Any],
+        metrics: Mapping[str, float],
+        *,
+        ended: bool,
+        force: bool = False,
+    ) -> bool:
+        assert self.manager is not None
+        full = {**app_state, self._loop_key: _position(step, epoch, ended)}
+        self.manager.save(step, full, epoch=epoch, metrics=metrics, force=force)
+        if any(s.step == step and s.skipped for s in self.manager.stats()[-2:]):
+            return False  # when_busy="skip": the previous save is still writing
+        self._saved_step, self._last_save = step, self._clock()
+        self._record_best(metrics)
+        self._metrics, self._validated = {}, False
+        return True
+
+    def _record_best(self, metrics: Mapping[str, float]) -> None:
+        monitor = self.config.monitor
+        value = metrics.get(monitor, math.nan) if monitor else math.nan
+        if math.isfinite(value) and (self._best is None or self._is_new_best(metrics)):
+            self._best = value
+
+
+class AsyncCheckpointCallback(CheckpointCallback):
+    """``CheckpointCallback`` that writes in the background: a config with
+    ``async_mode="off"`` is switched to the writer process (``"process"``)."""
+
+    def __init__(self, config: CheckpointConfig, **kwargs: Any) -> None:
+        if config.async_mode == "off":
+            config = dataclasses.replace(config, async_mode="process")
+        super().__init__(config, **kwargs)
+
+
+def _position(step: int, epoch: int, epoch_done: bool) -> dict[str, Any]:
+    return {"step": step, "epoch": epoch, "epoch_done": epoch_done}
+
+
+__all__ = ["AsyncCheckpointCallback", "CheckpointCallback", "TrainStart"]
