@@ -14,6 +14,7 @@ from .errors import (
 from .index import CheckpointInfo, find_checkpoints
 from .manager import CheckpointManager, SaveStats
 from .retention import RetentionPolicy
+from .weights import LoadResult, load_weights
 
 __version__ = "0.1.0"
 
@@ -27,6 +28,7 @@ __all__ = [
     "CheckpointNotFoundError",
     "ConfigError",
     "IntegrityError",
+    "LoadResult",
     "NotACheckpointError",
     "RetentionPolicy",
     "SaveStats",
@@ -35,4 +37,5 @@ __all__ = [
     "UnknownKeyError",
     "__version__",
     "find_checkpoints",
+    "load_weights",
 ]

@@ -38,6 +38,7 @@ from .manager import CheckpointManager
 log = logging.getLogger(__name__)
 
 STEP, EPOCH, TRAIN_END = "step", "epoch", "train_end"
+LOOP_KEY = "trainer"  # in CheckpointInfo.extra: where the loop was
 
 
 @dataclass(frozen=True)
@@ -54,10 +55,10 @@ class CheckpointCallback:
     """Saves on the schedule of ``config`` (``save_every_n_steps``/``_epochs``/``_seconds``,
     ``save_best_only``, ``save_on_train_end``) and resumes as ``config.resume`` says.
 
-    The loop position (last step, epoch, whether the epoch had ended) is saved with the
-    state under ``loop_key`` (Dream Trainer's ``trainer`` entry), so ``on_train_start``
-    can say where to go on. Subclasses may override ``should_save``; rank 0's answer
-    is then used on every rank.
+    The loop position (steps done, epoch, whether the epoch had ended) is kept in the
+    checkpoint's marker (``CheckpointInfo.extra["trainer"]``, after Dream Trainer's
+    ``trainer`` entry), so ``on_train_start`` can say where to go on. Subclasses may
+    override ``should_save``; rank 0's answer is then used on every rank.
     """
 
     def __init__(
@@ -66,14 +67,13 @@ class CheckpointCallback:
         *,
         process_group: dist.ProcessGroup | None = None,
         run_config: Mapping[str, Any] | None = None,
-        loop_key: str = "trainer",
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if not isinstance(config, CheckpointConfig):
             raise TypeError(f"config must be a CheckpointConfig, got {type(config).__name__}")
         self.config = config
         self.manager: CheckpointManager | None = None
-        self._group, self._run_config, self._loop_key = process_group, run_config, loop_key
+        self._group, self._run_config = process_group, run_config
         self._clock = clock
         self._step = 0  # steps done
         self._epoch = 0  # the epoch running now
@@ -89,22 +89,15 @@ class CheckpointCallback:
         """Open the experiment and resume (``config.resume``); where the loop starts."""
         if not self.config.enabled:
             return TrainStart(0, 0)
-        if self._loop_key in app_state:
-            raise ValueError(
-                f"app_state already has a {self._loop_key!r} entry; the callback keeps the "
-                "loop position there (pass loop_key= to use another name)"
-            )
         self.manager = CheckpointManager(self.config, self._group, run_config=self._run_config)
-        full = {**app_state, self._loop_key: _position(-1, 0, False)}
-        info = self.manager.resume(full, optional=(self._loop_key,))
-        for key in app_state:  # plain values are replaced by the load
-            app_state[key] = full[key]
+        info = self.manager.resume(app_state)
         self._last_save = self._clock()
         if info is None:
             return TrainStart(0, 0)
-        loop = full[self._loop_key]
-        step, epoch, ended = (loop["step"], loop["epoch"], loop["epoch_done"])
-        if step < 0:  # saved outside the callback: the marker says where
+        loop = info.extra.get(LOOP_KEY)
+        if isinstance(loop, dict) and {"step", "epoch", "epoch_done"} <= set(loop):
+            step, epoch, ended = int(loop["step"]), int(loop["epoch"]), bool(loop["epoch_done"])
+        else:  # saved outside the callback: the marker's step and epoch
             step, epoch, ended = info.step, info.epoch or 0, False
         self._step, self._epoch = step, epoch + int(ended)
         self._saved_step = info.step
@@ -135,7 +128,8 @@ class CheckpointCallback:
         step seen, or the number of epochs done if no step was). Returns whether it saved.
         A step is saved once: if a step trigger saved this epoch's last step, the epoch
         end does not save again; its metrics (the validation's) are added to that
-        checkpoint (``CheckpointManager.update_metrics``)."""
+        checkpoint, which is marked as the end of the epoch
+        (``CheckpointManager.update_metrics``)."""
         if step is None:
             step = self._step if self._step > 0 else epoch + 1
         self._step = step
@@ -273,8 +267,9 @@ class CheckpointCallback:
         if step == self._saved_step:
             # Saved already at this step (a step trigger on the epoch's last step): the
             # metrics that came since (the validation) go to that checkpoint.
-            if ended and merged:
-                self.manager.update_metrics(step, merged)
+            if ended:
+                loop = {LOOP_KEY: _position(step, epoch, True)}
+                self.manager.update_metrics(step, merged, extra=loop)
                 self._record_best(merged)
                 self._metrics, self._validated = {}, False
             return False
@@ -293,8 +288,8 @@ class CheckpointCallback:
         force: bool = False,
     ) -> bool:
         assert self.manager is not None
-        full = {**app_state, self._loop_key: _position(step, epoch, ended)}
-        self.manager.save(step, full, epoch=epoch, metrics=metrics, force=force)
+        loop = {LOOP_KEY: _position(step, epoch, ended)}
+        self.manager.save(step, app_state, epoch=epoch, metrics=metrics, force=force, extra=loop)
         if any(s.step == step and s.skipped for s in self.manager.stats()[-2:]):
             return False  # when_busy="skip": the previous save is still writing
         self._saved_step, self._last_save = step, self._clock()

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch.distributed.checkpoint import FileSystemReader
 
+from . import digests as digests_mod
 from . import layout
 from .errors import IntegrityError, NotACheckpointError
 
@@ -93,17 +94,33 @@ def build_marker(
     world_size: int,
     entries: Mapping[str, Mapping[str, Any]],
     files: Mapping[str, int],
+    digests: Mapping[str, Mapping[str, Any]] | None = None,
+    extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """The ``COMMITTED`` record. ``files``: the sizes on disk; ``digests``: what the
+    writers hashed while writing (name -> size, crc32). A file whose hashed size is not
+    its size on disk is refused: the digest would not describe it."""
+    listed: dict[str, dict[str, Any]] = {}
+    for name, size in files.items():
+        listed[name] = {"size": size}
+        d = (digests or {}).get(name)
+        if d is not None:
+            if d["size"] != size:
+                raise IntegrityError(
+                    f"{name}: {size} bytes on disk, but {d['size']} were written and hashed"
+                )
+            listed[name][digests_mod.ALGORITHM] = d[digests_mod.ALGORITHM]
     return {
         "format": MARKER_FORMAT,
         "step": step,
         "epoch": epoch,
         "metrics": dict(metrics),
+        "extra": dict(extra or {}),
         "created": time.time(),
         "world_size": world_size,
         "torch_version": torch.__version__,
         "entries": {k: dict(v) for k, v in entries.items()},
-        "files": {name: {"size": size} for name, size in files.items()},
+        "files": listed,
         "bytes": sum(files.values()),
     }
 
@@ -163,26 +180,47 @@ def _marker_problem(m: Any) -> str | None:
     return None
 
 
-def check_files(checkpoint_dir: Path, marker: Mapping[str, Any]) -> None:
-    """Every file the marker lists exists with its size, and DCP's metadata reads.
+def check_files(checkpoint_dir: Path, marker: Mapping[str, Any], *, digests: bool = False) -> None:
+    """Every file the marker lists exists with its size (and, with ``digests=True``, its
+    digest: every byte is read), and DCP's metadata reads.
 
-    Raises ``IntegrityError`` naming the first bad file. (Sizes only: a flipped byte is
-    the business of per-file digests.)
+    Raises ``IntegrityError`` naming the first bad file.
     """
-    for name, meta in marker["files"].items():
-        path = checkpoint_dir / name
-        try:
-            size = path.stat().st_size
-        except FileNotFoundError:
-            raise IntegrityError(f"{path} is missing (listed in the marker)") from None
-        if size != meta["size"]:
-            raise IntegrityError(f"{path} is {size} bytes, the marker says {meta['size']}")
+    for problem in file_problems(checkpoint_dir, marker, digests=digests):
+        raise IntegrityError(problem)
     try:
         FileSystemReader(checkpoint_dir).read_metadata()
     except Exception as e:
         raise IntegrityError(
             f"{layout.dcp_metadata_path(checkpoint_dir)} is unreadable: {e}"
         ) from e
+
+
+def file_problems(
+    checkpoint_dir: Path, marker: Mapping[str, Any], *, digests: bool = True
+) -> list[str]:
+    """One line per listed file that is missing, of the wrong size or (``digests``) whose
+    digest differs; empty if all match. Files without a recorded digest (written by a
+    torch whose DCP writer could not be hashed) are checked by size."""
+    problems = []
+    for name, meta in sorted(marker["files"].items()):
+        path = checkpoint_dir / name
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            problems.append(f"{path} is missing (listed in the marker)")
+            continue
+        if size != meta["size"]:
+            problems.append(f"{path} is {size} bytes, the marker says {meta['size']}")
+            continue
+        expected = meta.get(digests_mod.ALGORITHM)
+        if digests and expected is not None:
+            actual = digests_mod.file_digest(path)
+            if actual != expected:
+                problems.append(
+                    f"{path}: {digests_mod.ALGORITHM} {actual}, the marker says {expected}"
+                )
+    return problems
 
 
 def move_alias(checkpoints_dir: Path, alias: str, target_name: str, *, fsync: bool = True) -> bool:

@@ -74,6 +74,11 @@ class CheckpointConfig:
     write_threads: int = 1
     """Threads per rank writing shard files (DCP ``FileSystemWriter.thread_count``)."""
 
+    digests: bool = True
+    """Hash every file while writing it (CRC-32, kept in the marker) so that ``verify``
+    finds a flipped byte. Costs ~0.15 s of CPU per 512 MiB per rank on the write path
+    (not on the blocking part); off: ``verify`` checks sizes only."""
+
     # ---------------------------------------------------------------- training loop
 
     enabled: bool = True
@@ -154,7 +159,7 @@ class CheckpointConfig:
             or self.timeout_s <= 0
         ):
             raise ConfigError("timeout_s", self.timeout_s, "a finite number of seconds > 0")
-        for name in ("capture_rng", "fsync"):
+        for name in ("capture_rng", "fsync", "digests"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(name, getattr(self, name), "True or False")
         if (

@@ -34,9 +34,12 @@ class CheckpointInfo:
     path: Path
     bytes: int
     created: float
+    extra: Mapping[str, Any] = field(default_factory=dict, hash=False, compare=False)
+    """What the saver kept in the marker besides metrics (``save(extra=...)``)."""
 
     @classmethod
     def from_marker(cls, path: Path, marker: Mapping[str, Any]) -> CheckpointInfo:
+        extra = marker.get("extra")
         return cls(
             step=marker["step"],
             epoch=marker["epoch"],
@@ -44,6 +47,7 @@ class CheckpointInfo:
             path=path,
             bytes=marker["bytes"],
             created=float(marker["created"]),
+            extra=dict(extra) if isinstance(extra, dict) else {},
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -54,6 +58,7 @@ class CheckpointInfo:
             "path": f"{layout.CHECKPOINTS_DIR}/{self.path.name}",
             "bytes": self.bytes,
             "created": self.created,
+            "extra": dict(self.extra),
         }
 
     @classmethod
@@ -65,6 +70,7 @@ class CheckpointInfo:
             path=experiment_dir / str(d["path"]),
             bytes=int(d["bytes"]),
             created=float(d["created"]),
+            extra=dict(d.get("extra") or {}),
         )
 
 
@@ -148,7 +154,8 @@ def write_index(
 def _same(a: list[CheckpointInfo], b: list[CheckpointInfo]) -> bool:
     def key(c: CheckpointInfo) -> tuple[Any, ...]:
         metrics = tuple(sorted((k, "nan" if math.isnan(v) else v) for k, v in c.metrics.items()))
-        return (c.step, c.epoch, metrics, c.path.name, c.bytes, c.created)
+        extra = json.dumps(dict(c.extra), sort_keys=True, allow_nan=True)
+        return (c.step, c.epoch, metrics, c.path.name, c.bytes, c.created, extra)
 
     return [key(c) for c in a] == [key(c) for c in b]
 

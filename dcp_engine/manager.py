@@ -8,6 +8,7 @@ the manager's side group, so that all ranks raise the same error or go on togeth
 from __future__ import annotations
 
 import atexit
+import json
 import logging
 import math
 import shutil
@@ -32,7 +33,14 @@ from .config import CheckpointConfig
 from .errors import CheckpointError, CheckpointNotFoundError
 from .index import CheckpointInfo
 from .staging import StagedState, StagingPool, mutated_by_optimizers_only
-from .writers import InlineWriter, ProcessWriter, ShardWriter, ThreadWriter, Worker
+from .writers import (
+    InlineWriter,
+    ProcessWriter,
+    ShardWriter,
+    ThreadWriter,
+    Worker,
+    WriteOptions,
+)
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +111,7 @@ class CheckpointManager:
         self._metrics_lock = threading.Lock()
         self._inflight: int | None = None  # step of the async save in flight
         self._late: dict[int, dict[str, float]] = {}
+        self._extra: dict[int, dict[str, Any]] = {}  # rank 0: the marker's "extra" by step
         self._best_alias: str | None = None  # where rank 0 last pointed ``best``
         self._collector: Collector | None = None
         if self.rank == 0 and not config.retention.keeps_all:
@@ -152,6 +161,7 @@ class CheckpointManager:
         epoch: int | None = None,
         metrics: Mapping[str, Any] | None = None,
         force: bool = False,
+        extra: Mapping[str, Any] | None = None,
     ) -> CheckpointInfo | None:
         """Write ``app_state`` as checkpoint ``step`` on every rank and commit it.
 
@@ -160,8 +170,14 @@ class CheckpointManager:
         staged, and the write and commit go on in the background (``wait()`` for them). An
         error of the previous background save is raised here, on every rank.
         ``force=True``: never skipped (``when_busy="skip"`` waits instead).
+        ``extra``: a small JSON-able dict kept in the marker (``CheckpointInfo.extra``),
+        rank 0's; the callbacks keep the loop position there.
         """
         self._check_open()
+        clean_extra = _check_extra(extra)
+        if self.rank == 0:
+            with self._metrics_lock:
+                self._extra[step] = clean_extra
         if self._worker is None:
             return self._save(step, app_state, epoch, metrics)
         self._save_async(step, app_state, epoch, metrics, force)
@@ -282,19 +298,24 @@ class CheckpointManager:
             return
         self._pool.prepare(built.state_dict)
 
-    def update_metrics(self, step: int, metrics: Mapping[str, Any]) -> None:
+    def update_metrics(
+        self, step: int, metrics: Mapping[str, Any], *, extra: Mapping[str, Any] | None = None
+    ) -> None:
         """Attach ``metrics`` to the checkpoint of ``step`` after its ``save`` (e.g. a
         validation that ends after the step was saved). A save still in flight gets them
         in its marker at the commit; a committed one has its marker rewritten atomically
         (the metrics are not part of what the files' integrity covers), and ``best`` and
-        retention follow. Rank 0's values count; no collective."""
+        retention follow. ``extra`` is merged into the marker's ``extra`` alike. Rank 0's
+        values count; no collective."""
         self._check_open()
         clean = commit.clean_metrics(metrics)
-        if self.rank != 0 or not clean:
+        more = _check_extra(extra)
+        if self.rank != 0 or not (clean or more):
             return
         with self._metrics_lock:
             if step == self._inflight and self._worker is not None and self._worker.busy:
                 self._late.setdefault(step, {}).update(clean)
+                self._extra.setdefault(step, {}).update(more)
                 return
             if not any(e.step == step for e in self.checkpoints()):
                 log.warning("[step=%d] no committed checkpoint of this step in %s: metrics %s "
@@ -303,6 +324,7 @@ class CheckpointManager:
             path = self._layout.step_dir(step)
             marker = commit.read_marker(path)
             marker["metrics"] = {**marker["metrics"], **clean}
+            marker["extra"] = {**marker.get("extra", {}), **more}
             commit.write_marker(path, marker, fsync=self.config.fsync)
             info = CheckpointInfo.from_marker(path, marker)
             with self._lock:
@@ -388,8 +410,9 @@ class CheckpointManager:
                 f"latest is still {self._latest_name()}"
             ) from e
         commit_start = time.perf_counter()
+        digests = _merge(self._comm.all_gather(written.digests, what))
         info, kept = self._comm.decide(
-            lambda: self._commit(step, epoch, metrics, saved.entries), what
+            lambda: self._commit(step, epoch, metrics, saved.entries, digests), what
         )
         now = time.perf_counter()
         self._record(info, kept, SaveStats(
@@ -493,7 +516,10 @@ class CheckpointManager:
                 f"latest is still {self._latest_name()}"
             ) from e
         commit_start = time.perf_counter()
-        info, kept = self._io.decide(lambda: self._commit(step, epoch, metrics, entries), what)
+        digests = _merge(self._io.all_gather(written.digests, what))
+        info, kept = self._io.decide(
+            lambda: self._commit(step, epoch, metrics, entries, digests), what
+        )
         now = time.perf_counter()
         self._record(info, kept, SaveStats(
             step=step, bytes=info.bytes, blocked_s=blocked + self._hook_wait_s,
@@ -568,17 +594,15 @@ class CheckpointManager:
 
     def _start_writer(self, process_group: dist.ProcessGroup | None) -> ShardWriter:
         cfg = self.config
+        opts = WriteOptions(fsync=cfg.fsync, threads=cfg.write_threads, digests=cfg.digests)
         if cfg.async_mode == "off":
-            return InlineWriter(self._comm, fsync=cfg.fsync, threads=cfg.write_threads)
+            return InlineWriter(self._comm, opts)
         self._io = Comm.create(process_group, cfg.timeout_s, purpose="io")
         self._pool = StagingPool(shared=cfg.async_mode == "process")
         self._worker = Worker(name=f"dcp_engine_saver_rank{self.rank}")
         if cfg.async_mode == "thread":
-            return ThreadWriter(self._io, fsync=cfg.fsync, threads=cfg.write_threads)
-        return ProcessWriter(
-            self._comm, fsync=cfg.fsync, threads=cfg.write_threads,
-            timeout_s=cfg.timeout_s,
-        )  # fmt: skip
+            return ThreadWriter(self._io, opts)
+        return ProcessWriter(self._comm, opts, timeout_s=cfg.timeout_s)
 
     def _prepare(self, step: int, gathered: list[tuple[int, dict[str, Any]]]) -> None:
         """Rank 0: every rank saves the same step and keys, the step is free, ``.tmp`` is new."""
@@ -605,7 +629,12 @@ class CheckpointManager:
         tmp.mkdir(parents=True)
 
     def _commit(
-        self, step: int, epoch: int | None, metrics: dict[str, float], entries: dict[str, Any]
+        self,
+        step: int,
+        epoch: int | None,
+        metrics: dict[str, float],
+        entries: dict[str, Any],
+        digests: dict[str, dict[str, Any]],
     ) -> tuple[CheckpointInfo, list[int]]:
         """Rank 0, after every rank's shards are durable: marker, rename, index, aliases,
         then retention (in the background). Returns the entry and the steps committed."""
@@ -616,6 +645,7 @@ class CheckpointManager:
             raise CheckpointError(f"save of step {step}: DCP wrote no {missing} in {tmp}")
         with self._metrics_lock:
             metrics = {**metrics, **self._late.pop(step, {})}
+            extra = self._extra.pop(step, {})
             marker = commit.build_marker(
                 step=step,
                 epoch=epoch,
@@ -623,6 +653,8 @@ class CheckpointManager:
                 world_size=self.world_size,
                 entries=entries,
                 files=commit.file_sizes(tmp),
+                digests=digests,
+                extra=extra,
             )
             commit.write_marker(tmp, marker, fsync=fsync)
             commit.publish(tmp, final, fsync=fsync)
@@ -731,6 +763,25 @@ def _close_at_exit(ref: weakref.ref[CheckpointManager]) -> None:
             manager.close()
         except Exception as e:  # at exit there is no caller left to raise to
             log.error("closing %s at exit: %s", manager.experiment_dir, e)
+
+
+def _check_extra(extra: Mapping[str, Any] | None) -> dict[str, Any]:
+    if extra is None:
+        return {}
+    if not isinstance(extra, Mapping):
+        raise TypeError(f"extra must be a dict, got {type(extra).__name__}")
+    try:
+        return dict(json.loads(json.dumps(dict(extra), allow_nan=True)))
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"extra must be JSON-serialisable (it goes into the marker): {e}") from e
+
+
+def _merge(per_rank: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """The digests of every rank's files (each file is written by one rank)."""
+    merged: dict[str, dict[str, Any]] = {}
+    for digests in per_rank:
+        merged.update(digests)
+    return merged
 
 
 def _summary(e: BaseException) -> str:

@@ -41,6 +41,7 @@ import torch.multiprocessing as mp
 from torch.distributed.checkpoint import FileSystemWriter
 
 from .comm import Comm
+from .digests import HashingFileSystem
 from .errors import CheckpointError
 from .staging import StagedSavePlanner, StagedState
 
@@ -54,6 +55,18 @@ SLOW_WRITE_ENV = "DCP_ENGINE_SLOW_WRITE_S"
 class WriteResult:
     seconds: float
     """Wall time of the DCP save on this rank (planning, writing, fsync, .metadata)."""
+    digests: dict[str, dict[str, Any]]
+    """This rank's files: name -> size and digest, computed while writing."""
+
+
+@dataclass(frozen=True)
+class WriteOptions:
+    fsync: bool = True
+    """fsync every shard file (DCP ``sync_files``)."""
+    threads: int = 1
+    """Threads per rank writing shard files (DCP ``thread_count``)."""
+    digests: bool = True
+    """Hash every file while writing it (``digests.py``)."""
 
 
 class ShardWriter(Protocol):
@@ -68,65 +81,79 @@ def _injected_delay() -> None:
         time.sleep(delay)
 
 
-def _fs_writer(directory: Path | str, fsync: bool, threads: int) -> FileSystemWriter:
-    return FileSystemWriter(directory, sync_files=fsync, thread_count=threads, overwrite=True)
+def _fs_writer(directory: Path | str, opts: WriteOptions) -> FileSystemWriter:
+    """DCP's file-system writer; with ``opts.digests`` it hashes every file it writes
+    (``writer.fs.digests``)."""
+    writer = FileSystemWriter(
+        directory, sync_files=opts.fsync, thread_count=opts.threads, overwrite=True
+    )
+    if opts.digests:
+        writer.fs = HashingFileSystem()
+    return writer
 
 
 class InlineWriter:
     """Writes the live state on the calling thread through ``dcp.save``."""
 
-    def __init__(self, comm: Comm, *, fsync: bool, threads: int) -> None:
-        self._comm, self._fsync, self._threads = comm, fsync, threads
+    def __init__(self, comm: Comm, opts: WriteOptions) -> None:
+        self._comm, self._opts = comm, opts
 
     def write(self, state: dict[str, Any], directory: Path) -> WriteResult:
         start = time.perf_counter()
         _injected_delay()
         # DCP's own collectives (plan gather, write-result gather, finish) run on the side
         # group, whose timeout bounds them: a rank that never arrives fails every rank.
+        writer = _fs_writer(directory, self._opts)
         with self._comm.dcp_call():
             dcp.save(
                 state,
-                storage_writer=_fs_writer(directory, self._fsync, self._threads),
+                storage_writer=writer,
                 process_group=self._comm.group,
                 no_dist=not self._comm.distributed,
             )
-        return WriteResult(seconds=time.perf_counter() - start)
+        return WriteResult(time.perf_counter() - start, _digests_of(writer))
 
     def close(self) -> None:
         pass
 
 
 def save_staged(
-    staged: StagedState, directory: Path | str, *, group: Any, fsync: bool, threads: int
-) -> None:
-    """``dcp.save`` of a staged state (the same call in a thread and in a writer process)."""
+    staged: StagedState, directory: Path | str, *, group: Any, opts: WriteOptions
+) -> dict[str, dict[str, Any]]:
+    """``dcp.save`` of a staged state (the same call in a thread and in a writer process);
+    the digests of the files this rank wrote."""
     no_dist = group is None and not dist.is_initialized()
+    writer = _fs_writer(directory, opts)
     with warnings.catch_warnings():
         if no_dist:  # one rank: exactly the intent DCP warns that it assumes
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.save(
             staged.values,
-            storage_writer=_fs_writer(directory, fsync, threads),
+            storage_writer=writer,
             planner=StagedSavePlanner(staged.items, staged.mappings),
             process_group=group,
             no_dist=no_dist,
         )
+    return _digests_of(writer)
+
+
+def _digests_of(writer: FileSystemWriter) -> dict[str, dict[str, Any]]:
+    fs = writer.fs
+    return dict(fs.digests) if isinstance(fs, HashingFileSystem) else {}
 
 
 class ThreadWriter:
     """Writes a staged state on the calling (background) thread over the I/O side group."""
 
-    def __init__(self, io_comm: Comm, *, fsync: bool, threads: int) -> None:
-        self._comm, self._fsync, self._threads = io_comm, fsync, threads
+    def __init__(self, io_comm: Comm, opts: WriteOptions) -> None:
+        self._comm, self._opts = io_comm, opts
 
     def write(self, state: StagedState, directory: Path) -> WriteResult:
         start = time.perf_counter()
         _injected_delay()
         with self._comm.dcp_call():
-            save_staged(
-                state, directory, group=self._comm.group, fsync=self._fsync, threads=self._threads
-            )
-        return WriteResult(seconds=time.perf_counter() - start)
+            digests = save_staged(state, directory, group=self._comm.group, opts=self._opts)
+        return WriteResult(time.perf_counter() - start, digests)
 
     def close(self) -> None:
         pass
@@ -135,9 +162,9 @@ class ThreadWriter:
 class ProcessWriter:
     """A persistent writer process for this rank. Constructed collectively (rendezvous)."""
 
-    def __init__(self, comm: Comm, *, fsync: bool, threads: int, timeout_s: float) -> None:
+    def __init__(self, comm: Comm, opts: WriteOptions, *, timeout_s: float) -> None:
         self._timeout_s = timeout_s
-        self._fsync, self._threads = fsync, threads
+        self._opts = opts
         self._sent_generation = -1  # the pool layout whose buffers the writer holds
         self._store: Any = None
         host = os.environ.get("MASTER_ADDR", "127.0.0.1") if comm.distributed else "127.0.0.1"
@@ -176,10 +203,9 @@ class ProcessWriter:
             self._send(("buffers", buffers))
             self._sent_generation = state.generation
         small = {k: v for k, v in state.values.items() if k not in buffers}
-        self._send(("save", str(directory), state.items, small, state.mappings,
-                    self._fsync, self._threads))  # fmt: skip
-        self._expect("done", f"writing {directory}")
-        return WriteResult(seconds=time.perf_counter() - start)
+        self._send(("save", str(directory), state.items, small, state.mappings, self._opts))
+        digests = self._expect("done", f"writing {directory}")
+        return WriteResult(time.perf_counter() - start, digests)
 
     def _send(self, msg: tuple[Any, ...]) -> None:
         try:
@@ -265,12 +291,12 @@ def _writer_main(
         if msg[0] == "buffers":
             buffers = msg[1]
             continue
-        _, directory, items, small, mappings, fsync, threads = msg
+        _, directory, items, small, mappings, opts = msg
         try:
             _injected_delay()
             staged = StagedState({**buffers, **small}, items, mappings)
-            save_staged(staged, directory, group=None, fsync=fsync, threads=threads)
-            conn.send(("done", None))
+            digests = save_staged(staged, directory, group=None, opts=opts)
+            conn.send(("done", digests))
         except BaseException as e:  # DCP's CheckpointException is a BaseException
             conn.send(("error", f"{type(e).__name__}: {e}"[:4000]))
     if dist.is_initialized():

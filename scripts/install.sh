@@ -9,12 +9,14 @@ PY=${1:-python3}
 HERE=$(cd "$(dirname "$0")/.." && pwd -P)
 export PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1
 
-# Fast path: this checkout is the installed dcp_engine and the test tools are there. (An
-# editable install of another clone of the repository does not count.)
+# Fast path: this checkout is the installed dcp_engine, its `dcp-engine` command exists
+# and the test tools are there. (An editable install of another clone does not count.)
 if (cd / && "$PY" - "$HERE" <<'PYEOF'
-import os, sys
+import os, sys, sysconfig
 import dcp_engine, pytest, xdist, hypothesis, ruff  # noqa: F401
-sys.exit(0 if os.path.realpath(dcp_engine.__file__).startswith(sys.argv[1] + os.sep) else 1)
+ours = os.path.realpath(dcp_engine.__file__).startswith(sys.argv[1] + os.sep)
+script = os.path.exists(os.path.join(sysconfig.get_path("scripts"), "dcp-engine"))
+sys.exit(0 if ours and script else 1)
 PYEOF
 ) >/dev/null 2>&1; then
   exit 0

@@ -301,3 +301,28 @@ def test_validation_after_a_step_save_goes_to_that_checkpoint(tmp_path, monkeypa
     assert os.readlink(exp / "checkpoints" / "best") == "step_00000006"
     marker = json.loads((exp / "checkpoints" / "step_00000012" / "COMMITTED").read_text())
     assert marker["metrics"]["val_loss"] == 0.7 and "train_loss" in marker["metrics"]
+
+
+def test_an_epoch_end_on_a_step_save_resumes_at_the_next_epoch(tmp_path):
+    """Pass: the step trigger saves the epoch's last step; the epoch end then marks that
+    checkpoint as the epoch's end, so a resumed run starts the next epoch."""
+    c = cfg(tmp_path, save_every_n_steps=3, save_on_train_end=False)
+    loop(de.CheckpointCallback(c), make_app(), epochs=2, per_epoch=3, losses=[0.5, 0.4])
+    (last,) = de.find_checkpoints(tmp_path / "exp")[:1]
+    assert last.step == 6 and last.extra["trainer"] == {"step": 6, "epoch": 1, "epoch_done": True}
+    cb = de.CheckpointCallback(dataclasses.replace(c, resume="latest"))
+    start = cb.on_train_start(make_app(seed=2))
+    assert (start.step, start.epoch) == (6, 2)
+    cb.close()
+
+
+def test_load_with_optional_keys_keeps_what_the_checkpoint_lacks(tmp_path):
+    app = make_app()
+    with de.CheckpointManager(cfg(tmp_path)) as mgr:
+        mgr.save(1, app)
+        grown = {**make_app(seed=5), "ema": torch.ones(3)}
+        with pytest.raises(de.StateMismatchError, match="no entry 'ema'"):
+            mgr.load(grown)
+        assert mgr.load(grown, optional=("ema",)).step == 1
+        assert torch.equal(grown["ema"], torch.ones(3))
+        assert torch.equal(grown["model"].weight, app["model"].weight)

@@ -1,0 +1,317 @@
+"""The ``dcp-engine`` command: inspect, verify, export and clean checkpoints outside
+training, in one process, without a process group.
+
+Exit codes: 0 success; 1 ``verify`` found a bad file; 2 an error (one line on stderr,
+never a traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from . import commit, index, layout, offline, retention
+from .errors import CheckpointError, CheckpointNotFoundError
+
+
+class _Fail(Exception):
+    """A user-facing error: its message is the one line printed."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except (_Fail, CheckpointError, OSError, ValueError) as e:
+        print(f"dcp-engine {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dcp-engine", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    ls = sub.add_parser("ls", help="committed checkpoints of an experiment or a root of them")
+    ls.add_argument("path", type=Path)
+    ls.add_argument("--json", action="store_true", help="one JSON document")
+    ls.set_defaults(run=cmd_ls)
+
+    ins = sub.add_parser("inspect", help="keys, tensors, bytes, dtypes of a checkpoint")
+    ins.add_argument("checkpoint", type=Path)
+    ins.add_argument("--tensors", action="store_true", help="every tensor, shape and dtype")
+    ins.set_defaults(run=cmd_inspect)
+
+    ver = sub.add_parser("verify", help="every file against its size and digest (exit 1: bad)")
+    ver.add_argument("path", type=Path, help="a checkpoint or an experiment")
+    ver.set_defaults(run=cmd_verify)
+
+    exp = sub.add_parser("export", help="one consolidated torch.load-able file")
+    exp.add_argument("checkpoint", type=Path)
+    exp.add_argument("out", type=Path)
+    exp.add_argument("--key", help="one entry only, e.g. teacher")
+    exp.add_argument("--dtype", choices=sorted(offline.DTYPES), help="cast floating tensors")
+    exp.add_argument("--format", choices=["torch", "safetensors"], default="torch")
+    exp.set_defaults(run=cmd_export)
+
+    gc = sub.add_parser("gc", help="apply retention policies to an experiment")
+    gc.add_argument("experiment", type=Path)
+    gc.add_argument("--keep-top-k", type=int)
+    gc.add_argument("--monitor", help="default: checkpoint.monitor of config.yaml")
+    gc.add_argument("--mode", choices=["min", "max"])
+    gc.add_argument("--keep-last-n", type=int)
+    gc.add_argument("--keep-every-n-steps", type=int)
+    gc.add_argument("--keep-every-n-epochs", type=int)
+    gc.add_argument("--dry-run", action="store_true", help="list, delete nothing")
+    gc.set_defaults(run=cmd_gc)
+
+    avg = sub.add_parser("average", help="mean weights of the top-k checkpoints")
+    avg.add_argument("experiment", type=Path)
+    avg.add_argument("out", type=Path)
+    avg.add_argument("--top-k", type=int, default=10)
+    avg.add_argument("--key", help="one entry only, e.g. teacher")
+    avg.add_argument("--monitor", help="default: checkpoint.monitor of config.yaml")
+    avg.add_argument("--mode", choices=["min", "max"])
+    avg.set_defaults(run=cmd_average)
+    return p
+
+
+# ----------------------------------------------------------------------------- ls
+
+
+def _experiments(path: Path) -> list[Path]:
+    if not path.is_dir():
+        raise CheckpointNotFoundError(f"{path} is not a directory")
+    if (path / layout.CHECKPOINTS_DIR).is_dir():
+        return [path]
+    found = sorted(p for p in path.iterdir() if (p / layout.CHECKPOINTS_DIR).is_dir())
+    if not found:
+        raise _Fail(f"{path} is neither an experiment nor a directory of experiments")
+    return found
+
+
+def _aliases(exp: layout.ExperimentLayout) -> dict[str, list[str]]:
+    """Checkpoint directory name -> the aliases pointing at it."""
+    out: dict[str, list[str]] = {}
+    for alias in layout.ALIASES:
+        link = exp.alias_path(alias)
+        if link.is_symlink():
+            out.setdefault(os.readlink(link), []).append(alias)
+    return out
+
+
+def _rows(exp_dir: Path) -> list[dict[str, Any]]:
+    exp = layout.ExperimentLayout(exp_dir)
+    found = index.scan(exp)
+    aliases = _aliases(exp)
+    rows = [_row(exp_dir, c, aliases.get(c.path.name, [])) for c in found.committed]
+    for path, why in found.torn:
+        step = layout.parse_step_dirname(path.name)
+        if step is None:
+            step = layout.parse_tmp_dirname(path.name)
+        rows.append({"experiment": str(exp_dir), "step": step, "epoch": None, "metrics": {},
+                     "bytes": None, "created": None, "path": str(path), "aliases": [],
+                     "torn": why})  # fmt: skip
+    return sorted(rows, key=lambda r: (r["step"] is None, r["step"] or 0))
+
+
+def _row(exp_dir: Path, c: index.CheckpointInfo, aliases: list[str]) -> dict[str, Any]:
+    return {
+        "experiment": str(exp_dir),
+        "step": c.step,
+        "epoch": c.epoch,
+        "metrics": dict(c.metrics),
+        "bytes": c.bytes,
+        "created": c.created,
+        "path": str(c.path),
+        "aliases": aliases,
+        "torn": None,
+    }
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    rows = [r for e in _experiments(args.path) for r in _rows(e)]
+    if args.json:
+        print(json.dumps(rows, indent=1, allow_nan=True))
+        return 0
+    for exp in dict.fromkeys(r["experiment"] for r in rows) or [str(args.path)]:
+        print(f"{exp}")
+        table = [["step", "epoch", "metrics", "size", "created", "aliases"]]
+        for r in rows:
+            if r["experiment"] != exp:
+                continue
+            if r["torn"]:
+                table.append([str(r["step"]), "-", f"TORN: {r['torn']}", "-", "-", ""])
+                continue
+            metrics = " ".join(f"{k}={_num(v)}" for k, v in sorted(r["metrics"].items()))
+            created = dt.datetime.fromtimestamp(r["created"]).strftime("%Y-%m-%d %H:%M:%S")
+            epoch = "-" if r["epoch"] is None else str(r["epoch"])
+            aliases = ",".join(r["aliases"])
+            size = _size(r["bytes"])
+            table.append([str(r["step"]), epoch, metrics or "-", size, created, aliases])
+        _print_table(table)
+    return 0
+
+
+# ----------------------------------------------------------------------------- inspect
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    ckpt = offline.open_checkpoint(args.checkpoint)
+    m, md = ckpt.marker, ckpt.metadata
+    print(f"checkpoint  {ckpt.path}")
+    print(f"step        {m['step']}   epoch {m['epoch']}")
+    print(f"metrics     {json.dumps(m['metrics'], allow_nan=True)}")
+    print(f"saved by    {m['world_size']} rank(s), torch {m.get('torch_version', '?')}, "
+          f"DCP metadata version {getattr(md, 'version', None) or '?'}")  # fmt: skip
+    print(f"files       {len(m['files'])}, {_size(m['bytes'])}")
+    table = [["key", "kind", "tensors", "bytes", "dtypes"]]
+    for key in sorted(m["entries"]):
+        tensors = ckpt.tensors(key)
+        nbytes = sum(_nbytes(t) for t in tensors.values())
+        dtypes = sorted({str(t.properties.dtype).removeprefix("torch.") for t in tensors.values()})
+        table.append([key, m["entries"][key]["kind"], str(len(tensors)), _size(nbytes),
+                      ",".join(dtypes) or "-"])  # fmt: skip
+    _print_table(table)
+    if args.tensors:
+        rows = [["tensor", "shape", "dtype"]]
+        for fqn, t in sorted(ckpt.tensors().items()):
+            rows.append([fqn, "x".join(map(str, t.size)) or "scalar",
+                         str(t.properties.dtype).removeprefix("torch.")])  # fmt: skip
+        _print_table(rows)
+    return 0
+
+
+# ----------------------------------------------------------------------------- verify
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    path: Path = args.path
+    if not path.exists():
+        raise CheckpointNotFoundError(f"{path} does not exist")
+    if (path / layout.CHECKPOINTS_DIR).is_dir():
+        found = index.scan(layout.ExperimentLayout(path))
+        targets = [c.path for c in found.committed]
+        for torn, why in found.torn:
+            print(f"SKIP {torn}: {why}")
+        if not targets:
+            raise _Fail(f"experiment {path} has no committed checkpoint")
+    else:
+        targets = [offline.open_checkpoint(path).path]
+    bad = 0
+    for target in targets:
+        marker = commit.read_marker(target)
+        problems = commit.file_problems(target, marker, digests=True)
+        if not problems:
+            try:
+                commit.check_files(target, marker)
+            except CheckpointError as e:
+                problems = [str(e)]
+        hashed = sum("crc32" in f for f in marker["files"].values())
+        if problems:
+            bad += 1
+            for p in problems:
+                print(f"BAD  {p}")
+        else:
+            rest = "" if hashed == len(marker["files"]) else ", the rest by size"
+            how = f"{hashed} by digest{rest}"
+            print(f"OK   {target} ({len(marker['files'])} files, {how})")
+    return 1 if bad else 0
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    out = offline.export(args.checkpoint, args.out, key=args.key, dtype=args.dtype,
+                         fmt=args.format)  # fmt: skip
+    print(f"wrote {out} ({_size(out.stat().st_size)})")
+    return 0
+
+
+# ----------------------------------------------------------------------------- gc
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    exp_dir: Path = args.experiment
+    if not (exp_dir / layout.CHECKPOINTS_DIR).is_dir():
+        raise CheckpointNotFoundError(f"{exp_dir} is not an experiment (no checkpoints/)")
+    exp = layout.ExperimentLayout(exp_dir)
+    monitor, mode = args.monitor, args.mode
+    if monitor is None:
+        monitor, saved_mode = index._monitor_of(exp)
+        mode = mode or saved_mode
+    if args.keep_top_k not in (None, -1, 0) and monitor is None:
+        raise _Fail("--keep-top-k needs --monitor (or checkpoint.monitor in config.yaml)")
+    policy = retention.RetentionPolicy(
+        keep_top_k=args.keep_top_k, monitor=monitor, mode=mode or "min",
+        keep_last_n=args.keep_last_n, keep_every_n_steps=args.keep_every_n_steps,
+        keep_every_n_epochs=args.keep_every_n_epochs,
+    )  # fmt: skip
+    if policy.keeps_all:
+        raise _Fail("no retention policy given (--keep-top-k, --keep-last-n, ...)")
+    found = index.scan(exp)
+    if any(layout.parse_tmp_dirname(p.name) is not None for p, _ in found.torn):
+        print("note: a .tmp directory exists: a save may be in flight; gc never touches it")
+    aliased = {layout.parse_step_dirname(name) for name in _aliases(exp)}
+    doomed = policy.to_delete(found.committed, also={s for s in aliased if s is not None})
+    kept = [c.step for c in found.committed if c.step not in doomed]
+    verb = "would delete" if args.dry_run else "deleted"
+    for step in doomed:
+        if args.dry_run or commit.retire(exp, step):
+            print(f"{verb} {exp.step_dir(step)}")
+    if not args.dry_run and doomed:
+        index.reconcile(exp, monitor=monitor, mode=mode or "min")
+    print(f"kept {len(kept)}: steps {kept}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- average
+
+
+def cmd_average(args: argparse.Namespace) -> int:
+    out, steps = offline.average(args.experiment, args.out, top_k=args.top_k, key=args.key,
+                                 monitor=args.monitor, mode=args.mode)  # fmt: skip
+    print(f"wrote {out}: the mean of steps {steps}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _nbytes(meta: Any) -> int:
+    return math.prod(meta.size) * meta.properties.dtype.itemsize
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"
+
+
+def _num(v: float) -> str:
+    return f"{v:.6g}"
+
+
+def _print_table(rows: list[list[str]]) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""Per-file digests, computed while the files are written (no second read pass).
+
+CRC-32 (``zlib.crc32``): in the standard library (no dependency), about 3.4 GB/s on one
+core of the reference machine, and it releases the GIL on large buffers, so in thread
+mode hashing does not hold training. It detects the flipped bytes, truncations and torn
+writes a checkpoint suffers; it is not a defence against deliberate tampering.
+
+``HashingFileSystem`` is DCP's ``FileSystem`` whose write streams hash what passes
+through them; the writers read its ``digests`` after ``dcp.save``.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import zlib
+from collections.abc import Generator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from torch.distributed.checkpoint.filesystem import FileSystem
+
+ALGORITHM = "crc32"
+_CHUNK = 8 << 20
+
+
+def hexdigest(crc: int) -> str:
+    return f"{crc & 0xFFFFFFFF:08x}"
+
+
+class HashingStream:
+    """A write-only file wrapper that hashes and counts every byte written, in order."""
+
+    def __init__(self, raw: Any) -> None:
+        self._raw = raw
+        self.crc = 0
+        self.size = 0
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        n = self._raw.write(view)
+        n = len(view) if n is None else n
+        self.crc = zlib.crc32(view[:n], self.crc)
+        self.size += n
+        return n
+
+    def tell(self) -> int:
+        return self._raw.tell()
+
+    def flush(self) -> None:
+        self._raw.flush()
+
+    def fileno(self) -> int:
+        return self._raw.fileno()
+
+    def close(self) -> None:
+        self._raw.close()
+
+    @property
+    def closed(self) -> bool:
+        return bool(self._raw.closed)
+
+    def writable(self) -> bool:
+        return True
+
+    def readable(self) -> bool:
+        return False
+
+    def seekable(self) -> bool:
+        return False
+
+
+class HashingFileSystem(FileSystem):
+    """DCP's local file system, hashing every file it writes (keyed by file name)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.digests: dict[str, dict[str, Any]] = {}
+        self._lock = threading.Lock()  # DCP writes files from several threads
+
+    @contextmanager
+    def create_stream(self, path: str | os.PathLike[str], mode: str) -> Generator[Any, None, None]:
+        if "w" not in mode:
+            with super().create_stream(path, mode) as plain:
+                yield plain
+            return
+        with super().create_stream(path, mode) as raw:
+            hashing = HashingStream(raw)
+            yield hashing
+        digest = {"size": hashing.size, ALGORITHM: hexdigest(hashing.crc)}
+        with self._lock:
+            self.digests[Path(path).name] = digest
+
+    def rename(self, path: str | os.PathLike[str], new_path: str | os.PathLike[str]) -> None:
+        super().rename(path, new_path)
+        with self._lock:
+            if Path(path).name in self.digests:
+                self.digests[Path(new_path).name] = self.digests.pop(Path(path).name)
+
+
+def file_digest(path: Path) -> str:
+    """The digest of a file on disk (for verification)."""
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            crc = zlib.crc32(chunk, crc)
+    return hexdigest(crc)

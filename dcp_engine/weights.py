@@ -1,0 +1,178 @@
+"""``load_weights``: weights into a model that is not quite the one that was trained
+(evaluation, fine-tuning, another codebase), from a dcp-engine checkpoint or a plain file.
+
+Sources: a dcp-engine checkpoint (a directory, an alias or an experiment; ``key`` names
+the entry, e.g. ``teacher``), or a ``.pt``/``.pth`` file holding a state dict, or a dict
+with the state dict under ``model``/``state_dict``/``model_state_dict``/``net`` (the
+formats of the guides our users come from). Wrapper prefixes (``module.`` of DDP,
+``_orig_mod.`` of ``torch.compile``) are ignored on both sides.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from . import offline
+from .errors import CheckpointError, CheckpointNotFoundError, StateMismatchError
+
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+STATE_DICT_KEYS = ("model", "state_dict", "model_state_dict", "net")
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    """Keys of the model not loaded, and keys of the source not used (model naming)."""
+
+    missing_keys: list[str]
+    unexpected_keys: list[str]
+
+
+def strip_wrappers(name: str) -> str:
+    """``module._orig_mod.backbone.w`` -> ``backbone.w``."""
+    changed = True
+    while changed:
+        changed = False
+        for prefix in WRAPPER_PREFIXES:
+            if name.startswith(prefix):
+                name, changed = name[len(prefix) :], True
+        name = name.replace("._orig_mod.", ".")
+    return name
+
+
+def read_state_dict(source: str | Path, key: str | None = None) -> dict[str, torch.Tensor]:
+    """The flat state dict (name -> tensor) a source holds."""
+    path = Path(source)
+    if not path.exists():
+        raise CheckpointNotFoundError(f"{path} does not exist")
+    if path.is_dir():
+        ckpt = offline.open_checkpoint(path)
+        if key is None:
+            modules = [k for k, e in ckpt.marker["entries"].items() if e["kind"] == "module"]
+            if len(modules) != 1:
+                raise CheckpointError(f"{ckpt.path} holds modules {modules}: name one with key=")
+            key = modules[0]
+        tree = offline.load_entries(ckpt, [key])[key]
+    else:
+        try:
+            tree = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise CheckpointError(f"{path} is not a loadable state dict file: {e}") from e
+        if key is not None:
+            if not isinstance(tree, Mapping) or key not in tree:
+                raise CheckpointError(f"{path} has no key {key!r}")
+            tree = tree[key]
+        elif isinstance(tree, Mapping) and not _is_flat_tensors(tree):
+            inner = [k for k in STATE_DICT_KEYS if isinstance(tree.get(k), Mapping)]
+            if not inner:
+                raise CheckpointError(
+                    f"{path}: no state dict found (looked for a flat dict of tensors and "
+                    f"for the keys {', '.join(STATE_DICT_KEYS)}; it has {sorted(tree)[:10]})"
+                )
+            tree = tree[inner[0]]
+    flat = dict(offline.flat_tensors(tree))
+    if not flat:
+        raise CheckpointError(f"{path}: no tensors under {key or 'the state dict'}")
+    return flat
+
+
+def _is_flat_tensors(tree: Mapping[str, Any]) -> bool:
+    return bool(tree) and all(isinstance(v, torch.Tensor) for v in tree.values())
+
+
+def load_weights(
+    model: nn.Module,
+    source: str | Path,
+    *,
+    key: str | None = None,
+    strict: bool | Literal["shape"] = True,
+    backbone_only: bool = False,
+    backbone_prefix: str = "backbone.",
+) -> LoadResult:
+    """Load the weights of ``source`` into ``model``; the missing and unexpected keys.
+
+    ``strict=True``: names (wrapper prefixes aside) and shapes must match exactly;
+    ``False``: load what matches by name and shape, report the rest; ``"shape"``: match
+    by position when names differ (SuperGradients' ``NO_KEY_MATCHING``): the i-th tensor
+    of the source goes to the i-th of the model, and any pair whose shapes disagree (or
+    different counts) refuses the whole load. ``backbone_only``: only the keys under
+    ``backbone_prefix``, on both sides. The model is untouched when the load is refused.
+    """
+    source_sd = {strip_wrappers(k): v for k, v in read_state_dict(source, key).items()}
+    target_sd = model.state_dict()
+    names = {strip_wrappers(k): k for k in target_sd}  # stripped -> the model's own name
+    if backbone_only:
+        source_sd = {k: v for k, v in source_sd.items() if k.startswith(backbone_prefix)}
+        names = {k: v for k, v in names.items() if k.startswith(backbone_prefix)}
+        if not source_sd:
+            raise StateMismatchError(f"{source} has no keys under {backbone_prefix!r}")
+    if strict == "shape":
+        pairs = _match_by_position(source_sd, names, target_sd, str(source))
+        missing: list[str] = []
+        unexpected: list[str] = []
+    elif strict in (True, False):
+        pairs, missing, unexpected = _match_by_name(source_sd, names, target_sd, bool(strict))
+        if strict and (missing or unexpected):
+            raise StateMismatchError(
+                f"{source}: strict load refused: missing {missing[:8]}, unexpected "
+                f"{unexpected[:8]} (strict=False loads what matches; 'shape' matches by position)"
+            )
+    else:
+        raise ValueError(f"strict must be True, False or 'shape', got {strict!r}")
+    with torch.no_grad():
+        for target_name, tensor in pairs:
+            target_sd[target_name].copy_(tensor)
+    return LoadResult(missing, unexpected)
+
+
+def _match_by_name(
+    source: Mapping[str, torch.Tensor],
+    names: Mapping[str, str],
+    target: Mapping[str, torch.Tensor],
+    strict: bool,
+) -> tuple[list[tuple[str, torch.Tensor]], list[str], list[str]]:
+    pairs, missing, unexpected = [], [], []
+    for name, own in names.items():
+        t = source.get(name)
+        if t is None:
+            missing.append(own)
+        elif t.shape != target[own].shape:
+            if strict:
+                raise StateMismatchError(
+                    f"{own}: the source has shape {list(t.shape)}, the model "
+                    f"{list(target[own].shape)}"
+                )
+            missing.append(own)
+        else:
+            pairs.append((own, t))
+    unexpected = [k for k in source if k not in names]
+    return pairs, missing, unexpected
+
+
+def _match_by_position(
+    source: Mapping[str, torch.Tensor],
+    names: Mapping[str, str],
+    target: Mapping[str, torch.Tensor],
+    where: str,
+) -> list[tuple[str, torch.Tensor]]:
+    src, dst = list(source.items()), list(names.values())
+    if len(src) != len(dst):
+        raise StateMismatchError(
+            f"{where}: strict='shape' needs as many tensors as the model: the source has "
+            f"{len(src)}, the model {len(dst)}"
+        )
+    for (s_name, t), own in zip(src, dst, strict=True):
+        if t.shape != target[own].shape:
+            raise StateMismatchError(
+                f"{where}: strict='shape' refused: source {s_name} {list(t.shape)} vs model "
+                f"{own} {list(target[own].shape)}"
+            )
+    return [(own, t) for (_, t), own in zip(src, dst, strict=True)]
+
+
+__all__ = ["LoadResult", "load_weights", "read_state_dict", "strip_wrappers"]
