@@ -23,6 +23,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
+import signal
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -82,6 +85,8 @@ class CheckpointCallback:
         self._best: float | None = None  # best ``monitor`` value saved so far
         self._saved_step: int | None = None
         self._last_save = clock()
+        self._signal = 0  # a SIGTERM seen by this rank (save_on_sigterm)
+        self._previous_handler: Any = None
 
     # ------------------------------------------------------------------ hooks
 
@@ -92,6 +97,8 @@ class CheckpointCallback:
         self.manager = CheckpointManager(self.config, self._group, run_config=self._run_config)
         info = self.manager.resume(app_state)
         self._last_save = self._clock()
+        if self.config.save_on_sigterm:
+            self._install_sigterm()
         if info is None:
             return TrainStart(0, 0)
         loop = info.extra.get(LOOP_KEY)
@@ -112,9 +119,43 @@ class CheckpointCallback:
         self, step: int, app_state: Mapping[str, Any], metrics: Mapping[str, Any] | None = None
     ) -> bool:
         """After the ``step``-th step (the global step, counted from 1); saves if due.
-        Returns whether it saved."""
+        Returns whether it saved. With ``save_on_sigterm``, after a SIGTERM on any rank
+        this saves, waits for the commit, closes and ends the process with the signal."""
         self._step = step
+        if self.config.save_on_sigterm and self.manager is not None:
+            signum = self.manager.any_rank(self._signal, f"preemption check at step {step}")
+            if signum:
+                self._save_and_exit(step, app_state, metrics, signum)
         return self._maybe_save(STEP, step, self._epoch, app_state, metrics, ended=False)
+
+    def _install_sigterm(self) -> None:
+        """First SIGTERM: note it; the next step end saves and exits. Second: exit now."""
+        if threading.current_thread() is not threading.main_thread():
+            raise RuntimeError("save_on_sigterm needs on_train_start on the main thread")
+
+        def handler(signum: int, frame: Any) -> None:
+            if self._signal:
+                signal.signal(signum, signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
+            self._signal = signum
+            log.warning("signal %d: saving at the next step end, then exiting "
+                        "(send it again to exit at once)", signum)  # fmt: skip
+
+        self._previous_handler = signal.signal(signal.SIGTERM, handler)
+
+    def _save_and_exit(
+        self, step: int, app_state: Mapping[str, Any], metrics: Any, signum: int
+    ) -> None:
+        assert self.manager is not None
+        if step != self._saved_step:
+            merged = {**self._metrics, **commit.clean_metrics(metrics)}
+            self._save(step, self._epoch, app_state, merged, ended=False, force=True)
+        self.manager.wait()
+        log.warning("preempted (signal %d): step %d is committed; exiting", signum, step)
+        self.close()
+        logging.shutdown()
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
 
     def on_epoch_end(
         self,
@@ -181,6 +222,9 @@ class CheckpointCallback:
                           type(exc).__name__, e)  # fmt: skip
 
     def close(self) -> None:
+        if self._previous_handler is not None:
+            signal.signal(signal.SIGTERM, self._previous_handler)
+            self._previous_handler = None
         if self.manager is not None:
             manager, self.manager = self.manager, None
             manager.close()

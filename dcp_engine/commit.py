@@ -21,7 +21,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -197,13 +197,19 @@ def check_files(checkpoint_dir: Path, marker: Mapping[str, Any], *, digests: boo
 
 
 def file_problems(
-    checkpoint_dir: Path, marker: Mapping[str, Any], *, digests: bool = True
+    checkpoint_dir: Path,
+    marker: Mapping[str, Any],
+    *,
+    digests: bool = True,
+    names: Iterable[str] | None = None,
 ) -> list[str]:
-    """One line per listed file that is missing, of the wrong size or (``digests``) whose
-    digest differs; empty if all match. Files without a recorded digest (written by a
-    torch whose DCP writer could not be hashed) are checked by size."""
+    """One line per listed file (or of ``names`` among them) that is missing, of the
+    wrong size or (``digests``) whose digest differs; empty if all match. Files without a
+    recorded digest (``digests=False`` at save) are checked by size."""
     problems = []
-    for name, meta in sorted(marker["files"].items()):
+    files = marker["files"]
+    for name in sorted(files if names is None else names):
+        meta = files[name]
         path = checkpoint_dir / name
         try:
             size = path.stat().st_size

@@ -108,6 +108,11 @@ class CheckpointConfig:
     """``on_exception`` saves the state as it is (off: it may be broken). Collective: only
     for failures that reach every rank alike."""
 
+    save_on_sigterm: bool = False
+    """Preemption: after a SIGTERM (on any rank), the callbacks' next step end saves,
+    waits for the commit and ends the process with the signal; a second SIGTERM ends it
+    at once. Costs one tiny collective per step."""
+
     save_best_only: bool = False
     """The step and epoch triggers save only on a new best of ``monitor``."""
 
@@ -172,6 +177,7 @@ class CheckpointConfig:
             "enabled",
             "save_on_train_end",
             "save_on_exception",
+            "save_on_sigterm",
             "save_best_only",
             "save_best",
             "save_last",

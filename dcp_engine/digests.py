@@ -21,6 +21,8 @@ from typing import Any
 
 from torch.distributed.checkpoint.filesystem import FileSystem
 
+from . import faults
+
 ALGORITHM = "crc32"
 _CHUNK = 8 << 20
 
@@ -39,6 +41,7 @@ class HashingStream:
 
     def write(self, data: Any) -> int:
         view = memoryview(data).cast("B")
+        faults.count_write(len(view))
         n = self._raw.write(view)
         n = len(view) if n is None else n
         self.crc = zlib.crc32(view[:n], self.crc)

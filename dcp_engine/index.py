@@ -36,6 +36,8 @@ class CheckpointInfo:
     created: float
     extra: Mapping[str, Any] = field(default_factory=dict, hash=False, compare=False)
     """What the saver kept in the marker besides metrics (``save(extra=...)``)."""
+    files: Mapping[str, Any] = field(default_factory=dict, hash=False, compare=False, repr=False)
+    """Every file with its size and digest, as the marker lists them."""
 
     @classmethod
     def from_marker(cls, path: Path, marker: Mapping[str, Any]) -> CheckpointInfo:
@@ -48,6 +50,7 @@ class CheckpointInfo:
             bytes=marker["bytes"],
             created=float(marker["created"]),
             extra=dict(extra) if isinstance(extra, dict) else {},
+            files=dict(marker["files"]),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -59,6 +62,7 @@ class CheckpointInfo:
             "bytes": self.bytes,
             "created": self.created,
             "extra": dict(self.extra),
+            "files": dict(self.files),
         }
 
     @classmethod
@@ -71,6 +75,7 @@ class CheckpointInfo:
             bytes=int(d["bytes"]),
             created=float(d["created"]),
             extra=dict(d.get("extra") or {}),
+            files=dict(d.get("files") or {}),
         )
 
 
@@ -155,7 +160,8 @@ def _same(a: list[CheckpointInfo], b: list[CheckpointInfo]) -> bool:
     def key(c: CheckpointInfo) -> tuple[Any, ...]:
         metrics = tuple(sorted((k, "nan" if math.isnan(v) else v) for k, v in c.metrics.items()))
         extra = json.dumps(dict(c.extra), sort_keys=True, allow_nan=True)
-        return (c.step, c.epoch, metrics, c.path.name, c.bytes, c.created, extra)
+        files = json.dumps(dict(c.files), sort_keys=True)
+        return (c.step, c.epoch, metrics, c.path.name, c.bytes, c.created, extra, files)
 
     return [key(c) for c in a] == [key(c) for c in b]
 
@@ -192,17 +198,29 @@ def resolve(
     """The checkpoint directory that ``which`` names, and its marker; None if there is
     none yet. ``"latest"`` and ``"best"`` pick the newest (best) checkpoint whose files
     check out and skip a bad one with a warning; a step or a path that is bad raises."""
+    found = candidates(exp, which, monitor=monitor, mode=mode)
+    return found[0] if found else None
+
+
+def candidates(
+    exp: layout.ExperimentLayout, which: Which, *, monitor: str | None, mode: str
+) -> list[tuple[Path, dict[str, Any]]]:
+    """What ``which`` may resolve to, in order of preference, each with its marker and
+    its files' sizes checked: for ``"latest"``/``"best"`` every committed checkpoint
+    newest (best) first, a bad one skipped with a warning; for a step or a path, that
+    one (raising if it is bad). The caller may go down the list if digests disagree."""
     if which in ("latest", "best"):
         committed = scan(exp).committed
-        candidates = committed if which == "latest" else _by_metric(exp, committed, monitor, mode)
-        for info in reversed(candidates):
+        ranked = committed if which == "latest" else _by_metric(exp, committed, monitor, mode)
+        out = []
+        for info in reversed(ranked):
             try:
                 marker = commit.read_marker(info.path)
                 commit.check_files(info.path, marker)
-                return info.path, marker
+                out.append((info.path, marker))
             except CheckpointError as e:
                 log.warning("skipping step %d for which=%r: %s", info.step, which, e)
-        return None
+        return out
     if isinstance(which, int) and not isinstance(which, bool):
         path = exp.step_dir(which)
         if not path.exists():
@@ -217,7 +235,7 @@ def resolve(
     info = inspect_checkpoint_dir(path)
     marker = commit.read_marker(info.path)
     commit.check_files(info.path, marker)
-    return path, marker
+    return [(path, marker)]
 
 
 def find_checkpoints(

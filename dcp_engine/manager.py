@@ -20,17 +20,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import psutil
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
 
-from . import commit, index, layout, retention, state
+from . import commit, faults, index, layout, retention, state
 from .collector import Collector
 from .comm import Comm, unwire_error, wire_error
 from .config import CheckpointConfig
-from .errors import CheckpointError, CheckpointNotFoundError
+from .errors import CheckpointError, CheckpointNotFoundError, IntegrityError
 from .index import CheckpointInfo
 from .staging import StagedState, StagingPool, mutated_by_optimizers_only
 from .writers import (
@@ -40,6 +41,7 @@ from .writers import (
     ThreadWriter,
     Worker,
     WriteOptions,
+    WriteResult,
 )
 
 log = logging.getLogger(__name__)
@@ -92,6 +94,7 @@ class CheckpointManager:
             raise TypeError(f"config must be a CheckpointConfig, got {type(config).__name__}")
         self.config = config
         self._comm = Comm.create(process_group, config.timeout_s)
+        faults.set_context(rank=self.rank)
         self._closed = False
         self._stats: list[SaveStats] = []
         name, source = self._comm.decide(
@@ -202,6 +205,7 @@ class CheckpointManager:
         which: index.Which = "latest",
         *,
         optional: Collection[str] = (),
+        verify: bool = True,
     ) -> CheckpointInfo | None:
         """Restore ``app_state`` from a checkpoint; None if there is none (a fresh run).
 
@@ -210,16 +214,13 @@ class CheckpointManager:
         values replaced in ``app_state``; on any error nothing of ``app_state`` has changed.
         Keys in ``optional`` that the checkpoint lacks keep their value (entries added to
         the state since it was saved); any other missing key is an error.
-        Collective: every rank calls it.
+        ``verify``: read every file back against its digest first, the ranks in parallel;
+        ``"latest"``/``"best"`` then skip (and log) a checkpoint that fails, a named step
+        or path raises ``IntegrityError``. Collective: every rank calls it.
         """
         self._check_open()
         self.wait()  # a save in flight finishes (or fails) before anything is resolved
-        found = self._comm.decide(
-            lambda: index.resolve(
-                self._layout, which, monitor=self.config.monitor, mode=self.config.mode
-            ),
-            f"load of {which!r}",
-        )
+        found = self._resolve(which, verify)
         if found is None:
             log.info(
                 "[rank=%d] no committed checkpoint in %s: starting fresh",
@@ -272,6 +273,61 @@ class CheckpointManager:
                 time.perf_counter() - start,
             )
         return info
+
+    def verify(self, which: index.Which = "latest") -> CheckpointInfo:
+        """Check every file of checkpoint ``which`` against its size and digest, each rank
+        reading its share of the files; ``IntegrityError`` on every rank naming each bad
+        file with the expected and actual digests. Collective."""
+        self._check_open()
+        self.wait()
+        what = f"verify of {which!r}"
+        found = self._comm.decide(
+            lambda: index.resolve(
+                self._layout, which, monitor=self.config.monitor, mode=self.config.mode
+            ),
+            what,
+        )
+        if found is None:
+            raise CheckpointNotFoundError(f"no committed checkpoint in {self.experiment_dir}")
+        path, marker = Path(found[0]), found[1]
+        problems = self._file_problems(path, marker, what)
+        if problems:
+            raise IntegrityError(f"{path} is corrupt: " + "; ".join(problems))
+        return CheckpointInfo.from_marker(path, marker)
+
+    def _file_problems(self, path: Path, marker: dict[str, Any], what: str) -> list[str]:
+        """Every rank checks every world_size-th file; all ranks get all the problems."""
+        names = sorted(marker["files"])[self.rank :: self.world_size]
+        mine = commit.file_problems(path, marker, digests=True, names=names)
+        return [p for ps in self._comm.all_gather(mine, what) for p in ps]
+
+    def _resolve(self, which: index.Which, verify: bool) -> tuple[Path, dict[str, Any]] | None:
+        """Rank 0 lists the candidates (sizes checked); with ``verify`` every rank reads
+        its share of each candidate's files until one matches its digests."""
+        what = f"load of {which!r}"
+        cfg = self.config
+        found = self._comm.decide(
+            lambda: index.candidates(self._layout, which, monitor=cfg.monitor, mode=cfg.mode),
+            what,
+        )
+        if not verify:
+            return (Path(found[0][0]), found[0][1]) if found else None
+        for path, marker in found:
+            problems = self._file_problems(Path(path), marker, what)
+            if not problems:
+                return Path(path), marker
+            message = f"{path} is corrupt: " + "; ".join(problems)
+            if which not in ("latest", "best"):
+                raise IntegrityError(message)
+            if self.rank == 0:
+                log.warning("skipping %s for which=%r: %s", Path(path).name, which, message)
+        if found:  # there were checkpoints, and none is intact: never start over silently
+            raise IntegrityError(
+                f"none of the {len(found)} committed checkpoints in {self.experiment_dir} "
+                "matches its digests (see the warnings above); load one by path with "
+                "verify=False to accept it as it is"
+            )
+        return None
 
     def prepare(self, app_state: Mapping[str, Any]) -> None:
         """Allocate and touch the staging buffers for ``app_state`` now, so that the first
@@ -338,6 +394,12 @@ class CheckpointManager:
         self._check_open()
         return self._comm.decide(fn, what)
 
+    def any_rank(self, value: int, what: str = "a check") -> int:
+        """The largest of every rank's ``value`` (e.g. a signal one rank received), on every
+        rank. Collective, on the manager's side group."""
+        self._check_open()
+        return max(self._comm.all_gather(int(value), what))
+
     def wait(self) -> None:
         """Block until the save in flight is committed; raise its error if it failed."""
         self._check_open()
@@ -401,18 +463,8 @@ class CheckpointManager:
         shape = {k: v for k, v in saved.entries.items() if k != state.RNG_KEY}
         gathered = self._comm.all_gather((step, shape), what)
         self._comm.decide(lambda: self._prepare(step, gathered), what)
-        tmp = self._layout.tmp_dir(step)
-        try:
-            written = self._writer.write(saved.state_dict, tmp)
-        except (Exception, CheckpointException) as e:
-            raise CheckpointError(
-                f"{what} failed while writing {tmp} ({_summary(e)}); nothing was committed, "
-                f"latest is still {self._latest_name()}"
-            ) from e
-        commit_start = time.perf_counter()
-        digests = _merge(self._comm.all_gather(written.digests, what))
-        info, kept = self._comm.decide(
-            lambda: self._commit(step, epoch, metrics, saved.entries, digests), what
+        info, kept, written, commit_start = self._write_then_commit(
+            self._comm, saved.state_dict, step, epoch, metrics, saved.entries
         )
         now = time.perf_counter()
         self._record(info, kept, SaveStats(
@@ -506,25 +558,41 @@ class CheckpointManager:
             staged.finish_copies()
         finally:
             self._staged.set()
-        tmp = self._layout.tmp_dir(step)
-        what = f"save of step {step}"
-        try:
-            written = self._writer.write(staged, tmp)
-        except (Exception, CheckpointException) as e:
-            raise CheckpointError(
-                f"{what} failed while writing {tmp} ({_summary(e)}); nothing was committed, "
-                f"latest is still {self._latest_name()}"
-            ) from e
-        commit_start = time.perf_counter()
-        digests = _merge(self._io.all_gather(written.digests, what))
-        info, kept = self._io.decide(
-            lambda: self._commit(step, epoch, metrics, entries, digests), what
+        info, kept, written, commit_start = self._write_then_commit(
+            self._io, staged, step, epoch, metrics, entries
         )
         now = time.perf_counter()
         self._record(info, kept, SaveStats(
             step=step, bytes=info.bytes, blocked_s=blocked + self._hook_wait_s,
             write_s=written.seconds, commit_s=now - commit_start, total_s=now - start,
         ))  # fmt: skip
+
+    def _write_then_commit(
+        self,
+        comm: Comm,
+        data: Any,
+        step: int,
+        epoch: int | None,
+        metrics: dict[str, float],
+        entries: dict[str, Any],
+    ) -> tuple[CheckpointInfo, list[int], WriteResult, float]:
+        """Every rank writes its shards into ``.tmp``; once all are durable, rank 0
+        commits and every rank hears the outcome (over ``comm``). Returns the entry, the
+        steps committed, this rank's write and when the commit began."""
+        tmp = self._layout.tmp_dir(step)
+        what = f"save of step {step}"
+        try:
+            written = self._writer.write(data, tmp)
+        except (Exception, CheckpointException) as e:
+            raise CheckpointError(
+                f"{what} failed while writing {tmp} ({_summary(e)}); nothing was committed, "
+                f"latest is still {self._latest_name()}"
+            ) from e
+        faults.kill_point("barrier", step=step)
+        commit_start = time.perf_counter()
+        digests = _merge(comm.all_gather(written.digests, what))
+        info, kept = comm.decide(lambda: self._commit(step, epoch, metrics, entries, digests), what)
+        return info, kept, written, commit_start
 
     def _record(self, info: CheckpointInfo, kept: list[int], stats: SaveStats) -> None:
         """Every rank: the new entry, and rank 0's entries as they were at the commit."""
@@ -615,6 +683,7 @@ class CheckpointManager:
                     f"save of step {step}: rank {r} has app_state {_describe(entries)}, "
                     f"rank 0 has {_describe(gathered[0][1])}"
                 )
+        self._check_free_space(step)
         final = self._layout.step_dir(step)
         if final.exists() or final.is_symlink():
             raise CheckpointError(
@@ -657,7 +726,9 @@ class CheckpointManager:
                 extra=extra,
             )
             commit.write_marker(tmp, marker, fsync=fsync)
+            faults.kill_point("marker", step=step)
             commit.publish(tmp, final, fsync=fsync)
+            faults.kill_point("rename", step=step)
             # Committed from here on: the index and the aliases are conveniences rebuilt
             # at start.
             info = CheckpointInfo.from_marker(final, marker)
@@ -689,6 +760,8 @@ class CheckpointManager:
             except OSError as e:
                 log.warning("%s %s could not be updated (%s); it will be rebuilt from the "
                             "markers", context, self._layout.index_path, e)  # fmt: skip
+            if newest is not None:
+                faults.kill_point("index", step=newest.step)
             if cfg.save_last and newest is not None and entries[-1].step == newest.step:
                 commit.move_alias(checkpoints_dir, "latest", newest.path.name, fsync=cfg.fsync)
             if cfg.save_best and top is not None and top.path.name != self._best_alias:
@@ -734,6 +807,7 @@ class CheckpointManager:
         the index with the markers."""
         cfg = self.config
         self._layout.checkpoints_dir.mkdir(parents=True, exist_ok=True)
+        self._sweep()
         path = self._layout.config_path
         if not path.exists():
             import yaml
@@ -747,6 +821,30 @@ class CheckpointManager:
         return index.reconcile(
             self._layout, monitor=cfg.monitor, mode=cfg.mode, fsync=cfg.fsync
         ).committed
+
+    def _sweep(self) -> None:
+        """Rank 0 at start (no save of this manager can be in flight yet): remove the
+        ``step_X.tmp`` directories that crashed saves and retirements left."""
+        for child in sorted(self._layout.checkpoints_dir.iterdir()):
+            if layout.parse_tmp_dirname(child.name) is not None and not child.is_symlink():
+                log.warning("removing %s, left by a save or a deletion that did not finish",
+                            child)  # fmt: skip
+                shutil.rmtree(child, ignore_errors=True)
+
+    def _check_free_space(self, step: int) -> None:
+        """Rank 0, before a save: fail fast rather than fill the disk (the last save's
+        size is the estimate)."""
+        with self._lock:
+            last = self._entries[-1].bytes if self._entries else 0
+        if last == 0:
+            return
+        free = faults.free_bytes(psutil.disk_usage(str(self._layout.checkpoints_dir)).free)
+        if free < last:
+            raise CheckpointError(
+                f"save of step {step} refused: {self._layout.checkpoints_dir} has "
+                f"{_fmt_bytes(free)} free, and the last checkpoint took {_fmt_bytes(last)}; "
+                f"free at least {_fmt_bytes(last - free)} (or keep fewer checkpoints)"
+            )
 
     def _latest_name(self) -> str:
         return self._entries[-1].path.name if self._entries else "(none)"
@@ -787,9 +885,12 @@ def _merge(per_rank: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any
 def _summary(e: BaseException) -> str:
     """One line per failed rank instead of DCP's concatenated tracebacks."""
     if isinstance(e, CheckpointException):
-        return "; ".join(
-            f"rank {r}: {type(f).__name__}: {f}" for r, f in sorted(e.failures.items())
-        )
+        parts = []
+        for r, failure in sorted(e.failures.items()):
+            # (exception, frames) in recent torch, the exception alone in older ones
+            f: Any = failure[0] if isinstance(failure, tuple) and failure else failure
+            parts.append(f"rank {r}: {type(f).__name__}: {f}")
+        return "; ".join(parts)
     return f"{type(e).__name__}: {e}"
 
 

@@ -40,6 +40,7 @@ import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
 from torch.distributed.checkpoint import FileSystemWriter
 
+from . import faults, layout
 from .comm import Comm
 from .digests import HashingFileSystem
 from .errors import CheckpointError
@@ -87,8 +88,10 @@ def _fs_writer(directory: Path | str, opts: WriteOptions) -> FileSystemWriter:
     writer = FileSystemWriter(
         directory, sync_files=opts.fsync, thread_count=opts.threads, overwrite=True
     )
-    if opts.digests:
+    if opts.digests or faults.active():
         writer.fs = HashingFileSystem()
+    step = layout.parse_tmp_dirname(Path(directory).name)
+    faults.set_context(step=-1 if step is None else step)
     return writer
 
 
@@ -261,6 +264,7 @@ def _writer_main(
 ) -> None:
     """The writer process: join the other writers, then write what the trainer stages."""
     torch.set_num_threads(1)
+    faults.set_context(rank=rank)
     # DCP writes each tensor with torch.save, which by default computes a CRC32 of every
     # record that no reader checks (torch's miniz is built without read-side CRC checks):
     # about a quarter of the write's CPU time here. This process is ours, so the global

@@ -26,6 +26,19 @@ def run_ranks(
     fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = RANK_TIMEOUT_S
 ) -> list[Any]:
     """``fn(rank, world_size, *args)`` on every rank; the list of return values by rank."""
+    outcomes = run_ranks_outcomes(fn, world_size, *args, timeout=timeout)
+    errors = {r: v for r, (kind, v) in enumerate(outcomes) if kind != "ok"}
+    if errors:
+        msg = "\n".join(f"--- rank {r} ---\n{tb}" for r, tb in sorted(errors.items()))
+        raise AssertionError(f"{len(errors)} of {world_size} ranks failed:\n{msg}")
+    return [v for _, v in outcomes]
+
+
+def run_ranks_outcomes(
+    fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = RANK_TIMEOUT_S
+) -> list[tuple[str, Any]]:
+    """Like ``run_ranks``, but a rank may fail or die: per rank ``("ok", value)``,
+    ``("error", traceback)`` or ``("died", exit code)`` (e.g. -9 after a SIGKILL)."""
     ctx = mp.get_context("spawn")
     results: Any = ctx.Queue()
     store_dir = tempfile.mkdtemp(prefix="dcp_engine_store_")
@@ -36,41 +49,30 @@ def run_ranks(
     ]
     for p in procs:
         p.start()
-    out: dict[int, Any] = {}
-    errors: dict[int, str] = {}
+    out: dict[int, tuple[str, Any]] = {}
     deadline = time.monotonic() + timeout
     try:
-        while len(out) + len(errors) < world_size:
+        while len(out) < world_size:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise AssertionError(
-                    f"ranks {sorted(set(range(world_size)) - set(out) - set(errors))} "
-                    f"did not finish within {timeout}s; errors so far: {errors}"
+                    f"ranks {sorted(set(range(world_size)) - set(out))} did not finish "
+                    f"within {timeout}s; so far: {out}"
                 )
             try:
                 rank, ok, value = results.get(timeout=min(left, 1.0))
             except queue.Empty:
-                dead = [
-                    r
-                    for r, p in enumerate(procs)
-                    if p.exitcode not in (None, 0) and r not in out and r not in errors
-                ]
-                for r in dead:
-                    errors[r] = f"process exited with code {procs[r].exitcode}"
+                for r, p in enumerate(procs):
+                    if p.exitcode not in (None, 0) and r not in out:
+                        out[r] = ("died", p.exitcode)
                 continue
-            if ok:
-                out[rank] = pickle.loads(value)
-            else:
-                errors[rank] = value
+            out[rank] = ("ok", pickle.loads(value)) if ok else ("error", value)
     finally:
         for p in procs:
             p.join(timeout=10)
             if p.is_alive():
                 p.kill()
                 p.join()
-    if errors:
-        msg = "\n".join(f"--- rank {r} ---\n{tb}" for r, tb in sorted(errors.items()))
-        raise AssertionError(f"{len(errors)} of {world_size} ranks failed:\n{msg}")
     return [out[r] for r in range(world_size)]
 
 

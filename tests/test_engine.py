@@ -39,6 +39,12 @@ def test_save_commits_marker_shards_index_and_latest(mgr):
     assert os.readlink(mgr.experiment_dir / "checkpoints" / "latest") == "step_00000007"
     index = json.loads((mgr.experiment_dir / "index.json").read_text())
     assert [c["step"] for c in index["checkpoints"]] == [7] and index["latest"] == 7
+    # Every file's CRC-32, computed while writing, in the marker and the index.
+    from dcp_engine.digests import file_digest
+
+    for name, meta in marker["files"].items():
+        assert meta["crc32"] == file_digest(info.path / name), name
+    assert index["checkpoints"][0]["files"] == marker["files"]
     assert not list(info.path.parent.glob("*.tmp"))
     assert mgr.stats()[-1].step == 7 and mgr.stats()[-1].bytes == info.bytes
 
@@ -101,11 +107,12 @@ def test_tmp_and_markerless_directories_are_never_listed_loaded_or_latest(cfg, m
     (ckpts / "step_00000008" / "COMMITTED").unlink()
     shutil.copytree(ckpts / "step_00000001", ckpts / "step_00000999.backup")
     (ckpts / "notes").mkdir()
+    with pytest.raises(de.CheckpointError, match=r"step_00000009\.tmp is incomplete"):
+        mgr.load(app, 9)
     with de.CheckpointManager(cfg) as again:
+        assert not (ckpts / "step_00000009.tmp").exists()  # swept at start-up
         assert [c.step for c in again.checkpoints()] == [1]
         assert again.load(app).step == 1
-        with pytest.raises(de.CheckpointError, match=r"step_00000009\.tmp is incomplete"):
-            again.load(app, 9)
         with pytest.raises(de.NotACheckpointError, match="no COMMITTED marker"):
             again.load(app, 8)
         with pytest.raises(de.NotACheckpointError, match="step_00000008"):
@@ -203,8 +210,10 @@ def test_failed_read_leaves_fresh_optimizer_empty_and_model_unchanged(mgr):
     shard.write_bytes(b"\0" * 64 + raw[64:])  # same size, unreadable first item
     app = toy.make_app("plain", seed=4)
     before = {k: v.clone() for k, v in app["model"].state_dict().items()}
+    with pytest.raises(de.IntegrityError, match=r"__0_0\.distcp: crc32 \w{8}, the marker says"):
+        mgr.load(app, 1)  # verified first (the default): nothing is read into the state
     with pytest.raises(de.CheckpointError, match=r"reading checkpoint .*step_00000001 failed"):
-        mgr.load(app, 1)
+        mgr.load(app, 1, verify=False)
     assert not app["optim"].state
     toy.assert_equal(before, app["model"].state_dict())
 

@@ -287,7 +287,8 @@ def retention_under_saves(rank: int, world_size: int, root: str, saves: int) -> 
             app["step"] = step
             mgr.save(step, app)
             app["w"].fill_(-1.0)  # training goes on mutating the state
-        mgr.wait()
+        mgr.wait()  # on rank 0 this includes the retention that followed the last commit
+        torch.distributed.barrier()
         return {"steps": [c.step for c in mgr.checkpoints()]}
 
 

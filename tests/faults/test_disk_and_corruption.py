@@ -1,0 +1,151 @@
+"""A full disk, a flipped byte, a cut file, foreign names: each detected, nothing lost."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+
+import pytest
+import torch
+
+import dcp_engine as de
+from dcp_engine.faults import FAULT_ENV
+from tests.distributed import run_ranks
+from tests.faults import ranks
+
+
+def cfg(tmp_path, **kw):
+    return de.CheckpointConfig(root_dir=str(tmp_path), experiment_name="faults",
+                               async_mode="off", **kw)  # fmt: skip
+
+
+def fresh_app():
+    return {"w": torch.zeros(4096), "b": torch.zeros(64, dtype=torch.long), "step": -1}
+
+
+def assert_is_step(app, step):
+    expected = ranks.state(step)
+    assert app["step"] == step and torch.equal(app["w"], expected["w"])
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize(
+    "mode, fault, message",
+    [
+        ("off", "enospc", "No space left"),
+        ("thread", "enospc", "No space left"),
+        ("process", "enospc", "No space left"),
+        ("thread", "eio", "Input/output error"),
+        ("off", "eacces", "Permission denied"),
+    ],
+)
+def test_a_write_error_on_one_rank_fails_the_save_everywhere_and_the_next_one_succeeds(
+    tmp_path, monkeypatch, mode, fault, message
+):
+    """Pass: ENOSPC (or EIO, EACCES) injected on rank 1 after 1,000 bytes of step 2's
+    shards: both ranks raise for step 2 within timeout_s, step 2 is not committed, latest
+    stays step 1, the .tmp is left for the sweep; step 3 then commits; a fresh job
+    resumes at step 3."""
+    monkeypatch.setenv(FAULT_ENV, f"{fault}:1:1000:2")
+    out = run_ranks(ranks.save_two, 2, str(tmp_path), mode, 20.0)
+    for r in out:
+        assert r["error"] and "step 2" in r["error"] and message in r["error"], r
+        assert r["elapsed"] < 20.0 + 30, r
+        assert r["third"] is None, r
+    monkeypatch.delenv(FAULT_ENV)
+    ckpts = tmp_path / "faults" / "checkpoints"
+    assert not (ckpts / "step_00000002").exists()
+    assert (ckpts / "step_00000002.tmp").is_dir()  # left for the sweep at start-up
+    after = run_ranks(ranks.load_latest, 2, str(tmp_path))
+    assert after[0]["step"] == 3 and after[0]["steps"] == [1, 3]
+    assert not (ckpts / "step_00000002.tmp").exists()  # swept by the fresh job
+
+
+def test_a_save_that_would_fill_the_disk_is_refused_up_front(tmp_path, monkeypatch):
+    """Pass: with less free space than the last checkpoint took, the save is refused
+    before anything is written, saying how much is needed and free."""
+    with de.CheckpointManager(cfg(tmp_path)) as mgr:
+        info = mgr.save(1, ranks.state(1))
+        monkeypatch.setenv(FAULT_ENV, "free:1000")
+        with pytest.raises(de.CheckpointError, match=r"1000 B free.*took .*KiB.*free at least"):
+            mgr.save(2, ranks.state(2))
+        assert not (info.path.parent / "step_00000002.tmp").exists()
+        monkeypatch.delenv(FAULT_ENV)
+        mgr.save(2, ranks.state(2))
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate_metadata", "truncate_shard"])
+def test_a_corrupt_latest_is_skipped_on_resume_and_refused_by_name(tmp_path, caplog, damage):
+    """Pass: step 2 damaged (a flipped byte in a shard, a cut .metadata, a cut shard):
+    resume picks step 1 and logs why step 2 was skipped; loading step 2 by name and
+    verify() raise IntegrityError naming the file; `dcp-engine verify` would exit 1."""
+    with de.CheckpointManager(cfg(tmp_path)) as mgr:
+        mgr.save(1, ranks.state(1))
+        bad = mgr.save(2, ranks.state(2)).path
+    if damage == "flip":
+        target = sorted(bad.glob("*.distcp"))[0]
+        data = bytearray(target.read_bytes())
+        data[len(data) // 3] ^= 0x10
+        target.write_bytes(bytes(data))
+    else:
+        target = bad / (".metadata" if damage == "truncate_metadata" else "__0_0.distcp")
+        target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
+    with de.CheckpointManager(cfg(tmp_path)) as mgr:
+        app = fresh_app()
+        with caplog.at_level(logging.WARNING):
+            info = mgr.load(app)
+        assert info.step == 1
+        assert_is_step(app, 1)
+        assert any("skipping" in r.message and target.name in r.message for r in caplog.records)
+        with pytest.raises(de.IntegrityError, match=target.name):
+            mgr.load(fresh_app(), 2)
+        if damage == "flip":
+            with pytest.raises(de.IntegrityError, match=r"crc32 \w{8}, the marker says \w{8}"):
+                mgr.verify(2)
+        assert mgr.verify(1).step == 1
+
+
+def test_every_checkpoint_corrupt_is_an_error_not_a_fresh_start(tmp_path):
+    """Pass: when no committed checkpoint matches its digests, resume raises instead of
+    silently starting over."""
+    with de.CheckpointManager(cfg(tmp_path)) as mgr:
+        path = mgr.save(1, ranks.state(1)).path
+    shard = sorted(path.glob("*.distcp"))[0]
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with de.CheckpointManager(cfg(tmp_path)) as mgr, pytest.raises(
+        de.IntegrityError, match="none of the 1 committed checkpoints"
+    ):
+        mgr.load(fresh_app())
+
+
+def test_foreign_names_markerless_steps_a_cut_index_and_stale_tmps(tmp_path):
+    """Pass: `step_00000999.backup/`, `notes/` and a marker-less `step_00000005/` are never
+    listed, loaded or deleted (retention included); an index cut in half is rebuilt from
+    the markers; stale `.tmp` directories are swept at start-up; resume loads step 3."""
+    c = cfg(tmp_path, keep_last_n=1)
+    with de.CheckpointManager(c) as mgr:
+        for step in (1, 2, 3):
+            mgr.save(step, ranks.state(step))
+    exp = tmp_path / "faults"
+    ckpts = exp / "checkpoints"
+    shutil.copytree(ckpts / "step_00000003", ckpts / "step_00000999.backup")
+    (ckpts / "notes").mkdir()
+    shutil.copytree(ckpts / "step_00000003", ckpts / "step_00000005")
+    (ckpts / "step_00000005" / "COMMITTED").unlink()
+    shutil.copytree(ckpts / "step_00000003", ckpts / "step_00000004.tmp")
+    index = exp / "index.json"
+    index.write_bytes(index.read_bytes()[: index.stat().st_size // 2])
+    with de.CheckpointManager(c) as mgr:
+        assert [e.step for e in mgr.checkpoints()] == [3]
+        app = fresh_app()
+        assert mgr.load(app).step == 3
+        assert_is_step(app, 3)
+        mgr.save(6, ranks.state(6))
+        mgr.wait()
+    assert json.loads(index.read_text())["latest"] == 6
+    names = sorted(p.name for p in ckpts.iterdir())
+    assert names == ["latest", "notes", "step_00000003", "step_00000005", "step_00000006",
+                     "step_00000999.backup"]  # fmt: skip
