@@ -10,6 +10,7 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from dcp_engine import index, layout
@@ -47,7 +48,7 @@ def watch(experiment: str, stop_file: str, out: Any) -> None:
         newest = committed[-1]
         try:
             w = load_tensors(newest.path)["w"]
-        except Exception as e:
+        except (Exception, CheckpointException) as e:  # DCP's is a BaseException
             if not newest.path.exists():
                 tally["vanished"] += 1  # collected after we listed it: a newer one exists
             else:
