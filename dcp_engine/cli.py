@@ -248,7 +248,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
     exp = layout.ExperimentLayout(exp_dir)
     monitor, mode = args.monitor, args.mode
     if monitor is None:
-        monitor, saved_mode = index._monitor_of(exp)
+        monitor, saved_mode = index.monitor_of(exp)
         mode = mode or saved_mode
     if args.keep_top_k not in (None, -1, 0) and monitor is None:
         raise _Fail("--keep-top-k needs --monitor (or checkpoint.monitor in config.yaml)")

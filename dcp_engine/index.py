@@ -258,7 +258,7 @@ def find_checkpoints(
     if mode != "best":
         raise ValueError(f"mode must be 'latest' or 'best', got {mode!r}")
     if monitor is None:
-        monitor, saved_mode = _monitor_of(exp)
+        monitor, saved_mode = monitor_of(exp)
         metric_mode = metric_mode or saved_mode
     if monitor is None:
         raise CheckpointError(
@@ -268,7 +268,7 @@ def find_checkpoints(
     return retention.rank_by_metric(committed, monitor, metric_mode or "min")
 
 
-def _monitor_of(exp: layout.ExperimentLayout) -> tuple[str | None, str | None]:
+def monitor_of(exp: layout.ExperimentLayout) -> tuple[str | None, str | None]:
     """``checkpoint.monitor`` and ``checkpoint.mode`` of the experiment's ``config.yaml``."""
     import yaml
 

@@ -210,7 +210,7 @@ def average(
         raise ValueError(f"top_k must be >= 1, got {top_k}")
     ranked = index.find_checkpoints(experiment, "best", monitor=monitor, metric_mode=mode)
     if monitor is None:
-        monitor, _ = index._monitor_of(layout.ExperimentLayout(Path(experiment)))
+        monitor, _ = index.monitor_of(layout.ExperimentLayout(Path(experiment)))
     assert monitor is not None  # find_checkpoints raised otherwise
     chosen = [c for c in ranked if math.isfinite(retention.metric_of(c, monitor))][:top_k]
     if not chosen:
