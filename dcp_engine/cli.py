@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from . import commit, index, layout, offline, retention
+from . import collector, commit, index, layout, offline, retention
 from .errors import CheckpointError, CheckpointNotFoundError
 
 
@@ -265,12 +265,18 @@ def cmd_gc(args: argparse.Namespace) -> int:
     aliased = {layout.parse_step_dirname(name) for name in _aliases(exp)}
     doomed = policy.to_delete(found.committed, also={s for s in aliased if s is not None})
     kept = [c.step for c in found.committed if c.step not in doomed]
-    verb = "would delete" if args.dry_run else "deleted"
-    for step in doomed:
-        if args.dry_run or commit.retire(exp, step):
-            print(f"{verb} {exp.step_dir(step)}")
-    if not args.dry_run and doomed:
-        index.reconcile(exp, monitor=monitor, mode=mode or "min")
+    if args.dry_run:
+        for step in doomed:
+            print(f"would delete {exp.step_dir(step)}")
+    elif doomed:
+
+        def forget(steps: list[int]) -> None:
+            remaining = [c for c in found.committed if c.step not in steps]
+            top = retention.best(remaining, monitor, mode or "min")
+            index.write_index(exp, remaining, best=None if top is None else top.step)
+
+        for step in collector.delete(exp, doomed, forget=forget, fsync=True):
+            print(f"deleted {exp.step_dir(step)}")
     print(f"kept {len(kept)}: steps {kept}")
     return 0
 

@@ -83,14 +83,28 @@ class Collector:
         doomed = self._policy.to_delete(entries, self._protected())
         if not doomed:
             return []
-        self._forget(doomed)  # out of the index before anything is deleted
-        deleted = []
-        for step in doomed:
-            if commit.retire(self._exp, step, fsync=self._fsync):
-                deleted.append(step)
-            else:
-                log.info("step %d was already gone from %s", step, self._exp.checkpoints_dir)
-        if deleted:
-            log.info("retention: deleted %s", ", ".join(layout.step_dirname(s) for s in deleted))
+        deleted = delete(self._exp, doomed, forget=self._forget, fsync=self._fsync)
         self.deleted.extend(deleted)
         return deleted
+
+
+def delete(
+    exp: layout.ExperimentLayout,
+    steps: list[int],
+    *,
+    forget: Callable[[list[int]], None],
+    fsync: bool,
+) -> list[int]:
+    """Delete committed ``steps`` in the order above: ``forget`` takes them out of the
+    index first, then each directory is retired. The steps deleted (one already gone is
+    skipped)."""
+    forget(steps)
+    deleted = []
+    for step in steps:
+        if commit.retire(exp, step, fsync=fsync):
+            deleted.append(step)
+        else:
+            log.info("step %d was already gone from %s", step, exp.checkpoints_dir)
+    if deleted:
+        log.info("retention: deleted %s", ", ".join(layout.step_dirname(s) for s in deleted))
+    return deleted

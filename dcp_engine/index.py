@@ -102,6 +102,21 @@ def inspect_checkpoint_dir(path: Path) -> CheckpointInfo:
     return CheckpointInfo.from_marker(path, marker)
 
 
+def checkpoint_dir_of(path: str | os.PathLike[str]) -> Path:
+    """The committed checkpoint a path names: a checkpoint directory, an alias to one, or
+    an experiment directory (its latest). Raises saying why there is none."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointNotFoundError(f"{p} does not exist")
+    p = p.resolve()
+    if (p / layout.CHECKPOINTS_DIR).is_dir():  # an experiment: its latest checkpoint
+        found = resolve(layout.ExperimentLayout(p), "latest", monitor=None, mode="min")
+        if found is None:
+            raise CheckpointNotFoundError(f"experiment {p} has no committed checkpoint")
+        return found[0].resolve()
+    return inspect_checkpoint_dir(p).path
+
+
 def scan(exp: layout.ExperimentLayout) -> Scan:
     """Every checkpoint directory of ours under ``checkpoints/``; other names are ignored."""
     committed: list[CheckpointInfo] = []

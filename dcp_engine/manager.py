@@ -280,17 +280,11 @@ class CheckpointManager:
         file with the expected and actual digests. Collective."""
         self._check_open()
         self.wait()
-        what = f"verify of {which!r}"
-        found = self._comm.decide(
-            lambda: index.resolve(
-                self._layout, which, monitor=self.config.monitor, mode=self.config.mode
-            ),
-            what,
-        )
+        found = self._resolve(which, verify=False)
         if found is None:
             raise CheckpointNotFoundError(f"no committed checkpoint in {self.experiment_dir}")
-        path, marker = Path(found[0]), found[1]
-        problems = self._file_problems(path, marker, what)
+        path, marker = found
+        problems = self._file_problems(path, marker, f"verify of {which!r}")
         if problems:
             raise IntegrityError(f"{path} is corrupt: " + "; ".join(problems))
         return CheckpointInfo.from_marker(path, marker)
@@ -916,7 +910,7 @@ def _choose_experiment(config: CheckpointConfig) -> tuple[str, str | None]:
         return name or _default_name(config), None
     if resume in ("latest", "best"):
         return name or _newest_run(config) or _default_name(config), None
-    source = _branch_source(Path(resume))
+    source = index.checkpoint_dir_of(resume)
     source_exp = layout.experiment_of(source).resolve()
     if not name:
         name = _default_name(config)
@@ -936,20 +930,6 @@ def _newest_run(config: CheckpointConfig) -> str | None:
         if ours and index.scan(layout.ExperimentLayout(config.root_path / name)).committed:
             return name
     return None
-
-
-def _branch_source(path: Path) -> Path:
-    """The committed checkpoint a branch starts from: ``path`` itself, or the latest of the
-    experiment directory ``path`` names."""
-    if not path.exists():
-        raise CheckpointNotFoundError(f"resume={str(path)!r}: no such checkpoint or experiment")
-    path = path.resolve()
-    if (path / layout.CHECKPOINTS_DIR).is_dir():  # an experiment: its latest checkpoint
-        found = index.resolve(layout.ExperimentLayout(path), "latest", monitor=None, mode="min")
-        if found is None:
-            raise CheckpointNotFoundError(f"resume={str(path)!r}: no committed checkpoint in it")
-        return found[0].resolve()
-    return index.inspect_checkpoint_dir(path).path
 
 
 def _describe(entries: Mapping[str, Any]) -> str:

@@ -24,7 +24,7 @@ from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadat
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
 from . import commit, index, layout, retention, state
-from .errors import CheckpointError, CheckpointNotFoundError, NotACheckpointError
+from .errors import CheckpointError, NotACheckpointError
 
 DTYPES = {
     "fp32": torch.float32, "float32": torch.float32,
@@ -68,21 +68,13 @@ class Checkpoint:
 
 def open_checkpoint(path: str | Path) -> Checkpoint:
     """A committed checkpoint by directory, alias or experiment (its latest)."""
-    p = Path(path)
-    if not p.exists():
-        raise CheckpointNotFoundError(f"{p} does not exist")
-    if (p / layout.CHECKPOINTS_DIR).is_dir():
-        found = index.resolve(layout.ExperimentLayout(p), "latest", monitor=None, mode="min")
-        if found is None:
-            raise CheckpointNotFoundError(f"experiment {p} has no committed checkpoint")
-        p = found[0]
-    info = index.inspect_checkpoint_dir(p.resolve())
-    marker = commit.read_marker(info.path)
+    where = index.checkpoint_dir_of(path)
+    marker = commit.read_marker(where)
     try:
-        metadata = FileSystemReader(info.path).read_metadata()
+        metadata = FileSystemReader(where).read_metadata()
     except Exception as e:
-        raise NotACheckpointError(f"{info.path}: DCP metadata unreadable: {e}") from e
-    return Checkpoint(info.path, marker, metadata)
+        raise NotACheckpointError(f"{where}: DCP metadata unreadable: {e}") from e
+    return Checkpoint(where, marker, metadata)
 
 
 def _check_key(ckpt: Checkpoint, key: str | None) -> None:
@@ -208,9 +200,10 @@ def average(
     Returns the file and the steps averaged."""
     if top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
-    ranked = index.find_checkpoints(experiment, "best", monitor=monitor, metric_mode=mode)
     if monitor is None:
-        monitor, _ = index.monitor_of(layout.ExperimentLayout(Path(experiment)))
+        monitor, saved_mode = index.monitor_of(layout.ExperimentLayout(Path(experiment)))
+        mode = mode or saved_mode
+    ranked = index.find_checkpoints(experiment, "best", monitor=monitor, metric_mode=mode)
     assert monitor is not None  # find_checkpoints raised otherwise
     chosen = [c for c in ranked if math.isfinite(retention.metric_of(c, monitor))][:top_k]
     if not chosen:

@@ -8,24 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from dcp_engine import index, layout
-
-
-def load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a checkpoint, read by DCP without a process group."""
-    metadata = FileSystemReader(path).read_metadata()
-    state = {
-        key: torch.empty(meta.size, dtype=meta.properties.dtype)
-        for key, meta in metadata.state_dict_metadata.items()
-        if isinstance(meta, TensorStorageMetadata)
-    }
-    dcp.load(state, storage_reader=FileSystemReader(path), no_dist=True)
-    return state
+from dcp_engine import index, layout, offline
 
 
 def watch(experiment: str, stop_file: str, out: Any) -> None:
@@ -47,7 +32,7 @@ def watch(experiment: str, stop_file: str, out: Any) -> None:
         seen_commit = True
         newest = committed[-1]
         try:
-            w = load_tensors(newest.path)["w"]
+            w = offline.load_entries(offline.open_checkpoint(newest.path), ["w"])["w"]
         except (Exception, CheckpointException) as e:  # DCP's is a BaseException
             if not newest.path.exists():
                 tally["vanished"] += 1  # collected after we listed it: a newer one exists
