@@ -34,6 +34,7 @@ from torch.distributed.checkpoint._nested_dict import flatten_state_dict, unflat
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
+    _get_fqns,
     get_model_state_dict,
     get_optimizer_state_dict,
     set_model_state_dict,
@@ -332,8 +333,12 @@ def _build_load_plan(
                 rollbacks.append(value.state.clear)
             osd = get_optimizer_state_dict(owner, value, options=_OPTIM_OPTIONS)
             nested[key] = _empty_like(osd)
-            restores.append(_Restore(key, _ORDER[kind], _same, _optimizer_setter(owner, value)))
+            unstepped = _unstepped(key, owner, value, metadata)
+            restores.append(
+                _Restore(key, _ORDER[kind], _same, _optimizer_setter(owner, value, unstepped))
+            )
             lenient.add(f"{key}.param_groups.")
+            lenient.update(f"{key}.state.{fqn}." for fqn in unstepped)
         elif saved.get("encoding") == PICKLE:
             nested[key] = b""
             restores.append(
@@ -437,8 +442,43 @@ def _module_setter(module: nn.Module) -> Callable[[Any], None]:
     return apply
 
 
-def _optimizer_setter(owner: nn.Module, optim: torch.optim.Optimizer) -> Callable[[Any], None]:
-    return lambda osd: set_optimizer_state_dict(owner, optim, osd, options=_OPTIM_OPTIONS)
+def _unstepped(
+    key: str, owner: nn.Module, optim: torch.optim.Optimizer, metadata: Metadata
+) -> dict[str, nn.Parameter]:
+    """The parameters of ``optim`` that have no state at all in the checkpoint: they had
+    not been stepped when it was saved (DINO's last layer, frozen for the first epoch, has
+    its gradients dropped). By fqn. A parameter with part of its state is not one of them
+    (``_match`` reports it)."""
+    prefix = f"{key}.state."
+    # state.<fqn>.<name>: optimizer state names (exp_avg, step, ...) hold no dot
+    saved = {f[len(prefix) :].rsplit(".", 1)[0] for f in metadata.state_dict_metadata
+             if f.startswith(prefix)}  # fmt: skip
+    mine = {id(p) for group in optim.param_groups for p in group["params"]}
+    out: dict[str, nn.Parameter] = {}
+    for name, param in owner.named_parameters():
+        if id(param) in mine and param.requires_grad:
+            out.update((fqn, param) for fqn in _get_fqns(owner, name) if fqn not in saved)
+    return out
+
+
+def _optimizer_setter(
+    owner: nn.Module, optim: torch.optim.Optimizer, unstepped: Mapping[str, nn.Parameter]
+) -> Callable[[Any], None]:
+    def apply(osd: Any) -> None:
+        set_optimizer_state_dict(owner, optim, osd, options=_OPTIM_OPTIONS)
+        # Invariant: a parameter without state in the checkpoint has none after the load,
+        # as in the run that saved it (its first step then counts from 1, bit for bit).
+        for param in unstepped.values():
+            optim.state.pop(param, None)
+        if unstepped:
+            log.info(
+                "%d parameters were not stepped yet when the checkpoint was saved: "
+                "no optimizer state for %s",
+                len(unstepped),
+                _first(sorted(unstepped)),
+            )
+
+    return apply
 
 
 def _setter(key: str, kind: str, app_state: dict[str, Any]) -> Callable[[Any], None]:

@@ -401,3 +401,44 @@ def test_a_failing_stateful_runs_before_modules_are_touched(mgr):
         mgr.load(app)
     toy.assert_equal(before, app["model"].state_dict())
     assert not app["optim"].state
+
+
+def test_parameters_not_stepped_yet_resume_bit_exact(mgr):
+    """DINO drops the last layer's gradients in epoch 1, so AdamW has no state for it when
+    a checkpoint is saved. A fresh optimizer must come back without state for it (not the
+    zero state DCP initialises to learn shapes), or its first real step is another one."""
+
+    def build() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 3))
+        return net, torch.optim.AdamW(net.parameters(), lr=1e-2, weight_decay=0.1)
+
+    def step(net: torch.nn.Module, optim: torch.optim.Optimizer, frozen: bool) -> None:
+        net(torch.arange(12.0).view(3, 4)).square().sum().backward()
+        if frozen:
+            for p in net[1].parameters():
+                p.grad = None
+        optim.step()
+        optim.zero_grad()
+
+    straight, resumed = build(), build()
+    for frozen in (True, True, False, False):
+        step(*straight, frozen)
+    step(*resumed, True)
+    mgr.save(1, {"model": resumed[0], "optim": resumed[1]})
+    resumed = build()
+    mgr.load({"model": resumed[0], "optim": resumed[1]}, 1)
+    assert set(resumed[1].state) == set(resumed[0][0].parameters())  # none for layer 1
+    for frozen in (True, False, False):
+        step(*resumed, frozen)
+    toy.assert_equal(straight[0].state_dict(), resumed[0].state_dict())
+    toy.assert_equal(straight[1].state_dict(), resumed[1].state_dict())
+
+    broken = build()  # part of a parameter's state missing is still refused
+    step(*broken, False)
+    del broken[1].state[broken[0][1].bias]["exp_avg"]
+    mgr.save(2, {"model": broken[0], "optim": broken[1]})
+    with pytest.raises(
+        de.StateMismatchError, match=r"missing in checkpoint: optim\.state\.1\.bias\.exp_avg"
+    ):
+        mgr.load(dict(zip(("model", "optim"), build(), strict=True)), 2)
