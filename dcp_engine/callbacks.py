@@ -61,7 +61,9 @@ class CheckpointCallback:
     The loop position (steps done, epoch, whether the epoch had ended) is kept in the
     checkpoint's marker (``CheckpointInfo.extra["trainer"]``, after Dream Trainer's
     ``trainer`` entry), so ``on_train_start`` can say where to go on. Subclasses may
-    override ``should_save``; rank 0's answer is then used on every rank.
+    override ``should_save``; rank 0's answer is then used on every rank. ``extra``: a
+    JSON dict kept beside the position in every checkpoint's marker (DINO keeps its
+    training config there, as its guide's checkpoints hold ``config``).
     """
 
     def __init__(
@@ -70,6 +72,7 @@ class CheckpointCallback:
         *,
         process_group: dist.ProcessGroup | None = None,
         run_config: Mapping[str, Any] | None = None,
+        extra: Mapping[str, Any] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if not isinstance(config, CheckpointConfig):
@@ -77,6 +80,9 @@ class CheckpointCallback:
         self.config = config
         self.manager: CheckpointManager | None = None
         self._group, self._run_config = process_group, run_config
+        if extra is not None and LOOP_KEY in extra:
+            raise ValueError(f"extra[{LOOP_KEY!r}] is the callback's (the loop position)")
+        self._extra = dict(extra or {})  # JSON, kept in every checkpoint's marker
         self._clock = clock
         self._step = 0  # steps done
         self._epoch = 0  # the epoch running now
@@ -312,7 +318,7 @@ class CheckpointCallback:
             # Saved already at this step (a step trigger on the epoch's last step): the
             # metrics that came since (the validation) go to that checkpoint.
             if ended:
-                loop = {LOOP_KEY: _position(step, epoch, True)}
+                loop = {**self._extra, LOOP_KEY: _position(step, epoch, True)}
                 self.manager.update_metrics(step, merged, extra=loop)
                 self._record_best(merged)
                 self._metrics, self._validated = {}, False
@@ -332,7 +338,7 @@ class CheckpointCallback:
         force: bool = False,
     ) -> bool:
         assert self.manager is not None
-        loop = {LOOP_KEY: _position(step, epoch, ended)}
+        loop = {**self._extra, LOOP_KEY: _position(step, epoch, ended)}
         self.manager.save(step, app_state, epoch=epoch, metrics=metrics, force=force, extra=loop)
         if any(s.step == step and s.skipped for s in self.manager.stats()[-2:]):
             return False  # when_busy="skip": the previous save is still writing

@@ -1,0 +1,108 @@
+"""``save_checkpoint`` and ``load_checkpoint`` with the names of DINO's checkpointing
+guide (``dino.utils``), on top of ``CheckpointManager``.
+
+A checkpoint is a directory of shards written by every rank, not one ``.pth`` file:
+
+- ``save_checkpoint(path, ...)``: ``path`` is an experiment directory; the checkpoint is
+  committed as ``path/checkpoints/step_<iteration>`` and ``latest`` moves to it;
+- ``load_checkpoint(path, ...)``: ``path`` is a checkpoint directory, an alias
+  (``.../checkpoints/latest``, ``best``) or an experiment (its latest).
+
+The guide's entries map to ``student``, ``teacher``, ``optimizer``, ``dino_loss`` (whose
+``center`` buffer is the guide's ``dino_loss_center``) in the checkpoint, and ``epoch``,
+``iteration`` (the step), ``metrics``, ``config`` and ``timestamp`` in its marker. Both
+are collective: every rank calls them, as with ``torch.distributed.checkpoint``. The
+training loop (``train_dino.py``) saves through the asynchronous callback instead; its
+checkpoints load here too (extra entries such as the sampler are then left alone).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import dcp_engine as de
+from dcp_engine import index, layout
+
+CONFIG_KEY = "config"  # in the marker's extra
+
+
+def save_checkpoint(
+    path: str | os.PathLike[str],
+    *,
+    epoch: int,
+    iteration: int,
+    student: nn.Module,
+    teacher: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: nn.Module,
+    config: Mapping[str, Any] | None = None,
+    metrics: Mapping[str, float] | None = None,
+    **state: Any,
+) -> de.CheckpointInfo:
+    """Write and commit a checkpoint of the DINO state (plus any ``state`` entries:
+    a scaler, a sampler) into experiment ``path``; returns it once committed."""
+    exp = Path(path)
+    cfg = de.CheckpointConfig(
+        root_dir=exp.parent,
+        experiment_name=exp.name,
+        async_mode="off",
+        monitor=next(iter(metrics), None) if metrics else None,
+    )
+    app = {"student": student, "teacher": teacher, "optimizer": optimizer, "dino_loss": loss_fn}
+    app.update(state)
+    extra = {CONFIG_KEY: dict(config or {})}
+    with de.CheckpointManager(cfg, run_config=config) as mgr:
+        info = mgr.save(iteration, app, epoch=epoch, metrics=metrics, extra=extra)
+    assert info is not None  # async_mode="off": committed on return
+    return info
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str],
+    *,
+    student: nn.Module | None = None,
+    teacher: nn.Module | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    loss_fn: nn.Module | None = None,
+    **state: Any,
+) -> dict[str, Any]:
+    """Restore what is given from checkpoint ``path`` (nothing changes if any of it fails)
+    and return the guide's dict: ``epoch``, ``iteration``, ``config``, ``metrics``,
+    ``timestamp`` and the checkpoint's ``path``. The RNG states are not restored: use the
+    training loop's resume for a bit-exact continuation."""
+    given = {"student": student, "teacher": teacher, "optimizer": optimizer, "dino_loss": loss_fn}
+    app = {k: v for k, v in given.items() if v is not None}
+    app.update(state)
+    if not app:
+        raise ValueError(
+            "load_checkpoint: pass at least one of student, teacher, optimizer, loss_fn"
+        )
+    if optimizer is not None and student is None:
+        raise ValueError(
+            "load_checkpoint: the optimizer's state is keyed by the student's "
+            "parameter names; pass student= too"
+        )
+    ckpt = index.checkpoint_dir_of(path)  # raises naming the path if there is none
+    exp = layout.experiment_of(ckpt)
+    cfg = de.CheckpointConfig(
+        root_dir=exp.parent, experiment_name=exp.name, async_mode="off", capture_rng=False
+    )
+    with de.CheckpointManager(cfg) as mgr:
+        info = mgr.load(app, ckpt)
+    assert info is not None
+    trainer = info.extra.get("trainer", {})
+    return {
+        "epoch": info.epoch if info.epoch is not None else trainer.get("epoch", 0),
+        "iteration": info.step,
+        "config": info.extra.get(CONFIG_KEY, {}),
+        "metrics": dict(info.metrics),
+        "timestamp": dt.datetime.fromtimestamp(info.created, dt.timezone.utc).isoformat(),
+        "path": str(info.path),
+    }
