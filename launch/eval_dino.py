@@ -51,12 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     model = DinoModel.from_config(cfg)  # plain: no DDP, no FSDP, no process group
     de.load_weights(model, ckpt, key=args.key)  # strict: every key, every shape
     model.eval()
-    info = de.find_checkpoints(exp)
-    meta = next((c for c in info if c.path.resolve() == ckpt.resolve()), None)
-    print(
-        f"loaded {args.key} of {ckpt} "
-        + (f", step {meta.step}, epoch {meta.epoch}, metrics {dict(meta.metrics)}" if meta else "")
-    )
+    meta = index.inspect_checkpoint_dir(ckpt)
+    print(f"loaded the {args.key} of {ckpt} into a plain {type(model).__name__}: step "
+          f"{meta.step}, epoch {meta.epoch}, metrics {dict(meta.metrics)}")
 
     ev = cfg["eval"]
     images, labels = eval_images(base_dataset(cfg), ev)

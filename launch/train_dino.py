@@ -56,6 +56,7 @@ def main() -> None:
         format=f"[rank{rank}] %(message)s",
         stream=sys.stdout,
     )
+    logging.getLogger("dcp_engine").setLevel(logging.WARNING)  # our lines say it shorter
     m, d, t, lc = cfg["model"], cfg["data"], cfg["train"], cfg["loss"]
     if t["batch_size"] % world:
         raise SystemExit(f"train.batch_size {t['batch_size']} is not a multiple of {world} ranks")
@@ -75,7 +76,10 @@ def main() -> None:
     # global RNG each epoch, and a resumed run (one iterator fewer before the restored
     # RNG state) would draw the student's drop-path masks from another point.
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=t["batch_size"] // world, sampler=sampler, drop_last=True,
+        dataset,
+        batch_size=t["batch_size"] // world,
+        sampler=sampler,
+        drop_last=True,
         generator=torch.Generator().manual_seed(cfg["seed"]),
     )
     niter = sampler.steps_per_epoch
@@ -153,7 +157,8 @@ def main() -> None:
                 "resumed from %s: step %d, epoch %d", start.resumed_from.path, step, start.epoch
             )
 
-    progress = Progress(rank == 0 and not args.no_bar, max_steps, step)
+    log_path = mgr.experiment_dir / "train_log.jsonl" if mgr is not None else None
+    progress = Progress(rank == 0, max_steps, step, bar=not args.no_bar, log_path=log_path)
     autocast = (
         torch.autocast(
             device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16
@@ -226,18 +231,12 @@ def main() -> None:
         raise
     progress.checkpoints(mgr, final=True)
     digests = state_digests(app)
+    progress.close()
     if rank == 0:
-        progress.close()
         if mgr is not None:
-            kept = [
-                (c.path.name, c.epoch, dict(c.metrics))
-                for c in de.find_checkpoints(mgr.experiment_dir)
-            ]
-            log.info(
-                "done at step %d; committed checkpoints: %s",
-                step,
-                ", ".join(f"{n} (epoch {e})" for n, e, _ in kept),
-            )
+            kept = de.find_checkpoints(mgr.experiment_dir)
+            names = ", ".join(f"{c.path.name} (epoch {c.epoch})" for c in kept)
+            log.info("done at step %d; committed checkpoints: %s", step, names)
         log.info("final state sha256 %s", digests["all"][:16])
         if args.digest_out:
             Path(args.digest_out).write_text(json.dumps(digests, indent=1))
@@ -343,9 +342,14 @@ class Progress:
     """Rank 0's output: a line every N steps and one per committed checkpoint; a
     tqdm-style bar on the last line while attached to a terminal."""
 
-    def __init__(self, enabled: bool, total: int, start: int) -> None:
+    def __init__(
+        self, enabled: bool, total: int, start: int, *, bar: bool, log_path: Path | None
+    ) -> None:
         self.on = enabled
-        self.bar = enabled and sys.stdout.isatty()
+        self.bar = enabled and bar and sys.stdout.isatty()
+        # DINO's log.txt, per step: one JSON line (a resumed run appends; a step logged
+        # twice, by a killed run and its resumption, counts as its last line)
+        self.log = open(log_path, "a") if enabled and log_path is not None else None  # noqa: SIM115
         self.total, self.start, self.t0 = total, start, time.perf_counter()
         self.seen = 0  # checkpoint stats printed
         self.last = ""
@@ -372,6 +376,11 @@ class Progress:
         if not self.on:
             return
         rate = (step - self.start) / max(time.perf_counter() - self.t0, 1e-9)
+        if self.log is not None:
+            row = {"step": step, "epoch": epoch, "loss": loss, "lr": lr, "wd": wd,
+                   "teacher_momentum": mom, "teacher_temp": temp, "time": time.time()}
+            self.log.write(json.dumps(row) + "\n")
+            self.log.flush()
         if every and (step % every == 0 or step == self.total):
             self.write(
                 f"step {step:>5}/{self.total} epoch {epoch} loss {loss:.4f} lr {lr:.3e} "
@@ -399,13 +408,15 @@ class Progress:
                 self.write(f"checkpoint step {s.step}: skipped (the previous one was writing)")
             else:
                 self.write(
-                    f"checkpoint step {s.step}: {s.bytes / 1e6:.1f} MB, blocked "
+                    f"checkpoint step {s.step}: {s.bytes / 2**20:.1f} MiB, blocked "
                     f"{s.blocked_s * 1e3:.1f} ms, committed in {s.total_s:.2f} s "
                     f"({s.gbps:.3f} GB/s)"
                 )
         self.seen = len(stats)
 
     def close(self) -> None:
+        if self.log is not None:
+            self.log.close()
         if self.bar:
             sys.stdout.write("\n")
             self.bar = False
