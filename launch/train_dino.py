@@ -204,16 +204,10 @@ def main() -> None:
                 sampler.advance()
                 step += 1
                 mean_loss = _global_mean(loss.detach())
-                progress.step(
-                    step,
-                    epoch,
-                    mean_loss,
-                    lr_schedule[it],
-                    wd_schedule[it],
-                    mom,
-                    dino_loss.teacher_temp(epoch),
-                    cfg["log"]["every_n_steps"],
-                )
+                row = {"epoch": epoch, "loss": mean_loss, "lr": lr_schedule[it],
+                       "wd": wd_schedule[it], "teacher_momentum": mom,
+                       "teacher_temp": dino_loss.teacher_temp(epoch)}  # fmt: skip
+                progress.step(step, row, cfg["log"]["every_n_steps"])
                 callback.on_step_end(step, app, metrics={"loss": mean_loss})
                 progress.checkpoints(mgr)
                 if step >= max_steps:
@@ -229,16 +223,16 @@ def main() -> None:
     except BaseException as e:
         callback.on_exception(app, e)
         raise
-    progress.checkpoints(mgr, final=True)
-    digests = state_digests(app)
+    progress.checkpoints(mgr)
     progress.close()
-    if rank == 0:
-        if mgr is not None:
-            kept = de.find_checkpoints(mgr.experiment_dir)
-            names = ", ".join(f"{c.path.name} (epoch {c.epoch})" for c in kept)
-            log.info("done at step %d; committed checkpoints: %s", step, names)
-        log.info("final state sha256 %s", digests["all"][:16])
-        if args.digest_out:
+    if rank == 0 and mgr is not None:
+        kept = de.find_checkpoints(mgr.experiment_dir)
+        names = ", ".join(f"{c.path.name} (epoch {c.epoch})" for c in kept)
+        log.info("done at step %d; committed checkpoints: %s", step, names)
+    if args.digest_out:  # collective (FSDP gathers the full state)
+        digests = state_digests(app)
+        if rank == 0:
+            log.info("final state sha256 %s", digests["all"][:16])
             Path(args.digest_out).write_text(json.dumps(digests, indent=1))
     dist.destroy_process_group()
 
@@ -362,43 +356,33 @@ class Progress:
             sys.stdout.write(self.last)
             sys.stdout.flush()
 
-    def step(
-        self,
-        step: int,
-        epoch: int,
-        loss: float,
-        lr: float,
-        wd: float,
-        mom: float,
-        temp: float,
-        every: int,
-    ) -> None:
+    def step(self, step: int, row: dict[str, Any], every: int) -> None:
+        """``row``: epoch, loss, lr, wd, teacher_momentum, teacher_temp."""
         if not self.on:
             return
         rate = (step - self.start) / max(time.perf_counter() - self.t0, 1e-9)
         if self.log is not None:
-            row = {"step": step, "epoch": epoch, "loss": loss, "lr": lr, "wd": wd,
-                   "teacher_momentum": mom, "teacher_temp": temp, "time": time.time()}
-            self.log.write(json.dumps(row) + "\n")
+            self.log.write(json.dumps({"step": step, **row, "time": time.time()}) + "\n")
             self.log.flush()
         if every and (step % every == 0 or step == self.total):
             self.write(
-                f"step {step:>5}/{self.total} epoch {epoch} loss {loss:.4f} lr {lr:.3e} "
-                f"wd {wd:.4f} teacher_mom {mom:.5f} teacher_temp {temp:.4f} "
-                f"{rate:.2f} steps/s"
+                f"step {step:>5}/{self.total} epoch {row['epoch']} loss {row['loss']:.4f} "
+                f"lr {row['lr']:.3e} wd {row['wd']:.4f} "
+                f"teacher_mom {row['teacher_momentum']:.5f} "
+                f"teacher_temp {row['teacher_temp']:.4f} {rate:.2f} steps/s"
             )
         if self.bar:
             done = int(30 * step / max(self.total, 1))
             eta = (self.total - step) / rate if rate > 0 else 0.0
             self.last = (
                 f"\r\033[K[{'#' * done}{'.' * (30 - done)}] {step}/{self.total} "
-                f"{100 * step / max(self.total, 1):3.0f}% loss {loss:.4f} "
+                f"{100 * step / max(self.total, 1):3.0f}% loss {row['loss']:.4f} "
                 f"{rate:.2f} it/s eta {eta:4.0f}s"
             )
             sys.stdout.write(self.last)
             sys.stdout.flush()
 
-    def checkpoints(self, mgr: de.CheckpointManager | None, final: bool = False) -> None:
+    def checkpoints(self, mgr: de.CheckpointManager | None) -> None:
         """A line for each save that committed since the last call."""
         if not self.on or mgr is None:
             return
