@@ -16,9 +16,9 @@ read -r -a EXTRA <<<"${EXTRA:-}"  # more train_dino.py arguments (the tests' sma
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
-TRAIN=("$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$NPROC"
-       launch/train_dino.py --strategy "$STRATEGY" --max-steps "$STEPS"
-       --checkpoint.dir "$ROOT" --no-bar "${EXTRA[@]}")
+# launch/dino.sh: torchrun --standalone --nproc_per_node=$NPROC launch/train_dino.py ...
+TRAIN=(env PYTHON="$PYTHON" NPROC="$NPROC" STRATEGY="$STRATEGY" bash launch/dino.sh
+       --max-steps "$STEPS" --checkpoint.dir "$ROOT" --no-bar "${EXTRA[@]}")
 show() { grep -hE "$1" "$2" | sed 's/^/   /'; }
 fail() { echo "FAILED: $1 (log: $2)"; tail -n 30 "$2"; exit 1; }
 
