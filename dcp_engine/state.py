@@ -450,9 +450,13 @@ def _unstepped(
     its gradients dropped). By fqn. A parameter with part of its state is not one of them
     (``_match`` reports it)."""
     prefix = f"{key}.state."
-    # state.<fqn>.<name>: optimizer state names (exp_avg, step, ...) hold no dot
-    saved = {f[len(prefix) :].rsplit(".", 1)[0] for f in metadata.state_dict_metadata
-             if f.startswith(prefix)}  # fmt: skip
+    # Every dotted prefix of the keys under state.: a parameter has state in the checkpoint
+    # iff its fqn is one of them (state names may nest: state.<fqn>.mom.buf).
+    saved: set[str] = set()
+    for f in metadata.state_dict_metadata:
+        if f.startswith(prefix):
+            parts = f[len(prefix) :].split(".")
+            saved.update(".".join(parts[:i]) for i in range(1, len(parts)))
     mine = {id(p) for group in optim.param_groups for p in group["params"]}
     out: dict[str, nn.Parameter] = {}
     for name, param in owner.named_parameters():

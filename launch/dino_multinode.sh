@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # DINO training on NNODES nodes: run this once on every node with its NODE_RANK; all
-# agents meet at MASTER_ADDR:MASTER_PORT (c10d rendezvous). On one machine, two agents on
-# loopback show it (tests/test_dino.py does):
+# agents meet at MASTER_ADDR:MASTER_PORT, which node 0 serves (static rendezvous: node
+# NODE_RANK holds ranks NODE_RANK*NPROC ...). On one machine, two agents on loopback show
+# it (tests/test_dino_launch.py does):
 #   NODE_RANK=0 launch/dino_multinode.sh --checkpoint.dir /tmp/x &
 #   NODE_RANK=1 launch/dino_multinode.sh --checkpoint.dir /tmp/x
 # The checkpoint directory must be the same shared filesystem on every node.
@@ -20,6 +21,6 @@ cd "$HERE/.."
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 exec "$PYTHON" -m torch.distributed.run --nnodes="$NNODES" --node_rank="$NODE_RANK" \
-  --nproc_per_node="$NPROC" --rdzv_backend=c10d --rdzv_id="$RDZV_ID" \
+  --nproc_per_node="$NPROC" --rdzv_backend=static --rdzv_id="$RDZV_ID" \
   --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" \
   launch/train_dino.py --config "$CONFIG" --strategy "$STRATEGY" "$@"

@@ -52,8 +52,10 @@ def main(argv: list[str] | None = None) -> int:
     de.load_weights(model, ckpt, key=args.key)  # strict: every key, every shape
     model.eval()
     meta = index.inspect_checkpoint_dir(ckpt)
-    print(f"loaded the {args.key} of {ckpt} into a plain {type(model).__name__}: step "
-          f"{meta.step}, epoch {meta.epoch}, metrics {dict(meta.metrics)}")
+    print(
+        f"loaded the {args.key} of {ckpt} into a plain {type(model).__name__}: step "
+        f"{meta.step}, epoch {meta.epoch}, metrics {dict(meta.metrics)}"
+    )
 
     ev = cfg["eval"]
     images, labels = eval_images(base_dataset(cfg), ev)

@@ -66,7 +66,10 @@ def run_and_kill(
         if job.poll() is not None or victim is None:
             return 1, f"the job ended before the kill ({delay:.2f} s after the first commit)"
         committed = _committed(experiment)
-        victim.send_signal(signal.SIGKILL)
+        try:
+            victim.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            return 1, f"rank {rank} ended before the kill ({delay:.2f} s after the first commit)"
         print(
             f"kill_rank: SIGKILL to rank {rank} (pid {victim.pid}) {delay:.2f} s after the "
             f"first commit; committed then: steps {committed}",

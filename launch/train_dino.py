@@ -104,10 +104,9 @@ def main() -> None:
             "(not wired here); the GradScaler path is for --strategy ddp"
         )
     scaler = torch.amp.GradScaler(device.type, enabled=amp)
-    ncrops = 2 + d["local_crops_number"]
     dino_loss = DINOLoss(
         m["out_dim"],
-        ncrops,
+        augment.num_crops,
         lc["warmup_teacher_temp"],
         lc["teacher_temp"],
         lc["warmup_teacher_temp_epochs"],
@@ -190,7 +189,7 @@ def main() -> None:
                 scaler.scale(loss).backward()
                 scaler.unscale_(optimizer)
                 if t["clip_grad"]:
-                    nn.utils.clip_grad_norm_(student.parameters(), t["clip_grad"])
+                    clip_gradients(student, t["clip_grad"])
                 if epoch < t["freeze_last_layer"]:
                     for name, p in student.named_parameters():
                         if "last_layer" in name:
@@ -210,8 +209,8 @@ def main() -> None:
                 progress.step(step, row, cfg["log"]["every_n_steps"])
                 callback.on_step_end(step, app, metrics={"loss": mean_loss})
                 progress.checkpoints(mgr)
-                if step >= max_steps:
-                    break
+                if step >= max_steps and sampler.consumed < sampler.total_size:
+                    break  # mid-epoch; at the epoch's end, validate and close it first
             else:  # the epoch ran to its end: evaluate, then the epoch-end save
                 acc = validate(teacher, base, cfg["eval"], device)
                 if rank == 0:
@@ -272,6 +271,23 @@ def _wrap(
         fully_shard(net.head, mesh=mesh)
         fully_shard(net, mesh=mesh)
     return student, student, teacher
+
+
+def clip_gradients(model: nn.Module, clip: float) -> None:
+    """DINO's ``utils.clip_gradients``: each parameter's gradient norm clipped to ``clip``
+    on its own (not the global norm: the last layer's gradient, dropped while it is frozen,
+    must not shrink the others). Under FSDP2 a norm is of the whole parameter."""
+    from torch.distributed.tensor import DTensor
+
+    for p in model.parameters():
+        if p.grad is None:
+            continue
+        norm = p.grad.detach().norm(2)
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()
+        coef = clip / (norm.item() + 1e-6)
+        if coef < 1:
+            p.grad.mul_(coef)
 
 
 def _reshard(module: nn.Module) -> None:

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+import dcp_engine as de
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -43,6 +45,9 @@ def test_demo_dino_killed_at_random_and_resumed_equals_the_straight_run(tmp_path
     for key in ("student", "teacher", "optimizer", "center"):
         assert re.search(rf"{key}\s+equal", out)
     assert "features (96, 192), projections (96, 1024)" in out  # eval: bank 64 + queries 32
+    assert "epoch 2 done at step 18" in out  # the last epoch is validated and closed too
+    last = de.find_checkpoints(tmp_path / "runs/resumed")[0]
+    assert last.step == 18 and "knn_acc" in last.metrics and last.extra["trainer"]["epoch_done"]
     log = [json.loads(line) for line in (tmp_path / "runs/resumed/train_log.jsonl").open()]
     assert sorted({row["step"] for row in log}) == list(range(1, 19))
 
@@ -65,8 +70,6 @@ def test_custom_loop_example_runs_then_resumes_and_keeps_its_policy(tmp_path):
         outs.append(proc.stdout)
     assert "step 20; kept:" in outs[0] and "step 40; kept:" in outs[1]
     exp = tmp_path / "experiments" / "custom_loop"
-    import dcp_engine as de
-
     kept = {c.step: c.metrics for c in de.find_checkpoints(exp)}
     ranked = [c.step for c in de.find_checkpoints(exp, "best")]
     assert 40 in kept and 20 in kept  # the newest; the one resumed from

@@ -69,17 +69,38 @@ def test_weight_norm_last_layer_equals_torchs_weight_norm():
     torch.testing.assert_close(layer(x), ref(x))
 
 
-def test_dino_loss_centre_is_an_ema_of_the_teacher_and_a_persistent_buffer():
+def reference_dino_loss(student, teacher, center, t_temp, s_temp, ncrops, batch) -> float:
+    """The DINO loss written out sample by sample: cross-entropy of the centred, sharpened
+    teacher on each global crop against the student on every other crop."""
+    total, pairs = 0.0, 0
+    for iq in range(2):
+        for v in range(ncrops):
+            if v == iq:
+                continue
+            for b in range(batch):
+                q = torch.softmax((teacher[iq * batch + b] - center[0]) / t_temp, dim=0)
+                log_p = torch.log_softmax(student[v * batch + b] / s_temp, dim=0)
+                total += float(-(q * log_p).sum()) / batch
+            pairs += 1
+    return total / pairs
+
+
+def test_dino_loss_matches_the_written_out_loss_and_updates_its_centre():
     loss_fn = DINOLoss(8, ncrops=4, warmup_teacher_temp=0.04, teacher_temp=0.07,
                        warmup_teacher_temp_epochs=3, nepochs=5)  # fmt: skip
     assert [round(loss_fn.teacher_temp(e), 3) for e in range(7)] == [
         0.04, 0.055, 0.07, 0.07, 0.07, 0.07, 0.07]  # fmt: skip
-    teacher = torch.randn(6, 8)  # 2 global crops x 3 images
-    student = torch.randn(12, 8, requires_grad=True)
-    loss = loss_fn(student, teacher, epoch=0)
+    g = torch.Generator().manual_seed(0)
+    teacher = torch.randn(6, 8, generator=g)  # 2 global crops x 3 images
+    student = torch.randn(12, 8, generator=g, requires_grad=True)  # 4 crops x 3 images
+    center = torch.randn(1, 8, generator=g)
+    loss_fn.center.copy_(center)
+    loss = loss_fn(student, teacher, epoch=1)  # teacher temperature 0.055
+    expected = reference_dino_loss(student.detach(), teacher, center, 0.055, 0.1, 4, 3)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
     loss.backward()
-    assert loss.item() > 0 and student.grad is not None
-    torch.testing.assert_close(loss_fn.center, 0.1 * teacher.mean(0, keepdim=True))
+    assert student.grad is not None
+    torch.testing.assert_close(loss_fn.center, 0.9 * center + 0.1 * teacher.mean(0, keepdim=True))
     assert "center" in loss_fn.state_dict()
 
 
@@ -98,6 +119,10 @@ def test_overrides_set_named_and_dotted_keys_and_refuse_typos(capsys):
     assert cfg["checkpoint"]["dir"] == "/x" and cfg["checkpoint"]["resume"] == "latest"
     assert cfg["train"]["lr"] == 0.1 and cfg["data"]["global_crops_scale"] == [0.5, 1.0]
     assert parse_args(["--checkpoint.keep_top_k", "3"])[0]["checkpoint"]["keep_top_k"] == 3
+    # a field's other spelling replaces the file's (dir -> root_dir, save_frequency -> ...)
+    ck = parse_args(["--checkpoint.root_dir", "/y", "--checkpoint.save_every_n_epochs", "2"])[0]
+    assert ck["checkpoint"]["root_dir"] == "/y" and "dir" not in ck["checkpoint"]
+    assert ck["checkpoint"]["save_every_n_epochs"] == 2 and "save_frequency" not in ck["checkpoint"]
     with pytest.raises(SystemExit, match=r"--train\.lrr: the config has no key 'train\.lrr'; "
                                          r"did you mean 'train\.lr'"):  # fmt: skip
         parse_args(["--train.lrr", "1"])
@@ -133,6 +158,7 @@ def test_save_and_load_checkpoint_with_the_guides_names(tmp_path):
         got = load_checkpoint(source, **b)
         assert (got["epoch"], got["iteration"], got["config"]) == (3, 120, {"lr": 1e-3})
         assert got["metrics"] == {"loss": 2.5} and got["timestamp"].startswith("20")
+        assert got["epoch_done"] is True  # the guide's epoch: the one completed
     for key in ("student", "teacher", "loss_fn"):
         toy.assert_equal(a[key].state_dict(), b[key].state_dict())
     toy.assert_equal(a["optimizer"].state_dict()["state"], b["optimizer"].state_dict()["state"])

@@ -105,12 +105,13 @@ def test_augmentation_shapes_and_generator_determinism() -> None:
     assert not all(torch.equal(x, y) for x, y in zip(crops, other, strict=True))
 
 
-def test_crop_params_follow_torchvision() -> None:
+def test_crop_params_keep_scale_ratio_and_bounds_and_fall_back_to_a_central_crop() -> None:
     aug = MultiCropAugmentation()
     g = torch.Generator().manual_seed(0)
     for _ in range(200):
         top, left, h, w = aug.crop_params(32, 48, (0.05, 0.4), g)
         assert top >= 0 and top + h <= 32 and left >= 0 and left + w <= 48
+        assert 0.05 * 0.75 <= h * w / (32 * 48) <= 0.4 * 1.25  # the scale, up to rounding
         assert 0.75 * 0.9 <= w / h <= 4 / 3 * 1.1 or min(h, w) < 4
     # scale above what fits: 10 tries fail, central crop clipped to the ratio range
     assert aug.crop_params(10, 40, (5.0, 6.0), g) == (0, 13, 10, 13)

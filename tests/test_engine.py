@@ -434,6 +434,30 @@ def test_parameters_not_stepped_yet_resume_bit_exact(mgr):
     toy.assert_equal(straight[0].state_dict(), resumed[0].state_dict())
     toy.assert_equal(straight[1].state_dict(), resumed[1].state_dict())
 
+    class NestedMomentum(torch.optim.Optimizer):  # its state nests: state.<fqn>.mom.buf
+        def __init__(self, params) -> None:
+            super().__init__(params, {"lr": 0.1})
+
+        def step(self, closure=None) -> None:
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        st = self.state[p].setdefault("mom", {"buf": torch.zeros_like(p)})
+                        st["buf"].mul_(0.9).add_(p.grad)
+                        p.data.add_(st["buf"], alpha=-group["lr"])
+
+    def build_nested() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        net = build()[0]
+        return net, NestedMomentum(net.parameters())
+
+    nested = build_nested()
+    step(*nested, False)
+    mgr.save(3, {"model": nested[0], "optim": nested[1]})
+    loaded = build_nested()
+    mgr.load({"model": loaded[0], "optim": loaded[1]}, 3)
+    assert len(loaded[1].state) == 4
+    toy.assert_equal(nested[1].state_dict()["state"], loaded[1].state_dict()["state"])
+
     broken = build()  # part of a parameter's state missing is still refused
     step(*broken, False)
     del broken[1].state[broken[0][1].bias]["exp_avg"]

@@ -326,3 +326,21 @@ def test_load_with_optional_keys_keeps_what_the_checkpoint_lacks(tmp_path):
         assert mgr.load(grown, optional=("ema",)).step == 1
         assert torch.equal(grown["ema"], torch.ones(3))
         assert torch.equal(grown["model"].weight, app["model"].weight)
+
+
+def test_extra_is_kept_in_every_marker_beside_the_position(tmp_path):
+    """Pass: ``extra=`` is in the markers of step, epoch-end (a metric update of a step just
+    saved) and train-end saves, beside the callback's ``trainer``; and ``trainer`` itself
+    is refused as a key of ``extra``."""
+    config = {"model": {"arch": "vit_tiny"}, "lr": 0.1}
+    c = cfg(tmp_path, save_every_n_steps=3, save_every_n_epochs=1)
+    loop(de.CheckpointCallback(c, extra={"config": config}), make_app(), epochs=2, per_epoch=3,
+         losses=[0.5, 0.4])  # fmt: skip
+    found = {i.step: i for i in de.find_checkpoints(tmp_path / "exp")}
+    assert sorted(found) == [3, 6]
+    for info in found.values():
+        assert info.extra["config"] == config
+        assert info.extra["trainer"]["epoch_done"] is True  # updated at the epoch end
+        assert info.metrics["val_loss"] in (0.5, 0.4)
+    with pytest.raises(ValueError, match=r"extra\['trainer'\] is the callback's"):
+        de.CheckpointCallback(c, extra={"trainer": 1})

@@ -49,15 +49,12 @@ def save_checkpoint(
     """Write and commit a checkpoint of the DINO state (plus any ``state`` entries:
     a scaler, a sampler) into experiment ``path``; returns it once committed."""
     exp = Path(path)
-    cfg = de.CheckpointConfig(
-        root_dir=exp.parent,
-        experiment_name=exp.name,
-        async_mode="off",
-        monitor=next(iter(metrics), None) if metrics else None,
-    )
+    cfg = de.CheckpointConfig(root_dir=exp.parent, experiment_name=exp.name, async_mode="off")
     app = {"student": student, "teacher": teacher, "optimizer": optimizer, "dino_loss": loss_fn}
     app.update(state)
-    extra = {CONFIG_KEY: dict(config or {})}
+    # the guide's epoch is the one completed: the training loop would go on with epoch + 1
+    trainer = {"step": iteration, "epoch": epoch, "epoch_done": True}
+    extra = {CONFIG_KEY: dict(config or {}), "trainer": trainer}
     with de.CheckpointManager(cfg, run_config=config) as mgr:
         info = mgr.save(iteration, app, epoch=epoch, metrics=metrics, extra=extra)
     assert info is not None  # async_mode="off": committed on return
@@ -75,8 +72,10 @@ def load_checkpoint(
 ) -> dict[str, Any]:
     """Restore what is given from checkpoint ``path`` (nothing changes if any of it fails)
     and return the guide's dict: ``epoch``, ``iteration``, ``config``, ``metrics``,
-    ``timestamp`` and the checkpoint's ``path``. The RNG states are not restored: use the
-    training loop's resume for a bit-exact continuation."""
+    ``timestamp`` and the checkpoint's ``path``, plus ``epoch_done``: False for a
+    checkpoint the training loop saved in the middle of ``epoch`` (then the next epoch to
+    run is ``epoch`` itself, not the guide's ``epoch + 1``). The RNG states are not
+    restored: use the training loop's resume for a bit-exact continuation."""
     given = {"student": student, "teacher": teacher, "optimizer": optimizer, "dino_loss": loss_fn}
     app = {k: v for k, v in given.items() if v is not None}
     app.update(state)
@@ -100,6 +99,7 @@ def load_checkpoint(
     trainer = info.extra.get("trainer", {})
     return {
         "epoch": info.epoch if info.epoch is not None else trainer.get("epoch", 0),
+        "epoch_done": bool(trainer.get("epoch_done", True)),
         "iteration": info.step,
         "config": info.extra.get(CONFIG_KEY, {}),
         "metrics": dict(info.metrics),

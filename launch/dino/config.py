@@ -95,6 +95,10 @@ def _set(config: dict[str, Any], where: tuple[str, ...], value: Any, flag: str) 
                 f"{flag}: the config has no key {'.'.join(where[: depth + 1])!r}{hint}"
             )
         if last:
+            if where[0] == "checkpoint" and key in KEY_ALIASES:  # one spelling per field
+                for other in [k for k in node if k != key]:
+                    if KEY_ALIASES.get(other) == KEY_ALIASES[key]:
+                        del node[other]
             node[key] = value
         else:
             if not isinstance(node[key], dict):

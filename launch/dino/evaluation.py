@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from .data import ImageFolder, SyntheticImages
+from .data import IMAGENET_MEAN, IMAGENET_STD, ImageFolder, SyntheticImages
 
-MEAN, STD = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+MEAN, STD = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
 KNN_TEMPERATURE = 0.07
 
 

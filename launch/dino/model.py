@@ -18,7 +18,7 @@ from torch import nn
 
 
 def trunc_normal_(t: torch.Tensor, std: float = 0.02) -> torch.Tensor:
-    return nn.init.trunc_normal_(t, std=std, a=-2 * std, b=2 * std)
+    return nn.init.trunc_normal_(t, std=std, a=-2.0, b=2.0)  # DINO's: cut at +-2, absolute
 
 
 class DropPath(nn.Module):
@@ -103,6 +103,7 @@ class VisionTransformer(nn.Module):
         cls_pos, patch_pos = self.pos_embed[:, :1], self.pos_embed[:, 1:]
         side = int(math.sqrt(grid))
         patch_pos = patch_pos.reshape(1, side, side, -1).permute(0, 3, 1, 2)
+        # to the exact grid size (DINO passes a scale factor nudged by 0.1 for the same end)
         patch_pos = F.interpolate(
             patch_pos,
             size=(h // self.patch_size, w // self.patch_size),
@@ -128,7 +129,7 @@ class WeightNormLinear(nn.Module):
 
     def __init__(self, in_dim: int, out_dim: int) -> None:
         super().__init__()
-        weight = trunc_normal_(torch.empty(out_dim, in_dim))
+        weight = nn.Linear(in_dim, out_dim, bias=False).weight.detach()  # nn.Linear's init
         self.weight_v = nn.Parameter(weight.clone())
         self.weight_g = nn.Parameter(weight.norm(dim=1, keepdim=True))
 

@@ -1,7 +1,7 @@
 """DINO's schedules: one value per iteration, precomputed (``utils.cosine_scheduler``).
 
 They are functions of the global iteration, so their position in a checkpoint is the
-iteration (``Progress.iteration``): a resumed run indexes them where the killed one was.
+iteration (the checkpoint's step): a resumed run indexes them where the killed one was.
 """
 
 from __future__ import annotations
