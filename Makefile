@@ -31,6 +31,7 @@ bench: install
 	$(BENCH) -m benchmarks.save_sync
 	$(BENCH) -m benchmarks.save_async throughput
 	$(BENCH) -m benchmarks.save_async stall
+	$(PYTHON) -m benchmarks.dino_overhead
 
 clean:
 	rm -rf site demo_runs .pytest_cache

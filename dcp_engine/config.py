@@ -298,9 +298,11 @@ def _check_count(field: str, value: object, *, low: int) -> None:
 
 def _from_file_value(field: str, value: Any) -> Any:
     """The spellings files use for a value: ``resume: true`` (SuperGradients) is latest,
-    ``resume: false`` fresh."""
+    ``resume: false`` fresh; ``async_mode: off``, which YAML reads as false, is "off"."""
     if field == "resume" and isinstance(value, bool):
         return "latest" if value else None
+    if field == "async_mode" and value is False:
+        return "off"  # YAML 1.1 reads `async_mode: off` as false
     return value
 
 

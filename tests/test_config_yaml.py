@@ -87,6 +87,11 @@ def test_super_gradients_spellings():
     assert de.CheckpointConfig.from_dict({"resume": False, "save_dir": "x"}).resume is None
 
 
+def test_async_mode_off_which_yaml_reads_as_false(tmp_path):
+    cfg = de.CheckpointConfig.from_yaml(write(tmp_path, "checkpoint:\n  async_mode: off\n"))
+    assert cfg.async_mode == "off"
+
+
 def test_a_file_that_is_only_the_block_and_an_empty_block(tmp_path):
     path = write(tmp_path, "dir: runs\nkeep_last_n: 2\n")
     cfg = de.CheckpointConfig.from_yaml(path)

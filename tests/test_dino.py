@@ -119,6 +119,8 @@ def test_overrides_set_named_and_dotted_keys_and_refuse_typos(capsys):
     assert cfg["checkpoint"]["dir"] == "/x" and cfg["checkpoint"]["resume"] == "latest"
     assert cfg["train"]["lr"] == 0.1 and cfg["data"]["global_crops_scale"] == [0.5, 1.0]
     assert parse_args(["--checkpoint.keep_top_k", "3"])[0]["checkpoint"]["keep_top_k"] == 3
+    off = parse_args(["--checkpoint.async_mode", "off", "--checkpoint.experiment_name", "no"])[0]
+    assert off["checkpoint"]["async_mode"] == "off" and off["checkpoint"]["experiment_name"] == "no"
     # a field's other spelling replaces the file's (dir -> root_dir, save_frequency -> ...)
     ck = parse_args(["--checkpoint.root_dir", "/y", "--checkpoint.save_every_n_epochs", "2"])[0]
     assert ck["checkpoint"]["root_dir"] == "/y" and "dir" not in ck["checkpoint"]

@@ -4,7 +4,8 @@ overrides on top of it.
     --config FILE --max-steps N --epochs N --strategy fsdp|ddp --seed N --resume WHICH
     --<block>.<key> VALUE          e.g. --checkpoint.dir /tmp/x --train.batch_size 16
 
-A value is read as YAML (``null``, ``true``, ``3``, ``[0.4, 1.0]``). An override must name
+A value is read as YAML (``null``, ``true``, ``3``, ``[0.4, 1.0]``), but ``off``/``on``/
+``yes``/``no`` stay strings. An override must name
 a key that the file has (or, in the ``checkpoint:`` block, any key ``CheckpointConfig``
 accepts): a typo raises naming the nearest key, instead of training with the default.
 """
@@ -51,7 +52,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[dict[str, Any], argpa
         if value is not None:
             _set(config, where, value, f"--{name.replace('_', '-')}")
     for flag, raw in _pairs(rest, p):
-        _set(config, tuple(flag[2:].split(".")), yaml.safe_load(raw), flag)
+        _set(config, tuple(flag[2:].split(".")), _value(raw), flag)
     return config, args
 
 
@@ -64,6 +65,15 @@ def load_config(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise SystemExit(f"config file {path}: expected a mapping at the top level")
     return copy.deepcopy(data)
+
+
+def _value(raw: str) -> Any:
+    """``raw`` read as YAML, except YAML 1.1's other booleans: ``off``, ``no``, ``on``,
+    ``yes`` stay strings (``--checkpoint.async_mode off``, an experiment named ``no``)."""
+    value = yaml.safe_load(raw)
+    if isinstance(value, bool) and raw.strip().lower() not in ("true", "false"):
+        return raw
+    return value
 
 
 def _pairs(rest: list[str], parser: argparse.ArgumentParser) -> list[tuple[str, str]]:
