@@ -318,8 +318,7 @@ class CheckpointCallback:
             # Saved already at this step (a step trigger on the epoch's last step): the
             # metrics that came since (the validation) go to that checkpoint.
             if ended:
-                loop = {**self._extra, LOOP_KEY: _position(step, epoch, True)}
-                self.manager.update_metrics(step, merged, extra=loop)
+                self.manager.update_metrics(step, merged, extra=self._marker(step, epoch, True))
                 self._record_best(merged)
                 self._metrics, self._validated = {}, False
             return False
@@ -338,14 +337,18 @@ class CheckpointCallback:
         force: bool = False,
     ) -> bool:
         assert self.manager is not None
-        loop = {**self._extra, LOOP_KEY: _position(step, epoch, ended)}
-        self.manager.save(step, app_state, epoch=epoch, metrics=metrics, force=force, extra=loop)
+        extra = self._marker(step, epoch, ended)
+        self.manager.save(step, app_state, epoch=epoch, metrics=metrics, force=force, extra=extra)
         if any(s.step == step and s.skipped for s in self.manager.stats()[-2:]):
             return False  # when_busy="skip": the previous save is still writing
         self._saved_step, self._last_save = step, self._clock()
         self._record_best(metrics)
         self._metrics, self._validated = {}, False
         return True
+
+    def _marker(self, step: int, epoch: int, epoch_done: bool) -> dict[str, Any]:
+        """The marker's ``extra``: the caller's, and the loop position."""
+        return {**self._extra, LOOP_KEY: loop_position(step, epoch, epoch_done)}
 
     def _record_best(self, metrics: Mapping[str, float]) -> None:
         monitor = self.config.monitor
@@ -364,7 +367,9 @@ class AsyncCheckpointCallback(CheckpointCallback):
         super().__init__(config, **kwargs)
 
 
-def _position(step: int, epoch: int, epoch_done: bool) -> dict[str, Any]:
+def loop_position(step: int, epoch: int, epoch_done: bool) -> dict[str, Any]:
+    """``extra["trainer"]`` of a checkpoint: ``step`` steps done in ``epoch``, and whether
+    that epoch had ended (``on_train_start`` then goes on with the next)."""
     return {"step": step, "epoch": epoch, "epoch_done": epoch_done}
 
 

@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
 
     ckpt = _checkpoint(Path(args.source), args.which)
     exp = layout.experiment_of(ckpt)
-    config_path = exp / "config.yaml"
+    config_path = layout.ExperimentLayout(exp).config_path
     if not config_path.exists():
         raise SystemExit(f"{config_path} is missing: cannot rebuild the model of {ckpt}")
     cfg = yaml.safe_load(config_path.read_text())
@@ -70,11 +70,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _checkpoint(source: Path, which: str) -> Path:
-    if (source / layout.CHECKPOINTS_DIR).is_dir():  # an experiment: its best, else latest
-        alias = source / layout.CHECKPOINTS_DIR / which
-        if which == "best" and not alias.exists():
-            alias = source / layout.CHECKPOINTS_DIR / "latest"
-        source = alias
+    exp = layout.ExperimentLayout(source)
+    if exp.checkpoints_dir.is_dir():  # an experiment: its best, else latest
+        alias = exp.alias_path(which)
+        source = alias if alias.exists() or which != "best" else exp.alias_path("latest")
     try:
         return index.checkpoint_dir_of(source)
     except de.CheckpointError as e:

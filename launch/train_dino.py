@@ -31,6 +31,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the dino package beside us
 
+from dino.checkpoint import CONFIG_KEY
 from dino.config import parse_args
 from dino.data import (
     MultiCropAugmentation,
@@ -133,7 +134,7 @@ def main() -> None:
     ck.setdefault("model_name", m["arch"])
     ck.setdefault("dataset_name", d["name"] if not d["path"] else Path(d["path"]).name)
     callback = de.AsyncCheckpointCallback(
-        de.CheckpointConfig.from_dict(ck), run_config=cfg, extra={"config": cfg}
+        de.CheckpointConfig.from_dict(ck), run_config=cfg, extra={CONFIG_KEY: cfg}
     )
     start = callback.on_train_start(app)
     mgr = callback.manager
@@ -183,8 +184,9 @@ def main() -> None:
                     _reshard(teacher)
                     student_output = student_ddp(images)
                     loss = dino_loss(student_output, teacher_output, epoch)
-                if not math.isfinite(loss.item()):
-                    raise FloatingPointError(f"loss is {loss.item()} at step {step + 1}")
+                mean_loss = _global_mean(loss.detach())  # every rank sees the same value
+                if not math.isfinite(mean_loss):
+                    raise FloatingPointError(f"loss is {mean_loss} at step {step + 1}")
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.unscale_(optimizer)
@@ -202,7 +204,6 @@ def main() -> None:
                         pt.mul_(mom).add_(ps.detach(), alpha=1 - mom)
                 sampler.advance()
                 step += 1
-                mean_loss = _global_mean(loss.detach())
                 row = {"epoch": epoch, "loss": mean_loss, "lr": lr_schedule[it],
                        "wd": wd_schedule[it], "teacher_momentum": mom,
                        "teacher_temp": dino_loss.teacher_temp(epoch)}  # fmt: skip

@@ -29,6 +29,7 @@ from torch import nn
 
 import dcp_engine as de
 from dcp_engine import index, layout
+from dcp_engine.callbacks import LOOP_KEY, loop_position
 
 CONFIG_KEY = "config"  # in the marker's extra
 
@@ -53,8 +54,7 @@ def save_checkpoint(
     app = {"student": student, "teacher": teacher, "optimizer": optimizer, "dino_loss": loss_fn}
     app.update(state)
     # the guide's epoch is the one completed: the training loop would go on with epoch + 1
-    trainer = {"step": iteration, "epoch": epoch, "epoch_done": True}
-    extra = {CONFIG_KEY: dict(config or {}), "trainer": trainer}
+    extra = {CONFIG_KEY: dict(config or {}), LOOP_KEY: loop_position(iteration, epoch, True)}
     with de.CheckpointManager(cfg, run_config=config) as mgr:
         info = mgr.save(iteration, app, epoch=epoch, metrics=metrics, extra=extra)
     assert info is not None  # async_mode="off": committed on return
@@ -96,7 +96,7 @@ def load_checkpoint(
     with de.CheckpointManager(cfg) as mgr:
         info = mgr.load(app, ckpt)
     assert info is not None
-    trainer = info.extra.get("trainer", {})
+    trainer = info.extra.get(LOOP_KEY, {})
     return {
         "epoch": info.epoch if info.epoch is not None else trainer.get("epoch", 0),
         "epoch_done": bool(trainer.get("epoch_done", True)),

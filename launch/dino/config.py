@@ -13,7 +13,6 @@ accepts): a typo raises naming the nearest key, instead of training with the def
 from __future__ import annotations
 
 import argparse
-import copy
 import difflib
 from collections.abc import Sequence
 from pathlib import Path
@@ -64,7 +63,7 @@ def load_config(path: str | Path) -> dict[str, Any]:
         raise SystemExit(f"config file {path} does not exist") from None
     if not isinstance(data, dict):
         raise SystemExit(f"config file {path}: expected a mapping at the top level")
-    return copy.deepcopy(data)
+    return data
 
 
 def _value(raw: str) -> Any:

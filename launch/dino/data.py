@@ -48,6 +48,7 @@ __all__ = [
     "SyntheticImages",
     "load_image",
     "mix_seed",
+    "normalize",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -86,6 +87,15 @@ def _generator(*parts: int) -> torch.Generator:
 _TAG_PROTOTYPE = 0x5052_4F54  # "PROT"
 _TAG_SAMPLE = 0x5341_4D50  # "SAMP"
 _TAG_CROPS = 0x4352_4F50  # "CROP"
+
+
+_MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+_STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """ImageNet's mean and std, per channel, of ``[3, H, W]`` or ``[N, 3, H, W]`` in [0, 1]."""
+    return (images - _MEAN) / _STD
 
 
 def _resize(img: torch.Tensor, size: int) -> torch.Tensor:
@@ -498,8 +508,6 @@ class MultiCropAugmentation:
         self.global_size, self.local_size = global_size, local_size
         self.brightness, self.contrast = brightness, contrast
         self.saturation, self.hue = saturation, hue
-        self.mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-        self.std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
 
     @property
     def num_crops(self) -> int:
@@ -571,7 +579,7 @@ class MultiCropAugmentation:
             x = _gaussian_blur(x, _uniform(g, 0.1, 2.0))
         if solarize_p > 0 and _rand(g) < solarize_p:
             x = torch.where(x >= 0.5, 1.0 - x, x)
-        return ((x - self.mean) / self.std).contiguous()
+        return normalize(x).contiguous()
 
     def __call__(self, image: torch.Tensor, generator: torch.Generator) -> list[torch.Tensor]:
         if image.ndim != 3 or image.shape[0] != 3:
@@ -698,11 +706,6 @@ class ResumableDistributedSampler(DistributedSampler):
     @property
     def steps_per_epoch(self) -> int:
         return self.dataset_size // self.global_batch_size
-
-    @property
-    def step(self) -> int:
-        """Global steps done in the current epoch."""
-        return self.consumed // self.global_batch_size
 
     def permutation(self) -> list[int]:
         """The current epoch's order of the whole data set (all ranks)."""

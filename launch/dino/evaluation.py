@@ -10,9 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from .data import IMAGENET_MEAN, IMAGENET_STD, ImageFolder, SyntheticImages
+from .data import ImageFolder, SyntheticImages, normalize
 
-MEAN, STD = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
 KNN_TEMPERATURE = 0.07
 
 
@@ -29,7 +28,7 @@ def eval_images(base: Dataset, ev: dict[str, Any]) -> tuple[torch.Tensor, torch.
     n = min(len(base), ev["bank_size"] + ev["query_size"])  # type: ignore[arg-type]
     images = torch.stack([base[i][0] for i in range(n)])
     labels = torch.tensor([int(base[i][1]) for i in range(n)])
-    return (images - MEAN[:, None, None]) / STD[:, None, None], labels
+    return normalize(images), labels
 
 
 def knn_accuracy(features: torch.Tensor, labels: torch.Tensor, ev: dict[str, Any]) -> float:
