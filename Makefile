@@ -2,7 +2,7 @@
 PYTHON ?= python3
 NPROC ?= 2
 
-.PHONY: install test demo lint docs bench clean
+.PHONY: install test test-fast demo lint docs bench clean
 
 # Always checked (fast when nothing is missing): a stamp file would survive a move of the
 # checkout or an install of another clone, and leave `import dcp_engine` broken.
@@ -11,6 +11,9 @@ install:
 
 test: install
 	$(PYTHON) -m pytest -n auto -q tests
+
+test-fast: install  # without the end-to-end runs marked slow (torchrun, DINO, the kill loop)
+	$(PYTHON) -m pytest -n auto -q -m "not slow" tests
 
 demo: install
 	PYTHON=$(PYTHON) bash launch/demo.sh

@@ -156,7 +156,7 @@ def main() -> None:
     engine_bytes: list[int] = []
 
     def engine_save() -> None:
-        info = mgr.save(next(counter), {"model": model})
+        info = mgr.save(next(counter), {"model": model}).result()
         mine = sum(
             f.stat().st_size for f in info.path.glob(f"__{rank}_*.distcp")
         )  # this rank's shard files

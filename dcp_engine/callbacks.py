@@ -33,10 +33,13 @@ from typing import Any
 
 import torch.distributed as dist
 
-from . import commit, retention
+from . import retention
 from .config import CheckpointConfig
 from .index import CheckpointInfo
 from .manager import CheckpointManager
+from .marker import clean_metrics
+from .saving import SaveHandle
+from .storage import LocalStorage
 
 log = logging.getLogger(__name__)
 
@@ -74,12 +77,14 @@ class CheckpointCallback:
         run_config: Mapping[str, Any] | None = None,
         extra: Mapping[str, Any] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        storage: LocalStorage | None = None,
     ) -> None:
         if not isinstance(config, CheckpointConfig):
             raise TypeError(f"config must be a CheckpointConfig, got {type(config).__name__}")
         self.config = config
         self.manager: CheckpointManager | None = None
         self._group, self._run_config = process_group, run_config
+        self._storage = storage  # the manager's file-system seam (tests inject faults)
         if extra is not None and LOOP_KEY in extra:
             raise ValueError(f"extra[{LOOP_KEY!r}] is the callback's (the loop position)")
         self._extra = dict(extra or {})  # JSON, kept in every checkpoint's marker
@@ -92,6 +97,8 @@ class CheckpointCallback:
         self._saved_step: int | None = None
         self._last_save = clock()
         self._signal = 0  # a SIGTERM seen by this rank (save_on_sigterm)
+        self.last_save: SaveHandle | None = None
+        """The handle of the newest save the callback made (its figures, its commit)."""
         self._previous_handler: Any = None
 
     # ------------------------------------------------------------------ hooks
@@ -100,7 +107,9 @@ class CheckpointCallback:
         """Open the experiment and resume (``config.resume``); where the loop starts."""
         if not self.config.enabled:
             return TrainStart(0, 0)
-        self.manager = CheckpointManager(self.config, self._group, run_config=self._run_config)
+        self.manager = CheckpointManager(
+            self.config, self._group, run_config=self._run_config, storage=self._storage
+        )
         info = self.manager.resume(app_state)
         self._last_save = self._clock()
         if self.config.save_on_sigterm:
@@ -154,7 +163,7 @@ class CheckpointCallback:
     ) -> None:
         assert self.manager is not None
         if step != self._saved_step:
-            merged = {**self._metrics, **commit.clean_metrics(metrics)}
+            merged = {**self._metrics, **clean_metrics(metrics)}
             self._save(step, self._epoch, app_state, merged, ended=False, force=True)
         self.manager.wait()
         log.warning("preempted (signal %d): step %d is committed; exiting", signum, step)
@@ -186,7 +195,7 @@ class CheckpointCallback:
 
     def on_validation_end(self, metrics: Mapping[str, Any]) -> None:
         """Metrics for the next save (and for ``save_best_only``)."""
-        self._metrics.update(commit.clean_metrics(metrics))
+        self._metrics.update(clean_metrics(metrics))
         self._validated = True
 
     def on_train_end(self, app_state: Mapping[str, Any], *, step: int | None = None) -> None:
@@ -313,7 +322,7 @@ class CheckpointCallback:
     ) -> bool:
         if self.manager is None:
             return False
-        merged = {**self._metrics, **commit.clean_metrics(metrics)}
+        merged = {**self._metrics, **clean_metrics(metrics)}
         if step == self._saved_step:
             # Saved already at this step (a step trigger on the epoch's last step): the
             # metrics that came since (the validation) go to that checkpoint.
@@ -338,8 +347,11 @@ class CheckpointCallback:
     ) -> bool:
         assert self.manager is not None
         extra = self._marker(step, epoch, ended)
-        self.manager.save(step, app_state, epoch=epoch, metrics=metrics, force=force, extra=extra)
-        if any(s.step == step and s.skipped for s in self.manager.stats()[-2:]):
+        handle = self.manager.save(
+            step, app_state, epoch=epoch, metrics=metrics, force=force, extra=extra
+        )
+        self.last_save = handle
+        if handle.skipped:
             return False  # when_busy="skip": the previous save is still writing
         self._saved_step, self._last_save = step, self._clock()
         self._record_best(metrics)

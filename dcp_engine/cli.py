@@ -17,8 +17,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from . import collector, commit, index, layout, offline, retention
-from .errors import CheckpointError, CheckpointNotFoundError
+from . import export, layout, resolve
+from .catalog import Catalog
+from .committer import Committer
+from .config import CheckpointConfig
+from .errors import CheckpointError, CheckpointNotFoundError, ConfigError
+from .index import CheckpointInfo
+from .lease import Lease
+from .reader import open_checkpoint
+from .storage import LocalStorage
 
 
 class _Fail(Exception):
@@ -30,7 +37,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.run(args) or 0)
-    except (_Fail, CheckpointError, OSError, ValueError) as e:
+    except (_Fail, CheckpointError, OSError, ValueError, TypeError) as e:
         print(f"dcp-engine {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -47,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     ls.set_defaults(run=cmd_ls)
 
     ins = sub.add_parser("inspect", help="keys, tensors, bytes, dtypes of a checkpoint")
-    ins.add_argument("checkpoint", type=Path)
+    ins.add_argument("checkpoint", type=Path, help="a checkpoint, an alias or an experiment")
     ins.add_argument("--tensors", action="store_true", help="every tensor, shape and dtype")
     ins.set_defaults(run=cmd_inspect)
 
@@ -59,7 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("checkpoint", type=Path)
     exp.add_argument("out", type=Path)
     exp.add_argument("--key", help="one entry only, e.g. teacher")
-    exp.add_argument("--dtype", choices=sorted(offline.DTYPES), help="cast floating tensors")
+    exp.add_argument("--dtype", choices=sorted(export.DTYPES), help="cast floating tensors")
     exp.add_argument("--format", choices=["torch", "safetensors"], default="torch")
     exp.set_defaults(run=cmd_export)
 
@@ -111,20 +118,42 @@ def _aliases(exp: layout.ExperimentLayout) -> dict[str, list[str]]:
 
 def _rows(exp_dir: Path) -> list[dict[str, Any]]:
     exp = layout.ExperimentLayout(exp_dir)
-    found = index.scan(exp)
+    found = resolve.scan(exp)
     aliases = _aliases(exp)
     rows = [_row(exp_dir, c, aliases.get(c.path.name, [])) for c in found.committed]
-    for path, why in found.torn:
-        step = layout.parse_step_dirname(path.name)
-        if step is None:
-            step = layout.parse_tmp_dirname(path.name)
-        rows.append({"experiment": str(exp_dir), "step": step, "epoch": None, "metrics": {},
-                     "bytes": None, "created": None, "path": str(path), "aliases": [],
-                     "torn": why})  # fmt: skip
+    others = [(p, f"TORN: {why}") for p, why in found.torn]
+    others += [(p, f"CORRUPT: {why}") for p, why in found.corrupt]
+    others += [(p, "QUARANTINED: failed verification on resume") for p in found.quarantined]
+    for path, why in others:
+        step = next(
+            (
+                s
+                for parse in (
+                    layout.parse_step_dirname,
+                    layout.parse_tmp_dirname,
+                    layout.parse_corrupt_dirname,
+                )
+                if (s := parse(path.name)) is not None
+            ),
+            None,
+        )
+        rows.append(
+            {
+                "experiment": str(exp_dir),
+                "step": step,
+                "epoch": None,
+                "metrics": {},
+                "bytes": None,
+                "created": None,
+                "path": str(path),
+                "aliases": [],
+                "torn": why,
+            }
+        )
     return sorted(rows, key=lambda r: (r["step"] is None, r["step"] or 0))
 
 
-def _row(exp_dir: Path, c: index.CheckpointInfo, aliases: list[str]) -> dict[str, Any]:
+def _row(exp_dir: Path, c: CheckpointInfo, aliases: list[str]) -> dict[str, Any]:
     return {
         "experiment": str(exp_dir),
         "step": c.step,
@@ -150,7 +179,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
             if r["experiment"] != exp:
                 continue
             if r["torn"]:
-                table.append([str(r["step"]), "-", f"TORN: {r['torn']}", "-", "-", ""])
+                table.append([str(r["step"]), "-", r["torn"], "-", "-", ""])
                 continue
             metrics = " ".join(f"{k}={_num(v)}" for k, v in sorted(r["metrics"].items()))
             created = dt.datetime.fromtimestamp(r["created"]).strftime("%Y-%m-%d %H:%M:%S")
@@ -166,27 +195,42 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    ckpt = offline.open_checkpoint(args.checkpoint)
+    # Shapes and sizes only, no tensor bytes: the marker and DCP's metadata, not the shards.
+    ckpt = open_checkpoint(args.checkpoint, verify=False)
     m, md = ckpt.marker, ckpt.metadata
     print(f"checkpoint  {ckpt.path}")
-    print(f"step        {m['step']}   epoch {m['epoch']}")
-    print(f"metrics     {json.dumps(m['metrics'], allow_nan=True)}")
-    print(f"saved by    {m['world_size']} rank(s), torch {m.get('torch_version', '?')}, "
-          f"DCP metadata version {getattr(md, 'version', None) or '?'}")  # fmt: skip
-    print(f"files       {len(m['files'])}, {_size(m['bytes'])}")
+    print(f"step        {m.step}   epoch {m.epoch}")
+    print(f"metrics     {json.dumps(dict(m.metrics), allow_nan=True)}")
+    print(
+        f"saved by    {m.world_size} rank(s), torch {m.torch_version}, marker {m.format}, "
+        f"DCP metadata version {getattr(md, 'version', None) or '?'}"
+    )
+    print(f"files       {len(m.files)}, {_size(m.total_bytes)}")
     table = [["key", "kind", "tensors", "bytes", "dtypes"]]
-    for key in sorted(m["entries"]):
+    for key in sorted(m.entries):
         tensors = ckpt.tensors(key)
         nbytes = sum(_nbytes(t) for t in tensors.values())
         dtypes = sorted({str(t.properties.dtype).removeprefix("torch.") for t in tensors.values()})
-        table.append([key, m["entries"][key]["kind"], str(len(tensors)), _size(nbytes),
-                      ",".join(dtypes) or "-"])  # fmt: skip
+        table.append(
+            [
+                key,
+                str(m.entries[key]["kind"]),
+                str(len(tensors)),
+                _size(nbytes),
+                ",".join(dtypes) or "-",
+            ]
+        )
     _print_table(table)
     if args.tensors:
         rows = [["tensor", "shape", "dtype"]]
         for fqn, t in sorted(ckpt.tensors().items()):
-            rows.append([fqn, "x".join(map(str, t.size)) or "scalar",
-                         str(t.properties.dtype).removeprefix("torch.")])  # fmt: skip
+            rows.append(
+                [
+                    fqn,
+                    "x".join(map(str, t.size)) or "scalar",
+                    str(t.properties.dtype).removeprefix("torch."),
+                ]
+            )
         _print_table(rows)
     return 0
 
@@ -198,33 +242,38 @@ def cmd_verify(args: argparse.Namespace) -> int:
     path: Path = args.path
     if not path.exists():
         raise CheckpointNotFoundError(f"{path} does not exist")
+    bad: list[str] = []
     if (path / layout.CHECKPOINTS_DIR).is_dir():
-        found = index.scan(layout.ExperimentLayout(path))
+        found = resolve.scan(layout.ExperimentLayout(path))
         targets = [c.path for c in found.committed]
         for torn, why in found.torn:
             print(f"SKIP {torn}: {why}")
-        if not targets:
+        for q in found.quarantined:
+            print(f"SKIP {q}: quarantined")
+        for _, why in found.corrupt:
+            bad.append(f"BAD  {why}")
+        if not targets and not found.corrupt:
             raise _Fail(f"experiment {path} has no committed checkpoint")
     else:
-        targets = [offline.open_checkpoint(path).path]
-    bad = 0
+        targets = [resolve.inspect_checkpoint_dir(path.resolve())[0].path]
+    for line in bad:
+        print(line)
     for target in targets:
-        marker = commit.read_marker(target)
-        problems = commit.file_problems(target, marker, digests=True)
+        marker = resolve.read_marker(target)
+        problems = resolve.file_problems(target, marker, digests=True)
         if not problems:
             try:
-                commit.check_files(target, marker)
+                resolve.check_files(target, marker)
             except CheckpointError as e:
                 problems = [str(e)]
-        hashed = sum("crc32" in f for f in marker["files"].values())
+        hashed = sum(f.crc32 is not None for f in marker.files.values())
         if problems:
-            bad += 1
+            bad.extend(problems)
             for p in problems:
                 print(f"BAD  {p}")
         else:
-            rest = "" if hashed == len(marker["files"]) else ", the rest by size"
-            how = f"{hashed} by digest{rest}"
-            print(f"OK   {target} ({len(marker['files'])} files, {how})")
+            rest = "" if hashed == len(marker.files) else ", the rest by size"
+            print(f"OK   {target} ({len(marker.files)} files, {hashed} by digest{rest})")
     return 1 if bad else 0
 
 
@@ -232,8 +281,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    out = offline.export(args.checkpoint, args.out, key=args.key, dtype=args.dtype,
-                         fmt=args.format)  # fmt: skip
+    out = export.export(args.checkpoint, args.out, key=args.key, dtype=args.dtype, fmt=args.format)
     print(f"wrote {out} ({_size(out.stat().st_size)})")
     return 0
 
@@ -245,48 +293,82 @@ def cmd_gc(args: argparse.Namespace) -> int:
     exp_dir: Path = args.experiment
     if not (exp_dir / layout.CHECKPOINTS_DIR).is_dir():
         raise CheckpointNotFoundError(f"{exp_dir} is not an experiment (no checkpoints/)")
-    exp = layout.ExperimentLayout(exp_dir)
+    exp = layout.ExperimentLayout(exp_dir.resolve())
     monitor, mode = args.monitor, args.mode
     if monitor is None:
-        monitor, saved_mode = index.monitor_of(exp)
+        monitor, saved_mode = resolve.monitor_of(exp)
         mode = mode or saved_mode
-    if args.keep_top_k not in (None, -1, 0) and monitor is None:
-        raise _Fail("--keep-top-k needs --monitor (or checkpoint.monitor in config.yaml)")
-    policy = retention.RetentionPolicy(
-        keep_top_k=args.keep_top_k, monitor=monitor, mode=mode or "min",
-        keep_last_n=args.keep_last_n, keep_every_n_steps=args.keep_every_n_steps,
-        keep_every_n_epochs=args.keep_every_n_epochs,
-    )  # fmt: skip
+    policy = _gc_config(args, exp, monitor, mode or "min").retention
     if policy.keeps_all:
         raise _Fail("no retention policy given (--keep-top-k, --keep-last-n, ...)")
-    found = index.scan(exp)
+    found = resolve.scan(exp)
     if any(layout.parse_tmp_dirname(p.name) is not None for p, _ in found.torn):
         print("note: a .tmp directory exists: a save may be in flight; gc never touches it")
-    aliased = {layout.parse_step_dirname(name) for name in _aliases(exp)}
-    doomed = policy.to_delete(found.committed, also={s for s in aliased if s is not None})
-    kept = [c.step for c in found.committed if c.step not in doomed]
-    if args.dry_run:
+    aliased = {s for name in _aliases(exp) if (s := layout.parse_step_dirname(name)) is not None}
+    if args.dry_run:  # read-only: no lease
+        doomed = policy.to_delete(found.committed, aliased)
         for step in doomed:
             print(f"would delete {exp.step_dir(step)}")
-    elif doomed:
-
-        def forget(steps: list[int]) -> None:
-            remaining = [c for c in found.committed if c.step not in steps]
-            top = retention.best(remaining, monitor, mode or "min")
-            index.write_index(exp, remaining, best=None if top is None else top.step)
-
-        for step in collector.delete(exp, doomed, forget=forget, fsync=True):
+        print(
+            f"would keep {len(found.committed) - len(doomed)}: steps "
+            f"{[c.step for c in found.committed if c.step not in doomed]}"
+        )
+        return 0
+    storage = LocalStorage()
+    # Deleting writes the experiment: only as its lease holder (refused while a job runs).
+    lease = Lease.acquire(exp.owner_path, storage, stale_after_s=30.0)
+    try:
+        catalog = Catalog(exp, policy, committer=Committer(exp, storage, lease), storage=storage)
+        catalog.open()
+        for step in aliased:
+            catalog.protect(step)
+        for step in catalog.collect():
             print(f"deleted {exp.step_dir(step)}")
+        kept = [c.step for c in catalog.entries()]
+    finally:
+        lease.release()
     print(f"kept {len(kept)}: steps {kept}")
     return 0
+
+
+def _gc_config(
+    args: argparse.Namespace, exp: layout.ExperimentLayout, monitor: str | None, mode: str
+) -> CheckpointConfig:
+    """The retention flags checked exactly as ``CheckpointConfig`` checks its fields."""
+    flags = {
+        "keep_top_k": args.keep_top_k,
+        "keep_last_n": args.keep_last_n,
+        "keep_every_n_steps": args.keep_every_n_steps,
+        "keep_every_n_epochs": args.keep_every_n_epochs,
+    }
+    try:
+        return CheckpointConfig(
+            root_dir=str(exp.root.parent),
+            experiment_name=exp.root.name,
+            monitor=monitor,
+            mode=mode,
+            **flags,
+        )
+    except ConfigError as e:
+        flag = "--" + e.field.replace("_", "-")
+        value = flags.get(e.field, getattr(args, e.field, None))
+        if e.field == "keep_top_k" and monitor is None:
+            raise _Fail(f"{flag} needs --monitor (or checkpoint.monitor in config.yaml)") from None
+        raise _Fail(f"{flag} {value}: expected {str(e).split('expected ', 1)[-1]}") from None
 
 
 # ----------------------------------------------------------------------------- average
 
 
 def cmd_average(args: argparse.Namespace) -> int:
-    out, steps = offline.average(args.experiment, args.out, top_k=args.top_k, key=args.key,
-                                 monitor=args.monitor, mode=args.mode)  # fmt: skip
+    out, steps = export.average(
+        args.experiment,
+        args.out,
+        top_k=args.top_k,
+        key=args.key,
+        monitor=args.monitor,
+        mode=args.mode,
+    )
     print(f"wrote {out}: the mean of steps {steps}")
     return 0
 

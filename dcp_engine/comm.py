@@ -24,26 +24,52 @@ class Comm:
     collectives are identities, so the engine runs unchanged in a plain script.
     """
 
-    def __init__(self, group: dist.ProcessGroup | None, timeout_s: float) -> None:
+    def __init__(
+        self,
+        group: dist.ProcessGroup | None,
+        timeout_s: float,
+        ranks: tuple[int, ...] = (),
+        purpose: str = "control",
+    ) -> None:
         self.group = group
         self.timeout = _dt.timedelta(seconds=timeout_s)
         self.rank = dist.get_rank(group) if group is not None else 0
         self.world_size = dist.get_world_size(group) if group is not None else 1
+        self._ranks, self._purpose = ranks, purpose
+        self.broken = False
+        """A collective on the group failed (a rank died or timed out): ``renew`` it."""
 
     @classmethod
     def create(
         cls, process_group: dist.ProcessGroup | None, timeout_s: float, purpose: str = "control"
     ) -> Comm:
-        """A side group over the ranks of ``process_group``, one per ``purpose``: the
-        foreground's decisions (``control``) and the background writes (``io``) never share
-        one, so a save in flight cannot interleave its collectives with the next call's."""
+        """A side group of its own over the ranks of ``process_group``: the foreground's
+        decisions (``control``) and the background writes (``io``) never share one, nor do
+        two managers, so no two callers ever interleave collectives on one group.
+        Collective over the whole job (``new_group``): every rank creates them in the
+        same order, as it constructs its managers."""
         if not (dist.is_available() and dist.is_initialized()):
             if process_group is not None:
                 raise ValueError("process_group given but torch.distributed is not initialised")
             return cls(None, timeout_s)
         base = process_group if process_group is not None else dist.group.WORLD
         ranks = tuple(sorted(dist.get_process_group_ranks(base)))
-        return cls(_side_group(ranks, timeout_s, purpose), timeout_s)
+        return cls(_side_group(ranks, timeout_s, purpose), timeout_s, ranks, purpose)
+
+    def renew(self) -> None:
+        """A fresh side group after a failure broke this one (a gloo group whose peer
+        timed out or died stays dead). Collective: every rank renews at the same call,
+        i.e. at the first save after a failed one (every rank's save failed)."""
+        if self.group is None or not self.broken:
+            return
+        try:
+            self.group = _side_group(self._ranks, self.timeout.total_seconds(), self._purpose)
+        except RuntimeError as e:  # a rank is gone, or still stuck in the failed save
+            raise CheckpointError(
+                f"renewing the checkpoint group after a failed save: not every rank arrived "
+                f"within {self.timeout.total_seconds():.0f} s ({e})"
+            ) from e
+        self.broken = False
 
     @property
     def is_coordinator(self) -> bool:
@@ -81,6 +107,7 @@ class Comm:
         try:
             yield
         except RuntimeError as e:
+            self.broken = True
             raise CheckpointError(
                 f"{what}: the checkpoint group failed (a rank died or did not arrive within "
                 f"{self.timeout.total_seconds():.0f} s): {e}"
@@ -135,7 +162,8 @@ class Comm:
             yield
 
     def release(self) -> None:
-        """Stop using the group; it stays cached for the next manager over the same ranks."""
+        """Stop using the group (it is not destroyed: a peer may still be in a
+        collective on it, and destroying a gloo group under one can hang)."""
         self.group = None
 
 
@@ -144,6 +172,7 @@ _WIRE_TYPES: dict[str, type[Exception]] = {
     for cls in (
         ValueError, TypeError, errors.CheckpointError, errors.CheckpointNotFoundError,
         errors.NotACheckpointError, errors.IntegrityError, errors.StateMismatchError,
+        errors.ExperimentLockedError, errors.TimelineError,
     )
 }  # fmt: skip
 
@@ -162,18 +191,18 @@ def unwire_error(wired: tuple[str, str], context: str) -> Exception:
     return cls(f"{context}: {message}")
 
 
-# One side group per (ranks, timeout), reused by every manager of the process and never
-# destroyed: a group re-created over the same ranks would find the previous one's
-# addresses in the store (hashed group names) and fail to connect.
-_SIDE_GROUPS: dict[tuple[tuple[int, ...], float, str], dist.ProcessGroup] = {}
+# Subsets of the world get hashed group names from ``new_group`` (local synchronisation),
+# so a group over the same ranks cannot be created twice: those are cached and shared.
+# Whole-world groups get a new name each time (every rank calls ``new_group``).
+_SUBSET_GROUPS: dict[tuple[tuple[int, ...], float, str], dist.ProcessGroup] = {}
 
 
 def _side_group(ranks: tuple[int, ...], timeout_s: float, purpose: str) -> dist.ProcessGroup:
+    subset = len(ranks) < dist.get_world_size()
     key = (ranks, timeout_s, purpose)
-    group = _SIDE_GROUPS.get(key)
+    group = _SUBSET_GROUPS.get(key) if subset else None
     if group is not None and group in dist.distributed_c10d._world.pg_map:
         return group
-    subset = len(ranks) < dist.get_world_size()
     group = dist.new_group(
         ranks=list(ranks),
         backend="gloo",
@@ -181,5 +210,6 @@ def _side_group(ranks: tuple[int, ...], timeout_s: float, purpose: str) -> dist.
         # For a subset only its members take part; for the whole world every rank does.
         use_local_synchronization=subset,
     )
-    _SIDE_GROUPS[key] = group
+    if subset:
+        _SUBSET_GROUPS[key] = group
     return group

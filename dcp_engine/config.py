@@ -63,6 +63,11 @@ class CheckpointConfig:
     timeout_s: float = 600.0
     """Upper bound on every wait on another rank (barriers, gathers, the commit)."""
 
+    lease_timeout_s: float = 30.0
+    """The experiment's lease (``OWNER``) is renewed every quarter of this; a holder on
+    another host whose heartbeat stopped this long is taken over (on the same host, a
+    holder whose process is gone is taken over at once)."""
+
     capture_rng: bool = True
     """Save the torch (CPU and CUDA), numpy and python RNG states of every rank, and
     restore the calling rank's on load."""
@@ -164,6 +169,14 @@ class CheckpointConfig:
             or self.timeout_s <= 0
         ):
             raise ConfigError("timeout_s", self.timeout_s, "a finite number of seconds > 0")
+        lease = self.lease_timeout_s
+        if (
+            isinstance(lease, bool)
+            or not isinstance(lease, (int, float))
+            or not math.isfinite(lease)
+            or lease <= 0
+        ):
+            raise ConfigError("lease_timeout_s", lease, "a finite number of seconds > 0")
         for name in ("capture_rng", "fsync", "digests"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(name, getattr(self, name), "True or False")

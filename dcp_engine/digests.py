@@ -21,8 +21,6 @@ from typing import Any
 
 from torch.distributed.checkpoint.filesystem import FileSystem
 
-from . import faults
-
 ALGORITHM = "crc32"
 _CHUNK = 8 << 20
 
@@ -34,25 +32,40 @@ def hexdigest(crc: int) -> str:
 class HashingStream:
     """A write-only file wrapper that hashes and counts every byte written, in order."""
 
-    def __init__(self, raw: Any) -> None:
+    def __init__(self, raw: Any, errors: list[OSError], *, hashing: bool = True) -> None:
         self._raw = raw
         self.crc = 0
         self.size = 0
+        self._errors = errors
+        self._hashing = hashing
 
     def write(self, data: Any) -> int:
         view = memoryview(data).cast("B")
-        faults.count_write(len(view))
-        n = self._raw.write(view)
+        try:
+            n = self._raw_write(view)
+        except OSError as e:
+            # torch.save reports a failed write as "unexpected pos"; the cause is kept.
+            self._errors.append(e)
+            raise
         n = len(view) if n is None else n
-        self.crc = zlib.crc32(view[:n], self.crc)
+        if self._hashing:
+            self.crc = zlib.crc32(view[:n], self.crc)
         self.size += n
         return n
+
+    def _raw_write(self, view: memoryview) -> int | None:
+        """The write itself: the seam a faulty test file system overrides."""
+        return self._raw.write(view)
 
     def tell(self) -> int:
         return self._raw.tell()
 
     def flush(self) -> None:
-        self._raw.flush()
+        try:
+            self._raw.flush()
+        except OSError as e:  # a buffered write's error may surface here
+            self._errors.append(e)
+            raise
 
     def fileno(self) -> int:
         return self._raw.fileno()
@@ -75,11 +88,17 @@ class HashingStream:
 
 
 class HashingFileSystem(FileSystem):
-    """DCP's local file system, hashing every file it writes (keyed by file name)."""
+    """DCP's local file system, hashing every file it writes (keyed by file name), and
+    keeping every OS error a write met (``errors``: the root cause of a failed save)."""
 
-    def __init__(self) -> None:
+    stream_class: type[HashingStream] = HashingStream
+
+    def __init__(self, *, hashing: bool = True) -> None:
         super().__init__()
+        self.hashing = hashing
+        """False: sizes only (``CheckpointConfig.digests=False``)."""
         self.digests: dict[str, dict[str, Any]] = {}
+        self.errors: list[OSError] = []
         self._lock = threading.Lock()  # DCP writes files from several threads
 
     @contextmanager
@@ -88,10 +107,17 @@ class HashingFileSystem(FileSystem):
             with super().create_stream(path, mode) as plain:
                 yield plain
             return
-        with super().create_stream(path, mode) as raw:
-            hashing = HashingStream(raw)
-            yield hashing
-        digest = {"size": hashing.size, ALGORITHM: hexdigest(hashing.crc)}
+        try:
+            with super().create_stream(path, mode) as raw:
+                hashing = self.stream_class(raw, self.errors, hashing=self.hashing)
+                yield hashing
+        except OSError as e:  # e.g. ENOSPC when the file is closed
+            if all(e is not seen for seen in self.errors):
+                self.errors.append(e)
+            raise
+        digest: dict[str, Any] = {"size": hashing.size}
+        if self.hashing:
+            digest[ALGORITHM] = hexdigest(hashing.crc)
         with self._lock:
             self.digests[Path(path).name] = digest
 

@@ -40,3 +40,12 @@ class UnknownKeyError(ConfigError):
         hint = f"; did you mean {nearest!r}?" if nearest else ""
         ValueError.__init__(self, f"unknown key {key!r} in {where}{hint}")
         self.field = key
+
+
+class ExperimentLockedError(CheckpointError):
+    """Another job holds the experiment's lease (``OWNER``): only one job writes an
+    experiment. The message names the holder (host, pid, job id, when it started)."""
+
+
+class TimelineError(CheckpointError):
+    """A save whose step is not above the newest committed step of its experiment."""

@@ -10,7 +10,9 @@ mistaken for ours (and therefore never listed, loaded or deleted).
       checkpoints/
         step_00001200/          committed: DCP shards + .metadata + COMMITTED
         step_00001300.tmp/      in flight or torn
+        step_00001100.corrupt/  quarantined: failed its digests on resume, never loaded
         latest -> step_00001200
+      OWNER                     the lease of the job that writes here
 """
 
 from __future__ import annotations
@@ -24,13 +26,16 @@ CHECKPOINTS_DIR = "checkpoints"
 INDEX_FILE = "index.json"
 CONFIG_FILE = "config.yaml"
 MARKER_FILE = "COMMITTED"
+OWNER_FILE = "OWNER"
 DCP_METADATA_FILE = ".metadata"
 TMP_SUFFIX = ".tmp"
+CORRUPT_SUFFIX = ".corrupt"
 ALIASES = ("latest", "best")
 
 _STEP_DIGITS = 8
 _STEP_RE = re.compile(r"step_(\d{8,})")
 _TMP_RE = re.compile(r"step_(\d{8,})\.tmp")
+_CORRUPT_RE = re.compile(r"(step_\d{8,})\.corrupt(?:-(\d+))?")
 
 
 def step_dirname(step: int) -> str:
@@ -63,6 +68,24 @@ def parse_tmp_dirname(name: str) -> int | None:
     return _parse(_TMP_RE, name, TMP_SUFFIX)
 
 
+def corrupt_dirname(step: int, attempt: int = 1) -> str:
+    """``step_00000060.corrupt`` (``.corrupt-2``, ... when the step was quarantined before)."""
+    suffix = CORRUPT_SUFFIX if attempt == 1 else f"{CORRUPT_SUFFIX}-{attempt}"
+    return step_dirname(step) + suffix
+
+
+def parse_corrupt_dirname(name: str) -> int | None:
+    """The step of a quarantined directory name, or None if the name is not ours."""
+    m = _CORRUPT_RE.fullmatch(name)
+    if m is None:
+        return None
+    step = parse_step_dirname(m.group(1))
+    attempt = int(m.group(2) or 1)
+    if step is None or corrupt_dirname(step, attempt) != name or attempt < 1:
+        return None
+    return step
+
+
 @dataclass(frozen=True)
 class ExperimentLayout:
     """The paths of one experiment directory."""
@@ -87,20 +110,37 @@ class ExperimentLayout:
     def tmp_dir(self, step: int) -> Path:
         return self.checkpoints_dir / tmp_dirname(step)
 
+    @property
+    def owner_path(self) -> Path:
+        return self.root / OWNER_FILE
+
+    def quarantine_dir(self, step: int) -> Path:
+        """The first free ``step_X.corrupt[-n]`` name for ``step``."""
+        attempt = 1
+        while (path := self.checkpoints_dir / corrupt_dirname(step, attempt)).exists():
+            attempt += 1
+        return path
+
     def alias_path(self, alias: str) -> Path:
         if alias not in ALIASES:
             raise ValueError(f"unknown alias {alias!r}; known: {ALIASES}")
         return self.checkpoints_dir / alias
 
 
-def default_experiment_name(model: str, dataset: str, when: float | None = None) -> str:
-    """``{model}_{dataset}_{YYYYmmdd_HHMMSS}`` (local time)."""
-    return f"{model}_{dataset}_{time.strftime('%Y%m%d_%H%M%S', time.localtime(when))}"
+def default_experiment_name(
+    model: str, dataset: str, when: float | None = None, attempt: int = 1
+) -> str:
+    """``{model}_{dataset}_{YYYYmmdd_HHMMSS}`` (local time); ``..._HHMMSS-2``, ``-3``...
+    for the second, third run started in the same second (the directory is created
+    exclusively, so two jobs never share one)."""
+    name = f"{model}_{dataset}_{time.strftime('%Y%m%d_%H%M%S', time.localtime(when))}"
+    return name if attempt == 1 else f"{name}-{attempt}"
 
 
 def is_default_experiment_name(name: str, model: str, dataset: str) -> bool:
     """Whether ``name`` is a run of ``{model}_{dataset}`` named by default."""
-    return re.fullmatch(re.escape(f"{model}_{dataset}_") + r"\d{8}_\d{6}", name) is not None
+    pattern = re.escape(f"{model}_{dataset}_") + r"\d{8}_\d{6}(?:-\d+)?"
+    return re.fullmatch(pattern, name) is not None
 
 
 def marker_path(checkpoint_dir: Path) -> Path:

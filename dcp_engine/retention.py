@@ -41,15 +41,16 @@ def metric_of(entry: Entry, monitor: str) -> float:
 
 
 def rank_by_metric(entries: Iterable[E], monitor: str, mode: str) -> list[E]:
-    """Best first: by ``monitor`` (``mode="min"`` or ``"max"``), NaN or missing last,
-    ties broken by the newer step."""
+    """Best first: by ``monitor`` (``mode="min"`` or ``"max"``); a value that is missing
+    or not finite (NaN, a diverged -inf or +inf) ranks last, whatever the mode, and is
+    never the best; ties broken by the newer step."""
     if mode not in ("min", "max"):
         raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
     sign = -1.0 if mode == "max" else 1.0
 
     def key(e: E) -> tuple[bool, float, int]:
         v = metric_of(e, monitor)
-        bad = math.isnan(v)
+        bad = not math.isfinite(v)
         return (bad, 0.0 if bad else sign * v, -e.step)
 
     return sorted(entries, key=key)
@@ -66,10 +67,13 @@ def best(entries: Iterable[E], monitor: str | None, mode: str) -> E | None:
 
 
 def keep_top_k(entries: Sequence[Entry], k: int, monitor: str, mode: str) -> set[int]:
-    """The steps of the ``k`` best by ``monitor`` (``-1``: all, ``0``: none)."""
+    """The steps of the ``k`` best by a finite ``monitor`` value (``-1``: all, ``0``:
+    none); a checkpoint without one never takes a slot."""
     if k < 0:
         return {e.step for e in entries}
-    return {e.step for e in rank_by_metric(entries, monitor, mode)[:k]}
+    ranked = [e for e in rank_by_metric(entries, monitor, mode)
+              if math.isfinite(metric_of(e, monitor))]  # fmt: skip
+    return {e.step for e in ranked[:k]}
 
 
 def keep_last_n(entries: Sequence[Entry], n: int) -> set[int]:

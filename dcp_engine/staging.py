@@ -8,14 +8,21 @@ pool is rebuilt and the log says so. There is one pool per manager (invariant 6)
 
 What a writer receives is a *staged state*: a flat dict ``fqn -> buffer or value`` and the
 DCP write items computed from the live tensors (DTensor offsets included), so that the
-write needs neither the device mesh nor the live tensors.
+write needs neither the device mesh nor the live tensors. A non-tensor leaf (a numpy
+array, a set, a list of ints) is deep-copied at ``stage`` unless it is immutable: the
+writer serialises it after ``save`` returned, when training may have changed it
+(invariant 3).
 """
 
 from __future__ import annotations
 
+import enum
 import logging
+import os
+import shutil
 import time
 from collections.abc import Callable, Mapping
+from copy import deepcopy
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +35,11 @@ from torch.distributed.checkpoint.planner import SavePlan, WriteItem
 from torch.distributed.checkpoint.planner_helpers import _create_write_items
 from torch.distributed.tensor import DTensor
 
+from .errors import CheckpointError
+
 log = logging.getLogger(__name__)
+
+SHM_DIR = "/dev/shm"
 
 
 @dataclass
@@ -74,7 +85,7 @@ class StagingPool:
 
     @property
     def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self.buffers.values())
+        return sum(_nbytes(b) for b in self.buffers.values())
 
     def stage(
         self,
@@ -102,7 +113,7 @@ class StagingPool:
                 )
             items.extend(new_items)
             if not isinstance(value, torch.Tensor):
-                values[fqn] = value
+                values[fqn] = _captured(value)
                 continue
             buf, src = self.buffers[fqn], _local(value).detach()
             values[fqn] = buf
@@ -131,6 +142,8 @@ class StagingPool:
         start = time.perf_counter()
         rebuilt = bool(self._specs)
         kept = {k: b for k, b in self.buffers.items() if self._specs[k] == specs.get(k)}
+        if self.shared:
+            check_shared_memory(sum(_nbytes(t) for k, t in tensors.items() if k not in kept))
         new = {k: self._allocate(_local(t)) for k, t in tensors.items() if k not in kept}
         self.buffers = {**kept, **new}
         self._specs = specs
@@ -143,15 +156,14 @@ class StagingPool:
             self.nbytes / 2**20,
             "shared memory" if self.shared else "process memory",
             len(new),
-            sum(b.numel() * b.element_size() for b in new.values()) / 2**20,
+            sum(_nbytes(b) for b in new.values()) / 2**20,
             time.perf_counter() - start,
         )  # fmt: skip
 
     def _allocate(self, like: torch.Tensor) -> torch.Tensor:
         if self.shared:
             # Straight into shared memory (share_memory_() would allocate, then copy).
-            nbytes = like.numel() * like.element_size()
-            storage = torch.UntypedStorage._new_shared(nbytes)
+            storage = torch.UntypedStorage._new_shared(_nbytes(like))
             buf = torch.empty(0, dtype=like.dtype)
             buf.set_(storage, 0, like.shape, _row_major_strides(like.shape))
         else:
@@ -178,6 +190,52 @@ def mutated_by_optimizers_only(app_state: Mapping[str, Any]) -> Callable[[str, t
                 )
     ptrs.discard(0)  # empty tensors
     return lambda _, t: _local(t).data_ptr() in ptrs
+
+
+def check_shared_memory(needed: int, *, free_bytes: int | None = None) -> None:
+    """Refuse to stage ``needed`` more bytes in shared memory than ``SHM_DIR`` has free
+    (``free_bytes``, read from the file system by default): past it, the writer process
+    or the training would die of SIGBUS at the first touch of a page, not fail cleanly."""
+    if free_bytes is None:
+        if not needed or not os.path.isdir(SHM_DIR):
+            return
+        free_bytes = shutil.disk_usage(SHM_DIR).free
+    if needed > free_bytes:
+        raise CheckpointError(
+            f"async_mode='process' stages the state in shared memory ({SHM_DIR}): it needs "
+            f"{needed:,} bytes ({needed / 2**30:.2f} GiB) more, {SHM_DIR} has {free_bytes:,} "
+            f"bytes ({free_bytes / 2**30:.2f} GiB) free; give the job a bigger {SHM_DIR} "
+            "(e.g. docker run --shm-size=<size>, or a larger tmpfs) or use "
+            "async_mode='thread' (staging in process memory)"
+        )
+
+
+_IMMUTABLE = (
+    type(None),
+    bool,
+    int,
+    float,
+    complex,
+    str,
+    bytes,
+    enum.Enum,
+    torch.dtype,
+    torch.device,
+)
+
+
+def _captured(value: Any) -> Any:
+    """A non-tensor leaf as it is now: the writer serialises it later (``torch.save``)."""
+    if isinstance(value, _IMMUTABLE) or (
+        isinstance(value, tuple) and all(isinstance(v, _IMMUTABLE) for v in value)
+    ):
+        return value
+    return deepcopy(value)
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    local = _local(t)
+    return local.numel() * local.element_size()
 
 
 def _spec(t: torch.Tensor) -> tuple[Any, ...]:

@@ -1,86 +1,81 @@
-"""Turning ``app_state`` into a DCP state dict and back.
+"""Turning ``app_state`` into a DCP state dict and back, all or nothing.
 
-Each top-level value has a *kind*, recorded in the marker so that a load knows how the
-bytes were written:
+Every top-level value is written by the codec of its kind (``codecs.py``: module,
+optimizer, stateful, tensors, object, and ``_rng`` for the RNG states of every rank); the
+kind and encoding go into the marker so that a load knows how the bytes were written.
 
-- ``module``: ``get_model_state_dict`` (plain, DDP, FSDP2; keys without wrapper prefixes,
-  DTensor shards under FSDP2, so a load reshards to any world size or wrapper);
-- ``optimizer``: ``get_optimizer_state_dict`` of the module in ``app_state`` that owns
-  its parameters, flattened and keyed by parameter name;
-- ``stateful``: anything with ``state_dict``/``load_state_dict`` (LR schedulers,
-  ``GradScaler``, DCP ``Stateful``); its state dict is a tensor tree or a pickle;
-- ``tensors``: a tensor, or dicts/lists/tuples holding tensors (written as tensors,
-  never pickled; tuples are written as lists);
-- ``object``: any other picklable value, written as one pickled blob;
-- ``_rng``: the RNG states of every rank, one blob per rank.
+A load never writes into the caller's objects until the whole checkpoint has been read
+into fresh storage and matched key by key and shape by shape (``build_load_plan``). Then
+``LoadPlan.apply`` writes key by key, caller code (``load_state_dict`` of Stateful objects)
+first, modules last, and takes a snapshot of each value right before writing it; if
+anything fails, every value written so far, the failing one included, is put back and a
+``CheckpointError`` names the checkpoint and the key (invariant 10). ``rollback`` puts
+everything back after a successful ``apply`` too (when another rank's apply failed).
 
-Loading never writes into the caller's objects until the whole checkpoint has been read
-into fresh storage and matched key by key and shape by shape.
+Memory: the snapshots are one CPU copy of what is applied (module and optimizer state,
+the tensors of tensor trees and of Stateful state dicts; a plain value is kept as the
+object itself), held until the plan is dropped, on top of the read targets. A load thus
+needs host memory for this rank's shard of the state once more.
 """
 
 from __future__ import annotations
 
 import logging
-import pickle
-import random
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
-from torch import nn
 from torch.distributed.checkpoint._nested_dict import flatten_state_dict, unflatten_state_dict
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    _get_fqns,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
 
+from .codecs import (
+    MODULE,
+    OBJECT,
+    OPTIMIZER,
+    PICKLE,
+    RNG,
+    RNG_KEY,
+    STATEFUL,
+    TENSORS,
+    TREE,
+    Codec,
+    LoadContext,
+    RngCodec,
+    Slot,
+    capture_rng_state,
+    codec_for,
+    kind_of,
+    restore_rng_state,
+)
 from .errors import CheckpointError, StateMismatchError
+from .trees import has_tensor
+
+__all__ = [
+    "MODULE",
+    "OBJECT",
+    "OPTIMIZER",
+    "PICKLE",
+    "RNG",
+    "RNG_KEY",
+    "STATEFUL",
+    "TENSORS",
+    "TREE",
+    "LoadPlan",
+    "SaveState",
+    "build_load_plan",
+    "build_save_state",
+    "capture_rng_state",
+    "check_keys",
+    "has_tensor",
+    "kind_of",
+    "restore_rng_state",
+    "rng_fqn",
+]
 
 log = logging.getLogger(__name__)
 
-MODULE, OPTIMIZER, STATEFUL, TENSORS, OBJECT, RNG = (
-    "module",
-    "optimizer",
-    "stateful",
-    "tensors",
-    "object",
-    "rng",
-)
-TREE, PICKLE = "tree", "pickle"
-RNG_KEY = "_rng"
-_OPTIM_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 _MAX_KEYS_SHOWN = 5
-
-
-def kind_of(value: Any) -> str:
-    if isinstance(value, nn.Module):
-        return MODULE
-    if isinstance(value, torch.optim.Optimizer):
-        return OPTIMIZER
-    if isinstance(value, torch.Tensor):
-        return TENSORS
-    if callable(getattr(value, "state_dict", None)) and callable(
-        getattr(value, "load_state_dict", None)
-    ):
-        return STATEFUL
-    return TENSORS if has_tensor(value) else OBJECT
-
-
-def has_tensor(tree: Any) -> bool:
-    if isinstance(tree, torch.Tensor):
-        return True
-    if isinstance(tree, Mapping):
-        return any(has_tensor(v) for v in tree.values())
-    if isinstance(tree, (list, tuple)):
-        return any(has_tensor(v) for v in tree)
-    return False
 
 
 def check_keys(app_state: Mapping[str, Any]) -> None:
@@ -94,70 +89,8 @@ def check_keys(app_state: Mapping[str, Any]) -> None:
             )
 
 
-def _map_tree(tree: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
-    """Copy the containers of ``tree`` with ``fn`` applied to tensors; tuples become lists."""
-    if isinstance(tree, torch.Tensor):
-        return fn(tree)
-    if isinstance(tree, Mapping):
-        return {k: _map_tree(v, fn) for k, v in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return [_map_tree(v, fn) for v in tree]
-    return tree
-
-
-def _detached(tree: Any) -> Any:
-    return _map_tree(tree, lambda t: t.detach())
-
-
-def _empty_like(tree: Any) -> Any:
-    return _map_tree(tree, torch.empty_like)
-
-
-def _owner_module(
-    key: str, optim: torch.optim.Optimizer, app_state: Mapping[str, Any]
-) -> tuple[str, nn.Module]:
-    wanted = {id(p) for g in optim.param_groups for p in g["params"]}
-    modules = [(k, v) for k, v in app_state.items() if isinstance(v, nn.Module)]
-    for name, module in modules:
-        if wanted <= {id(p) for p in module.parameters()}:
-            return name, module
-    raise CheckpointError(
-        f"app_state[{key!r}]: the optimizer's parameters do not all belong to one nn.Module "
-        f"of app_state (modules: {[k for k, _ in modules]}); add the model to app_state"
-    )
-
-
-# ---------------------------------------------------------------- RNG
-
-
-def capture_rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state(),
-        "python": random.getstate(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng_state(state: Mapping[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        if len(state["cuda"]) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(state["cuda"])
-        else:
-            log.warning(
-                "CUDA RNG saved for %d devices, %d here: not restored",
-                len(state["cuda"]),
-                torch.cuda.device_count(),
-            )
-
-
 def rng_fqn(rank: int) -> str:
-    return f"{RNG_KEY}.rank{rank}"
+    return RngCodec(rank).fqn
 
 
 # ---------------------------------------------------------------- save
@@ -174,43 +107,17 @@ class SaveState:
 def build_save_state(
     app_state: Mapping[str, Any], *, rank: int, world_size: int, capture_rng: bool
 ) -> SaveState:
+    """Non-tensor leaves are held by reference: a synchronous ``dcp.save`` writes them at
+    once, and ``StagingPool.stage`` copies them for the background writers."""
     check_keys(app_state)
     sd: dict[str, Any] = {}
     entries: dict[str, dict[str, Any]] = {}
     for key, value in app_state.items():
-        kind = kind_of(value)
-        entry: dict[str, Any] = {"kind": kind}
-        if kind == MODULE:
-            sd[key] = get_model_state_dict(value)
-        elif kind == OPTIMIZER:
-            owner_key, owner = _owner_module(key, value, app_state)
-            sd[key] = get_optimizer_state_dict(owner, value, options=_OPTIM_OPTIONS)
-            entry["module"] = owner_key
-        elif kind == TENSORS:
-            sd[key], entry["encoding"] = _detached(value), TREE
-        elif kind == OBJECT:
-            sd[key], entry["encoding"] = _pickle(key, value), PICKLE
-        else:  # STATEFUL: its state dict as a tensor tree, or one blob if it has no tensor
-            payload = value.state_dict()
-            if has_tensor(payload):
-                sd[key], entry["encoding"] = _detached(payload), TREE
-            else:
-                sd[key], entry["encoding"] = _pickle(key, payload), PICKLE
-        entries[key] = entry
+        sd[key], entries[key] = codec_for(value).encode(key, value, app_state)
     if capture_rng:
-        sd[RNG_KEY] = {f"rank{rank}": pickle.dumps(capture_rng_state())}
-        entries[RNG_KEY] = {"kind": RNG, "world_size": world_size}
+        rng = RngCodec(rank, world_size)
+        sd[RNG_KEY], entries[RNG_KEY] = rng.encode(RNG_KEY, None, app_state)
     return SaveState(sd, entries)
-
-
-def _pickle(key: str, value: Any) -> bytes:
-    try:
-        return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
-    except Exception as e:
-        raise TypeError(
-            f"app_state[{key!r}] ({type(value).__name__}) is neither a module, optimizer, "
-            f"tensor tree or Stateful object, and cannot be pickled: {e}"
-        ) from e
 
 
 # ---------------------------------------------------------------- load
@@ -218,18 +125,10 @@ def _pickle(key: str, value: Any) -> bytes:
 
 @dataclass(frozen=True)
 class _Restore:
-    """How one key of ``app_state`` is restored: ``decode`` is pure (unpickle, rebuild the
-    caller's container types) and runs for every key before any ``apply`` writes."""
+    """One key of the plan: its codec and where its value lives."""
 
-    key: str
-    order: int
-    decode: Callable[[Any], Any]
-    apply: Callable[[Any], None]
-
-
-# Apply order: what runs the caller's code (load_state_dict of Stateful objects) first,
-# so that if it raises, modules and optimizers are still untouched; RNG last.
-_ORDER = {STATEFUL: 0, OBJECT: 0, TENSORS: 1, OPTIMIZER: 2, MODULE: 3, RNG: 4}
+    codec: Codec
+    slot: Slot
 
 
 @dataclass
@@ -243,28 +142,59 @@ class LoadPlan:
     mappings: dict[str, Any]
     restores: list[_Restore]
     rollbacks: list[Callable[[], None]]
+    """Undo what building the plan did (an optimizer's initialised state)."""
     where: str
+    applied: list[tuple[_Restore, Any]] = field(default_factory=list)
+    """What ``apply`` wrote so far, in order, with each value's snapshot from before."""
 
     def apply(self) -> None:
-        """Write the loaded values into the caller's objects (only after a full read)."""
-        self.flat.update(self.read)  # DCP replaced the placeholders of non-tensor leaves
-        nested = unflatten_state_dict(self.flat, self.mappings)
-        decoded = []
-        for r in self.restores:
-            try:
-                decoded.append((r, r.decode(nested[r.key])))
-            except StateMismatchError:
+        """Write the loaded values into the caller's objects (only after a full read); all
+        or nothing: on any failure every value is put back as it was before the call."""
+        key, doing = "", "decode"
+        try:
+            self.flat.update(self.read)  # DCP replaced the placeholders of non-tensor leaves
+            nested = unflatten_state_dict(self.flat, self.mappings)
+            decoded = []
+            for r in self.restores:  # pure: nothing is written before every key decoded
+                key = r.slot.key
+                decoded.append((r, r.codec.decode(r.slot, nested[key])))
+            doing = "apply"
+            for r, value in sorted(decoded, key=lambda rv: rv[0].codec.order):
+                key = r.slot.key
+                self.applied.append((r, r.codec.snapshot(r.slot)))
+                r.codec.apply(r.slot, value)
+        except BaseException as e:
+            lost = self._put_back()
+            if isinstance(e, StateMismatchError) or not isinstance(e, Exception):
                 raise
-            except Exception as e:
-                raise CheckpointError(
-                    f"checkpoint {self.where}: cannot decode {r.key!r}: {e}"
-                ) from e
-        for r, value in sorted(decoded, key=lambda rv: rv[0].order):
-            r.apply(value)
+            raise CheckpointError(self._failure(doing, key, e, lost)) from e
 
     def rollback(self) -> None:
+        """Put back every value that ``apply`` changed (another rank's apply failed after
+        this one's succeeded) and undo what building the plan did."""
+        self._put_back()
+
+    def _put_back(self) -> list[str]:
+        lost = []
+        while self.applied:  # newest first
+            r, snap = self.applied.pop()
+            try:
+                r.codec.restore(r.slot, snap)
+            except Exception:
+                log.exception("checkpoint %s: %r could not be put back", self.where, r.slot.key)
+                lost.append(r.slot.key)
         for fn in self.rollbacks:
             fn()
+        return lost
+
+    def _failure(self, doing: str, key: str, e: Exception, lost: list[str]) -> str:
+        what = repr(key) if key else "its state"
+        msg = f"checkpoint {self.where}: cannot {doing} {what} ({type(e).__name__}: {e}); "
+        if lost:
+            return msg + f"{lost} could not be put back as they were (see the log)"
+        if doing == "decode":
+            return msg + "nothing was changed"
+        return msg + "every value it changed was put back as it was before the load"
 
 
 def build_load_plan(
@@ -285,13 +215,11 @@ def build_load_plan(
     be initialised to learn its shapes is reset, here and by ``LoadPlan.rollback``).
     """
     check_keys(app_state)
-    rollbacks: list[Callable[[], None]] = []
+    ctx = LoadContext(metadata)
     try:
-        return _build_load_plan(
-            app_state, entries, metadata, rank, restore_rng, where, rollbacks, optional
-        )
+        return _build_load_plan(app_state, entries, ctx, rank, restore_rng, where, optional)
     except BaseException:
-        for fn in rollbacks:
+        for fn in ctx.rollbacks:
             fn()
         raise
 
@@ -299,16 +227,14 @@ def build_load_plan(
 def _build_load_plan(
     app_state: dict[str, Any],
     entries: Mapping[str, Mapping[str, Any]],
-    metadata: Metadata,
+    ctx: LoadContext,
     rank: int,
     restore_rng: bool,
     where: str,
-    rollbacks: list[Callable[[], None]],
     optional: Collection[str],
 ) -> LoadPlan:
     nested: dict[str, Any] = {}
     restores: list[_Restore] = []
-    lenient: set[str] = set()  # key prefixes whose absence from the checkpoint is tolerated
     for key, value in app_state.items():
         saved = entries.get(key)
         if saved is None and key in optional:
@@ -317,52 +243,21 @@ def _build_load_plan(
             raise StateMismatchError(
                 f"checkpoint {where} has no entry {key!r} (it has: {sorted(entries)})"
             )
-        kind = kind_of(value)
-        if kind != saved["kind"]:
+        codec = codec_for(value)
+        if codec.kind != saved["kind"]:
             raise StateMismatchError(
                 f"checkpoint {where}: {key!r} was saved as a {saved['kind']}, "
-                f"cannot load it into a {kind} ({type(value).__name__})"
+                f"cannot load it into a {codec.kind} ({type(value).__name__})"
             )
-        if kind == MODULE:
-            nested[key] = _empty_like(get_model_state_dict(value))
-            restores.append(_Restore(key, _ORDER[kind], _same, _module_setter(value)))
-        elif kind == OPTIMIZER:
-            _, owner = _owner_module(key, value, app_state)
-            if not value.state:
-                # get_optimizer_state_dict initialises empty state to learn its shapes.
-                rollbacks.append(value.state.clear)
-            osd = get_optimizer_state_dict(owner, value, options=_OPTIM_OPTIONS)
-            nested[key] = _empty_like(osd)
-            unstepped = _unstepped(key, owner, value, metadata)
-            restores.append(
-                _Restore(key, _ORDER[kind], _same, _optimizer_setter(owner, value, unstepped))
-            )
-            lenient.add(f"{key}.param_groups.")
-            lenient.update(f"{key}.state.{fqn}." for fqn in unstepped)
-        elif saved.get("encoding") == PICKLE:
-            nested[key] = b""
-            restores.append(
-                _Restore(key, _ORDER[kind], pickle.loads, _setter(key, kind, app_state))
-            )
-        else:
-            template = value.state_dict() if kind == STATEFUL else value
-            nested[key] = _empty_like(template)
-            restores.append(
-                _Restore(
-                    key, _ORDER[kind], _rebuilder(template, key), _setter(key, kind, app_state)
-                )
-            )
+        slot = Slot(key, app_state, saved)
+        nested[key] = codec.targets(slot, ctx)
+        restores.append(_Restore(codec, slot))
     if restore_rng and RNG_KEY in entries:
-        if rng_fqn(rank) in metadata.state_dict_metadata:
-            nested[RNG_KEY] = {f"rank{rank}": b""}
-            restores.append(
-                _Restore(
-                    RNG_KEY,
-                    _ORDER[RNG],
-                    lambda v: pickle.loads(v[f"rank{rank}"]),
-                    restore_rng_state,
-                )
-            )
+        rng = RngCodec(rank)
+        if rng.fqn in ctx.metadata.state_dict_metadata:
+            slot = Slot(RNG_KEY, app_state, entries[RNG_KEY])
+            nested[RNG_KEY] = rng.targets(slot, ctx)
+            restores.append(_Restore(rng, slot))
         else:
             log.warning(
                 "[rank=%d] checkpoint %s has no RNG state for this rank (saved by %s ranks); "
@@ -372,9 +267,9 @@ def _build_load_plan(
                 entries[RNG_KEY].get("world_size"),
             )
     flat, mappings = flatten_state_dict(nested)
-    tolerated = _match(flat, metadata, list(app_state), lenient, where)
+    tolerated = _match(flat, ctx.metadata, list(app_state), ctx.lenient, where)
     read = {k: v for k, v in flat.items() if k not in tolerated}
-    return LoadPlan(read, flat, mappings, restores, rollbacks, where)
+    return LoadPlan(read, flat, mappings, restores, ctx.rollbacks, where)
 
 
 def _match(
@@ -429,131 +324,3 @@ def _first(items: list[str]) -> str:
     shown = ", ".join(items[:_MAX_KEYS_SHOWN])
     more = len(items) - _MAX_KEYS_SHOWN
     return shown + (f" (+{more} more)" if more > 0 else "")
-
-
-def _same(value: Any) -> Any:
-    return value
-
-
-def _module_setter(module: nn.Module) -> Callable[[Any], None]:
-    def apply(sd: Any) -> None:
-        set_model_state_dict(module, sd)
-
-    return apply
-
-
-def _unstepped(
-    key: str, owner: nn.Module, optim: torch.optim.Optimizer, metadata: Metadata
-) -> dict[str, nn.Parameter]:
-    """The parameters of ``optim`` that have no state at all in the checkpoint: they had
-    not been stepped when it was saved (DINO's last layer, frozen for the first epoch, has
-    its gradients dropped). By fqn. A parameter with part of its state is not one of them
-    (``_match`` reports it)."""
-    prefix = f"{key}.state."
-    # Every dotted prefix of the keys under state.: a parameter has state in the checkpoint
-    # iff its fqn is one of them (state names may nest: state.<fqn>.mom.buf).
-    saved: set[str] = set()
-    for f in metadata.state_dict_metadata:
-        if f.startswith(prefix):
-            parts = f[len(prefix) :].split(".")
-            saved.update(".".join(parts[:i]) for i in range(1, len(parts)))
-    mine = {id(p) for group in optim.param_groups for p in group["params"]}
-    out: dict[str, nn.Parameter] = {}
-    for name, param in owner.named_parameters():
-        if id(param) in mine and param.requires_grad:
-            out.update((fqn, param) for fqn in _get_fqns(owner, name) if fqn not in saved)
-    return out
-
-
-def _optimizer_setter(
-    owner: nn.Module, optim: torch.optim.Optimizer, unstepped: Mapping[str, nn.Parameter]
-) -> Callable[[Any], None]:
-    def apply(osd: Any) -> None:
-        set_optimizer_state_dict(owner, optim, osd, options=_OPTIM_OPTIONS)
-        # Invariant: a parameter without state in the checkpoint has none after the load,
-        # as in the run that saved it (its first step then counts from 1, bit for bit).
-        for param in unstepped.values():
-            optim.state.pop(param, None)
-        if unstepped:
-            log.info(
-                "%d parameters were not stepped yet when the checkpoint was saved: "
-                "no optimizer state for %s",
-                len(unstepped),
-                _first(sorted(unstepped)),
-            )
-
-    return apply
-
-
-def _setter(key: str, kind: str, app_state: dict[str, Any]) -> Callable[[Any], None]:
-    def apply(value: Any) -> None:
-        if kind == STATEFUL:
-            app_state[key].load_state_dict(value)
-        elif kind == TENSORS:
-            app_state[key] = _copy_into(app_state[key], value)
-        else:
-            app_state[key] = value
-
-    return apply
-
-
-def _rebuilder(template: Any, key: str) -> Callable[[Any], Any]:
-    return lambda loaded: _rebuild(template, loaded, key)
-
-
-def _rebuild(template: Any, src: Any, path: str) -> Any:
-    """``src`` (as DCP returns it) in the shape of ``template``: its keys (DCP made them
-    str), its container types (DCP made tuples lists) and its empty containers (DCP
-    dropped them)."""
-    if isinstance(template, torch.Tensor):
-        if not isinstance(src, torch.Tensor):
-            raise StateMismatchError(f"{path}: checkpoint holds {type(src).__name__}, not a tensor")
-        return src
-    if isinstance(template, Mapping):
-        if not isinstance(src, Mapping):
-            raise StateMismatchError(f"{path}: checkpoint holds {type(src).__name__}, not a dict")
-        out = {}
-        for k, v in template.items():
-            if k in src or str(k) in src:
-                out[k] = _rebuild(v, src[k] if k in src else src[str(k)], f"{path}.{k}")
-            elif _is_empty(v):
-                out[k] = v
-            else:
-                raise StateMismatchError(f"{path}.{k} is not in the checkpoint")
-        return out
-    if isinstance(template, (list, tuple)):
-        if not isinstance(src, (list, tuple)) or len(src) != len(template):
-            raise StateMismatchError(f"{path}: checkpoint holds {src!r:.80}")
-        values = [
-            _rebuild(t, v, f"{path}[{i}]")
-            for i, (t, v) in enumerate(zip(template, src, strict=True))
-        ]
-        if isinstance(template, tuple):
-            return type(template)(*values) if hasattr(template, "_fields") else tuple(values)
-        return values
-    return src
-
-
-def _is_empty(value: Any) -> bool:
-    return isinstance(value, (Mapping, list, tuple)) and not value
-
-
-@torch.no_grad()
-def _copy_into(dst: Any, src: Any) -> Any:
-    """Tensors of ``dst`` updated by copy, containers in place, other leaves replaced.
-    ``src`` has ``dst``'s structure (``_rebuild``)."""
-    if isinstance(dst, torch.Tensor):
-        dst.copy_(src)
-        return dst
-    if isinstance(dst, dict):
-        for k in dst:
-            dst[k] = _copy_into(dst[k], src[k])
-        return dst
-    if isinstance(dst, list):
-        for i in range(len(dst)):
-            dst[i] = _copy_into(dst[i], src[i])
-        return dst
-    if isinstance(dst, tuple):
-        values = [_copy_into(d, s) for d, s in zip(dst, src, strict=True)]
-        return type(dst)(*values) if hasattr(dst, "_fields") else tuple(values)
-    return src

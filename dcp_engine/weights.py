@@ -18,8 +18,9 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from . import offline
 from .errors import CheckpointError, CheckpointNotFoundError, StateMismatchError
+from .export import flat_tensors
+from .reader import open_checkpoint
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 STATE_DICT_KEYS = ("model", "state_dict", "model_state_dict", "net")
@@ -51,13 +52,13 @@ def read_state_dict(source: str | Path, key: str | None = None) -> dict[str, tor
     if not path.exists():
         raise CheckpointNotFoundError(f"{path} does not exist")
     if path.is_dir():
-        ckpt = offline.open_checkpoint(path)
+        ckpt = open_checkpoint(path)  # verified: a corrupt checkpoint raises here
         if key is None:
-            modules = [k for k, e in ckpt.marker["entries"].items() if e["kind"] == "module"]
+            modules = [k for k in ckpt.keys if ckpt.kind(k) == "module"]
             if len(modules) != 1:
                 raise CheckpointError(f"{ckpt.path} holds modules {modules}: name one with key=")
             key = modules[0]
-        tree = offline.load_entries(ckpt, [key])[key]
+        tree = ckpt.load_entries([key])[key]
     else:
         try:
             tree = torch.load(path, map_location="cpu", weights_only=True)
@@ -75,7 +76,7 @@ def read_state_dict(source: str | Path, key: str | None = None) -> dict[str, tor
                     f"for the keys {', '.join(STATE_DICT_KEYS)}; it has {sorted(tree)[:10]})"
                 )
             tree = tree[inner[0]]
-    flat = dict(offline.flat_tensors(tree))
+    flat = dict(flat_tensors(tree))
     if not flat:
         raise CheckpointError(f"{path}: no tensors under {key or 'the state dict'}")
     return flat

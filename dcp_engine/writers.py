@@ -14,22 +14,19 @@ manager does that after the writer returns (``commit.py``).
   training's GIL. Per save only the write items and the small non-tensor values cross
   the pipe.
 
-``Worker`` is the background thread: one job in flight, its error kept for the caller.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
 import logging
 import multiprocessing.connection
 import os
-import queue
-import threading
 import time
 import traceback
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -39,17 +36,15 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
 from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
 
-from . import faults, layout
 from .comm import Comm
 from .digests import HashingFileSystem
 from .errors import CheckpointError
 from .staging import StagedSavePlanner, StagedState
+from .storage import LocalStorage
 
 log = logging.getLogger(__name__)
-
-SLOW_WRITE_ENV = "DCP_ENGINE_SLOW_WRITE_S"
-"""Fault injection for tests: seconds every write sleeps before writing (a slow disk)."""
 
 
 @dataclass(frozen=True)
@@ -76,86 +71,150 @@ class ShardWriter(Protocol):
     def close(self) -> None: ...
 
 
-def _injected_delay() -> None:
-    delay = float(os.environ.get(SLOW_WRITE_ENV, "0") or 0)
-    if delay > 0:
-        time.sleep(delay)
-
-
-def _fs_writer(directory: Path | str, opts: WriteOptions) -> FileSystemWriter:
-    """DCP's file-system writer; with ``opts.digests`` it hashes every file it writes
-    (``writer.fs.digests``)."""
+def _fs_writer(
+    directory: Path | str, opts: WriteOptions, storage: LocalStorage
+) -> tuple[FileSystemWriter, HashingFileSystem]:
+    """DCP's file-system writer over the storage's shard file system, which sizes (and
+    with ``opts.digests`` hashes) every file and keeps the OS errors of its writes."""
     writer = FileSystemWriter(
         directory, sync_files=opts.fsync, thread_count=opts.threads, overwrite=True
     )
-    if opts.digests or faults.active():
-        writer.fs = HashingFileSystem()
-    step = layout.parse_tmp_dirname(Path(directory).name)
-    faults.set_context(step=-1 if step is None else step)
-    return writer
+    fs = storage.shard_filesystem(digests=opts.digests)
+    writer.fs = fs
+    return writer, fs
+
+
+def _root_cause(
+    error: BaseException, fs: HashingFileSystem, storage: LocalStorage, directory: Path | str,
+    needed: int,
+) -> BaseException:  # fmt: skip
+    """The OS error a failed write met (torch.save reports it as "unexpected pos"), with
+    the space it needed and what is free; ``error`` itself when no write failed."""
+    if not fs.errors:
+        return error
+    os_error = fs.errors[0]
+    text = os_error.strerror or str(os_error)
+    if os_error.errno == errno.ENOSPC:
+        try:
+            free = storage.free_bytes(Path(directory).parent)
+        except OSError:
+            free = -1
+        text += f": needed {fmt_bytes(needed)}, free {fmt_bytes(free) if free >= 0 else '?'}"
+    return OSError(os_error.errno, f"{text} (writing {directory})")
+
+
+def fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def tensor_bytes(values: Any) -> int:
+    """The bytes of the tensors of a (nested) state: what a write of it needs at least."""
+    if isinstance(values, torch.Tensor):
+        local = values.to_local() if hasattr(values, "to_local") else values
+        return int(local.numel() * local.element_size())
+    if isinstance(values, dict):
+        return sum(tensor_bytes(v) for v in values.values())
+    if isinstance(values, (list, tuple)):
+        return sum(tensor_bytes(v) for v in values)
+    return 0
+
+
+def relayed(e: BaseException, rank: int) -> bool:
+    """Whether ``e`` only relays another rank's failure (DCP tells every rank of every
+    failure): that rank's own error names the cause."""
+    if isinstance(e, CheckpointException):
+        return rank not in e.failures
+    return bool(getattr(e, "relayed", False))
+
+
+def summary(e: BaseException) -> str:
+    """One line per failed rank instead of DCP's concatenated tracebacks."""
+    if isinstance(e, CheckpointException):
+        parts = []
+        for r, failure in sorted(e.failures.items()):
+            # (exception, frames) in recent torch, the exception alone in older ones
+            f: Any = failure[0] if isinstance(failure, tuple) and failure else failure
+            parts.append(f"rank {r}: {type(f).__name__}: {f}")
+        return "; ".join(parts)
+    return f"{type(e).__name__}: {e}"
 
 
 class InlineWriter:
     """Writes the live state on the calling thread through ``dcp.save``."""
 
-    def __init__(self, comm: Comm, opts: WriteOptions) -> None:
-        self._comm, self._opts = comm, opts
+    def __init__(self, comm: Comm, opts: WriteOptions, storage: LocalStorage) -> None:
+        self._comm, self._opts, self._storage = comm, opts, storage
 
     def write(self, state: dict[str, Any], directory: Path) -> WriteResult:
         start = time.perf_counter()
-        _injected_delay()
         # DCP's own collectives (plan gather, write-result gather, finish) run on the side
         # group, whose timeout bounds them: a rank that never arrives fails every rank.
-        writer = _fs_writer(directory, self._opts)
-        with self._comm.dcp_call():
-            dcp.save(
-                state,
-                storage_writer=writer,
-                process_group=self._comm.group,
-                no_dist=not self._comm.distributed,
-            )
-        return WriteResult(time.perf_counter() - start, _digests_of(writer))
+        writer, fs = _fs_writer(directory, self._opts, self._storage)
+        try:
+            with self._comm.dcp_call():
+                dcp.save(
+                    state,
+                    storage_writer=writer,
+                    process_group=self._comm.group,
+                    no_dist=not self._comm.distributed,
+                )
+        except BaseException as e:
+            cause = _root_cause(e, fs, self._storage, directory, tensor_bytes(state))
+            if cause is e:
+                raise
+            raise cause from e
+        return WriteResult(time.perf_counter() - start, dict(fs.digests))
 
     def close(self) -> None:
         pass
 
 
 def save_staged(
-    staged: StagedState, directory: Path | str, *, group: Any, opts: WriteOptions
+    staged: StagedState,
+    directory: Path | str,
+    *,
+    group: Any,
+    opts: WriteOptions,
+    storage: LocalStorage,
 ) -> dict[str, dict[str, Any]]:
     """``dcp.save`` of a staged state (the same call in a thread and in a writer process);
     the digests of the files this rank wrote."""
     no_dist = group is None and not dist.is_initialized()
-    writer = _fs_writer(directory, opts)
-    with warnings.catch_warnings():
-        if no_dist:  # one rank: exactly the intent DCP warns that it assumes
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.save(
-            staged.values,
-            storage_writer=writer,
-            planner=StagedSavePlanner(staged.items, staged.mappings),
-            process_group=group,
-            no_dist=no_dist,
-        )
-    return _digests_of(writer)
-
-
-def _digests_of(writer: FileSystemWriter) -> dict[str, dict[str, Any]]:
-    fs = writer.fs
-    return dict(fs.digests) if isinstance(fs, HashingFileSystem) else {}
+    writer, fs = _fs_writer(directory, opts, storage)
+    try:
+        with warnings.catch_warnings():
+            if no_dist:  # one rank: exactly the intent DCP warns that it assumes
+                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.save(
+                staged.values,
+                storage_writer=writer,
+                planner=StagedSavePlanner(staged.items, staged.mappings),
+                process_group=group,
+                no_dist=no_dist,
+            )
+    except BaseException as e:
+        cause = _root_cause(e, fs, storage, directory, tensor_bytes(staged.values))
+        if cause is e:
+            raise
+        raise cause from e
+    return dict(fs.digests)
 
 
 class ThreadWriter:
     """Writes a staged state on the calling (background) thread over the I/O side group."""
 
-    def __init__(self, io_comm: Comm, opts: WriteOptions) -> None:
-        self._comm, self._opts = io_comm, opts
+    def __init__(self, io_comm: Comm, opts: WriteOptions, storage: LocalStorage) -> None:
+        self._comm, self._opts, self._storage = io_comm, opts, storage
 
     def write(self, state: StagedState, directory: Path) -> WriteResult:
         start = time.perf_counter()
-        _injected_delay()
         with self._comm.dcp_call():
-            digests = save_staged(state, directory, group=self._comm.group, opts=self._opts)
+            digests = save_staged(state, directory, group=self._comm.group, opts=self._opts,
+                                  storage=self._storage)  # fmt: skip
         return WriteResult(time.perf_counter() - start, digests)
 
     def close(self) -> None:
@@ -165,7 +224,9 @@ class ThreadWriter:
 class ProcessWriter:
     """A persistent writer process for this rank. Constructed collectively (rendezvous)."""
 
-    def __init__(self, comm: Comm, opts: WriteOptions, *, timeout_s: float) -> None:
+    def __init__(
+        self, comm: Comm, opts: WriteOptions, storage: LocalStorage, *, timeout_s: float
+    ) -> None:
         self._timeout_s = timeout_s
         self._opts = opts
         self._sent_generation = -1  # the pool layout whose buffers the writer holds
@@ -185,7 +246,7 @@ class ProcessWriter:
         self._conn, child = ctx.Pipe()
         self._proc = ctx.Process(
             target=_writer_main,
-            args=(child, comm.rank, comm.world_size, address, timeout_s),
+            args=(child, comm.rank, comm.world_size, address, timeout_s, storage),
             name=f"dcp_engine_writer_rank{comm.rank}",
             daemon=True,
         )
@@ -232,7 +293,10 @@ class ProcessWriter:
                 f"the writer process died while {doing} ({self._describe()})"
             ) from e
         if kind == "error":
-            raise CheckpointError(f"the writer process failed while {doing}: {payload}")
+            text, relayed = payload
+            error = CheckpointError(f"the writer process failed while {doing}: {text}")
+            error.relayed = relayed  # type: ignore[attr-defined]
+            raise error
         if kind != what:
             raise CheckpointError(f"the writer process answered {kind!r} while {doing}")
         return payload
@@ -261,10 +325,10 @@ def _writer_main(
     world_size: int,
     address: tuple[str, int, str],
     timeout_s: float,
+    storage: LocalStorage,
 ) -> None:
     """The writer process: join the other writers, then write what the trainer stages."""
     torch.set_num_threads(1)
-    faults.set_context(rank=rank)
     # DCP writes each tensor with torch.save, which by default computes a CRC32 of every
     # record that no reader checks (torch's miniz is built without read-side CRC checks):
     # about a quarter of the write's CPU time here. This process is ours, so the global
@@ -282,7 +346,7 @@ def _writer_main(
             )  # fmt: skip
         conn.send(("ready", None))
     except BaseException:
-        conn.send(("error", traceback.format_exc(limit=3)))
+        conn.send(("error", (traceback.format_exc(limit=3), False)))
         return
     buffers: dict[str, torch.Tensor] = {}
     while True:
@@ -297,63 +361,11 @@ def _writer_main(
             continue
         _, directory, items, small, mappings, opts = msg
         try:
-            _injected_delay()
             staged = StagedState({**buffers, **small}, items, mappings)
-            digests = save_staged(staged, directory, group=None, opts=opts)
+            digests = save_staged(staged, directory, group=None, opts=opts, storage=storage)
             conn.send(("done", digests))
         except BaseException as e:  # DCP's CheckpointException is a BaseException
-            conn.send(("error", f"{type(e).__name__}: {e}"[:4000]))
+            conn.send(("error", (f"{type(e).__name__}: {e}"[:4000], relayed(e, rank))))
     if dist.is_initialized():
         with contextlib.suppress(Exception):
             dist.destroy_process_group()
-
-
-class Worker:
-    """One daemon thread running one job at a time; the job's error waits for the caller.
-
-    A daemon thread, so a job stuck on a dead peer can never hold interpreter exit.
-    """
-
-    def __init__(self, name: str) -> None:
-        self._jobs: queue.Queue[Callable[[], None] | None] = queue.Queue()
-        self._idle = threading.Event()
-        self._idle.set()
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
-
-    @property
-    def busy(self) -> bool:
-        return not self._idle.is_set()
-
-    def submit(self, job: Callable[[], None]) -> None:
-        assert not self.busy, "one job in flight at a time"
-        self._idle.clear()
-        self._jobs.put(job)
-
-    def wait(self, timeout: float) -> bool:
-        """True once no job is in flight (False if ``timeout`` ran out first)."""
-        return self._idle.wait(timeout)
-
-    def take_error(self) -> BaseException | None:
-        error, self._error = self._error, None
-        return error
-
-    def stop(self, timeout: float = 5.0) -> None:
-        """Ask the thread to end and give it ``timeout`` s; an idle worker ends at once."""
-        self._jobs.put(None)
-        if threading.current_thread() is not self._thread:
-            self._thread.join(timeout)
-
-    def _run(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            try:
-                job()
-            except BaseException as e:
-                self._error = e
-                log.error("background save failed: %s", e)
-            finally:
-                # Drop the job before waiting for the next one: it holds the staged
-                # buffers, which ``close`` must be able to free.
-                job = None
-                self._idle.set()

@@ -5,9 +5,11 @@ features, as DINO's guide does under "Loading for evaluation" (no torchrun neede
         [--key teacher|student] [--out features.pt]
 
 The checkpoint was written by N ranks, sharded (FSDP2) or not (DDP); it is read here
-whole, through ``dcp_engine.load_weights``. The model is rebuilt from the experiment's
-``config.yaml``. Prints the features' shape and the weighted k-NN accuracy (the memory
-bank and queries of the training config's ``eval:`` block).
+whole, through ``dcp_engine.open_checkpoint`` (read-only, every file checked against
+its digest first: a corrupt checkpoint is refused, never evaluated). The model is
+rebuilt from the experiment's ``config.yaml``. Prints the features' shape and the
+weighted k-NN accuracy (the memory bank and queries of the training config's ``eval:``
+block).
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ import sys
 from pathlib import Path
 
 import torch
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -25,7 +26,6 @@ from dino.evaluation import base_dataset, eval_images, knn_accuracy
 from dino.model import DinoModel
 
 import dcp_engine as de
-from dcp_engine import index, layout
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,20 +41,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="save {'features', 'labels'} here (torch.save)")
     args = p.parse_args(argv)
 
-    ckpt = _checkpoint(Path(args.source), args.which)
-    exp = layout.experiment_of(ckpt)
-    config_path = layout.ExperimentLayout(exp).config_path
-    if not config_path.exists():
-        raise SystemExit(f"{config_path} is missing: cannot rebuild the model of {ckpt}")
-    cfg = yaml.safe_load(config_path.read_text())
-
-    model = DinoModel.from_config(cfg)  # plain: no DDP, no FSDP, no process group
-    de.load_weights(model, ckpt, key=args.key)  # strict: every key, every shape
+    try:
+        ckpt = _open(Path(args.source), args.which)
+        info = ckpt.info
+        cfg = ckpt.run_config()
+        if cfg is None:
+            raise SystemExit(f"no config.yaml beside {info.path}: cannot rebuild its model")
+        model = DinoModel.from_config(cfg)  # plain: no DDP, no FSDP, no process group
+        ckpt.load({args.key: model})  # strict: every key, every shape
+    except de.CheckpointError as e:
+        raise SystemExit(str(e)) from None
     model.eval()
-    meta = index.inspect_checkpoint_dir(ckpt)
     print(
-        f"loaded the {args.key} of {ckpt} into a plain {type(model).__name__}: step "
-        f"{meta.step}, epoch {meta.epoch}, metrics {dict(meta.metrics)}"
+        f"loaded the {args.key} of {info.path} into a plain {type(model).__name__}: step "
+        f"{info.step}, epoch {info.epoch}, metrics {dict(info.metrics)}"
     )
 
     ev = cfg["eval"]
@@ -69,15 +69,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _checkpoint(source: Path, which: str) -> Path:
-    exp = layout.ExperimentLayout(source)
-    if exp.checkpoints_dir.is_dir():  # an experiment: its best, else latest
-        alias = exp.alias_path(which)
-        source = alias if alias.exists() or which != "best" else exp.alias_path("latest")
+def _open(source: Path, which: str) -> de.CheckpointReader:
+    """For an experiment: its best (by the monitor it recorded), else its latest."""
+    if not (source / "checkpoints").is_dir():
+        return de.open_checkpoint(source)
     try:
-        return index.checkpoint_dir_of(source)
-    except de.CheckpointError as e:
-        raise SystemExit(str(e)) from None
+        return de.open_checkpoint(source, which)
+    except de.CheckpointError:
+        if which != "best":
+            raise
+        return de.open_checkpoint(source, "latest")
 
 
 if __name__ == "__main__":

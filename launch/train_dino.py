@@ -209,7 +209,7 @@ def main() -> None:
                        "teacher_temp": dino_loss.teacher_temp(epoch)}  # fmt: skip
                 progress.step(step, row, cfg["log"]["every_n_steps"])
                 callback.on_step_end(step, app, metrics={"loss": mean_loss})
-                progress.checkpoints(mgr)
+                progress.checkpoints(callback.last_save)
                 if step >= max_steps and sampler.consumed < sampler.total_size:
                     break  # mid-epoch; at the epoch's end, validate and close it first
             else:  # the epoch ran to its end: evaluate, then the epoch-end save
@@ -218,12 +218,12 @@ def main() -> None:
                     progress.write(f"epoch {epoch} done at step {step}: k-NN accuracy {acc:.4f}")
                 callback.on_validation_end({"knn_acc": acc})
                 callback.on_epoch_end(epoch, app)
-                progress.checkpoints(mgr)
+                progress.checkpoints(callback.last_save)
         callback.on_train_end(app, step=step)  # the final save, flushed and closed
     except BaseException as e:
         callback.on_exception(app, e)
         raise
-    progress.checkpoints(mgr)
+    progress.checkpoints(callback.last_save)
     progress.close()
     if rank == 0 and mgr is not None:
         kept = de.find_checkpoints(mgr.experiment_dir)
@@ -362,7 +362,8 @@ class Progress:
         # twice, by a killed run and its resumption, counts as its last line)
         self.log = open(log_path, "a") if enabled and log_path is not None else None  # noqa: SIM115
         self.total, self.start, self.t0 = total, start, time.perf_counter()
-        self.seen = 0  # checkpoint stats printed
+        self.pending: list[de.SaveHandle] = []  # saves not reported yet
+        self.reported: set[int] = set()  # steps whose save was reported
         self.last = ""
 
     def write(self, line: str) -> None:
@@ -399,21 +400,30 @@ class Progress:
             sys.stdout.write(self.last)
             sys.stdout.flush()
 
-    def checkpoints(self, mgr: de.CheckpointManager | None) -> None:
-        """A line for each save that committed since the last call."""
-        if not self.on or mgr is None:
+    def checkpoints(self, newest: de.SaveHandle | None) -> None:
+        """A line for each save once it committed (or was skipped): its handle says."""
+        if not self.on:
             return
-        stats = mgr.stats()
-        for s in stats[self.seen :]:
-            if s.skipped:
-                self.write(f"checkpoint step {s.step}: skipped (the previous one was writing)")
+        known = self.reported | {h.step for h in self.pending}
+        if newest is not None and newest.step not in known:
+            self.pending.append(newest)
+        for h in list(self.pending):
+            if h.skipped:
+                self.write(f"checkpoint step {h.step}: skipped (the previous one was writing)")
+            elif not h.committed.done():
+                continue
+            elif h.committed.exception() is not None:
+                self.write(f"checkpoint step {h.step}: FAILED: {h.committed.exception()}")
             else:
+                s = h.stats
+                assert s is not None
                 self.write(
                     f"checkpoint step {s.step}: {s.bytes / 2**20:.1f} MiB, blocked "
-                    f"{s.blocked_s * 1e3:.1f} ms, committed in {s.total_s:.2f} s "
-                    f"({s.gbps:.3f} GB/s)"
+                    f"{s.blocked_s * 1e3:.1f} ms (+{s.waited_s * 1e3:.0f} ms waiting for the "
+                    f"previous save), committed in {s.total_s:.2f} s ({s.gbps:.3f} GB/s)"
                 )
-        self.seen = len(stats)
+            self.reported.add(h.step)
+            self.pending.remove(h)
 
     def close(self) -> None:
         if self.log is not None:

@@ -105,3 +105,46 @@ def _entry(
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+class multirank:
+    """``@multirank(n)`` on a module-level rank body ``body(rank, world_size, *args)``
+    keeps the body in the test file: ``body.run(*args)`` runs it on ``n`` real processes
+    joined by a gloo group and returns every rank's value (``body.outcomes(*args)``:
+    per rank ``("ok", value)``, ``("error", traceback)`` or ``("died", code)``)."""
+
+    def __init__(self, world_size: int, *, timeout: float = RANK_TIMEOUT_S) -> None:
+        self.world_size, self.timeout = world_size, timeout
+
+    def __call__(self, body: Callable[..., Any]) -> Ranks:
+        return Ranks(body, self.world_size, self.timeout)
+
+
+class Ranks:
+    """A rank body and its world size; pickled by reference, as a module-level function."""
+
+    def __init__(self, body: Callable[..., Any], world_size: int, timeout: float) -> None:
+        self.body, self.world_size, self.timeout = body, world_size, timeout
+        self.__module__, self.__qualname__ = body.__module__, body.__qualname__
+        self.__doc__ = body.__doc__
+
+    def __call__(self, rank: int, world_size: int, *args: Any) -> Any:
+        return self.body(rank, world_size, *args)
+
+    def run(self, *args: Any) -> list[Any]:
+        return run_ranks(self, self.world_size, *args, timeout=self.timeout)
+
+    def outcomes(self, *args: Any) -> list[tuple[str, Any]]:
+        return run_ranks_outcomes(self, self.world_size, *args, timeout=self.timeout)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_lookup, (self.__module__, self.__qualname__))
+
+
+def _lookup(module: str, qualname: str) -> Any:
+    import importlib
+
+    obj: Any = importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj

@@ -22,6 +22,7 @@ SMALL = ("--train.batch_size 16 --data.local_crops_number 2 --data.num_samples 9
          "--eval.query_size 32")  # fmt: skip
 
 
+@pytest.mark.slow
 @pytest.mark.multirank
 @pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
 def test_demo_dino_killed_at_random_and_resumed_equals_the_straight_run(tmp_path, strategy):
@@ -52,6 +53,7 @@ def test_demo_dino_killed_at_random_and_resumed_equals_the_straight_run(tmp_path
     assert sorted({row["step"] for row in log}) == list(range(1, 19))
 
 
+@pytest.mark.slow
 @pytest.mark.multirank
 def test_custom_loop_example_runs_then_resumes_and_keeps_its_policy(tmp_path):
     """Pass: the docs' example under torchrun (2 ranks, DDP, writer processes) trains to

@@ -39,6 +39,7 @@ def losses(experiment: Path) -> dict[int, float]:
     return {row["step"]: row["loss"] for row in rows}
 
 
+@pytest.mark.slow
 @pytest.mark.multirank
 def test_fsdp_checkpoint_of_4_ranks_resumes_on_2_with_the_same_loss_curve(tmp_path):
     """Pass: a 4-rank FSDP2 run of 12 steps saves at step 3 (in epoch 0, the last layer
@@ -60,6 +61,7 @@ def test_fsdp_checkpoint_of_4_ranks_resumes_on_2_with_the_same_loss_curve(tmp_pa
         assert b[step] == pytest.approx(a[step], rel=1e-5), (step, a[step], b[step])
 
 
+@pytest.mark.slow
 @pytest.mark.multirank
 def test_two_torchrun_agents_on_loopback_train_and_checkpoint_as_one_job(tmp_path):
     """Pass: launch/dino_multinode.sh started twice (NODE_RANK 0 and 1, one rank each,

@@ -28,7 +28,7 @@ def test_fresh_experiment_load_returns_none(mgr):
 
 
 def test_save_commits_marker_shards_index_and_latest(mgr):
-    info = mgr.save(7, trained_app(), epoch=1, metrics={"loss": torch.tensor(0.25)})
+    info = mgr.save(7, trained_app(), epoch=1, metrics={"loss": torch.tensor(0.25)}).result()
     assert info.step == 7 and info.epoch == 1 and info.metrics == {"loss": 0.25}
     assert info.path == mgr.experiment_dir / "checkpoints" / "step_00000007"
     names = {p.name for p in info.path.iterdir()}
@@ -109,6 +109,11 @@ def test_tmp_and_markerless_directories_are_never_listed_loaded_or_latest(cfg, m
     (ckpts / "notes").mkdir()
     with pytest.raises(de.CheckpointError, match=r"step_00000009\.tmp is incomplete"):
         mgr.load(app, 9)
+    # One writer per experiment: a second manager is refused while the first is open ...
+    with pytest.raises(de.ExperimentLockedError, match=r"held by .*close that one first"):
+        de.CheckpointManager(cfg)
+    assert (ckpts / "step_00000009.tmp").is_dir()  # ... and swept nothing
+    mgr.close()
     with de.CheckpointManager(cfg) as again:
         assert not (ckpts / "step_00000009.tmp").exists()  # swept at start-up
         assert [c.step for c in again.checkpoints()] == [1]
@@ -126,6 +131,7 @@ def test_deleting_or_corrupting_the_index_gives_the_same_checkpoints(cfg, mgr):
     for step in (10, 20, 30):
         mgr.save(step, app, epoch=step // 10, metrics={"loss": 1.0 / step})
     expected = mgr.checkpoints()
+    mgr.close()
     index_path = mgr.experiment_dir / "index.json"
     index_path.unlink()
     with de.CheckpointManager(cfg) as again:
@@ -145,7 +151,7 @@ def test_deleting_or_corrupting_the_index_gives_the_same_checkpoints(cfg, mgr):
 
 def test_saving_a_committed_step_again_is_refused_and_changes_nothing(mgr):
     app = trained_app()
-    first = mgr.save(5, app)
+    first = mgr.save(5, app).result()
     marker = (first.path / "COMMITTED").read_bytes()
     with pytest.raises(de.CheckpointError, match=r"step 5 is already committed at .*step_00000005"):
         mgr.save(5, app)
@@ -157,7 +163,7 @@ def test_a_torn_tmp_of_the_same_step_is_replaced(mgr):
     tmp = mgr.experiment_dir / "checkpoints" / "step_00000003.tmp"
     tmp.mkdir()
     (tmp / "__0_0.distcp").write_bytes(b"garbage from a crash")
-    info = mgr.save(3, trained_app())
+    info = mgr.save(3, trained_app()).result()
     assert not tmp.exists() and info.path.is_dir()
 
 
@@ -189,7 +195,7 @@ def test_load_of_a_missing_path_or_a_non_checkpoint_names_it(mgr, tmp_path):
     ],
 )
 def test_mismatched_state_raises_naming_path_and_keys_and_changes_nothing(mgr, change, needle):
-    info = mgr.save(1, trained_app())
+    info = mgr.save(1, trained_app()).result()
     app = trained_app(seed=9, steps=1)
     change(app)
     model_before = {k: v.clone() for k, v in app["model"].state_dict().items()}
@@ -204,7 +210,7 @@ def test_mismatched_state_raises_naming_path_and_keys_and_changes_nothing(mgr, c
 
 
 def test_failed_read_leaves_fresh_optimizer_empty_and_model_unchanged(mgr):
-    info = mgr.save(1, trained_app())
+    info = mgr.save(1, trained_app()).result()
     shard = info.path / "__0_0.distcp"
     raw = shard.read_bytes()
     shard.write_bytes(b"\0" * 64 + raw[64:])  # same size, unreadable first item
@@ -324,18 +330,19 @@ def test_config_is_frozen_and_accepts_paths(tmp_path):
 def test_truncated_latest_is_skipped_on_resume_and_refused_by_name(mgr, caplog):
     app = trained_app()
     mgr.save(1, app)
-    second = mgr.save(2, app)
+    second = mgr.save(2, app).result()
     shard = second.path / "__0_0.distcp"
     shard.write_bytes(shard.read_bytes()[:100])
-    with caplog.at_level("WARNING"):
-        assert mgr.load(app).step == 1  # the newest that checks out
-    assert "skipping step 2" in caplog.text and "__0_0.distcp is 100 bytes" in caplog.text
     with pytest.raises(de.IntegrityError, match=r"step_00000002/__0_0\.distcp is 100 bytes"):
         mgr.load(app, 2)
+    with caplog.at_level("WARNING"):
+        assert mgr.load(app).step == 1  # the newest that checks out
+    assert "skipping step_00000002" in caplog.text and "__0_0.distcp is 100 bytes" in caplog.text
+    assert "quarantined" in caplog.text and not second.path.exists()
 
 
 def test_a_tmp_directory_is_refused_even_by_path(mgr):
-    info = mgr.save(1, {"t": torch.ones(1)})
+    info = mgr.save(1, {"t": torch.ones(1)}).result()
     tmp = info.path.with_name("step_00000002.tmp")
     shutil.copytree(info.path, tmp)  # complete, marker and all, but never renamed
     with pytest.raises(de.NotACheckpointError, match=r"step_00000002\.tmp is in flight or torn"):
@@ -343,7 +350,7 @@ def test_a_tmp_directory_is_refused_even_by_path(mgr):
 
 
 def test_dtype_mismatch_is_refused(mgr):
-    info = mgr.save(1, {"t": torch.ones(3)})
+    info = mgr.save(1, {"t": torch.ones(3)}).result()
     target = {"t": torch.zeros(3, dtype=torch.float64)}
     with pytest.raises(
         de.StateMismatchError, match=r"t dtype checkpoint torch\.float32 vs torch\.float64"
@@ -461,8 +468,8 @@ def test_parameters_not_stepped_yet_resume_bit_exact(mgr):
     broken = build()  # part of a parameter's state missing is still refused
     step(*broken, False)
     del broken[1].state[broken[0][1].bias]["exp_avg"]
-    mgr.save(2, {"model": broken[0], "optim": broken[1]})
+    mgr.save(4, {"model": broken[0], "optim": broken[1]})
     with pytest.raises(
         de.StateMismatchError, match=r"missing in checkpoint: optim\.state\.1\.bias\.exp_avg"
     ):
-        mgr.load(dict(zip(("model", "optim"), build(), strict=True)), 2)
+        mgr.load(dict(zip(("model", "optim"), build(), strict=True)), 4)

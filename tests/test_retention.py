@@ -35,11 +35,13 @@ def value(e: E, monitor: str) -> float:
 
 
 def beats(a: E, b: E, monitor: str, mode: str) -> bool:
-    """Does ``a`` rank strictly before ``b``? NaN/missing worst, newer step wins ties."""
+    """Does ``a`` rank strictly before ``b``? Not finite (NaN, +-inf, missing) worst,
+    newer step wins ties."""
     va, vb = value(a, monitor), value(b, monitor)
-    if math.isnan(va) != math.isnan(vb):
-        return math.isnan(vb)
-    if not math.isnan(va) and va != vb:
+    fa, fb = math.isfinite(va), math.isfinite(vb)
+    if fa != fb:
+        return fa
+    if fa and va != vb:
         return va > vb if mode == "max" else va < vb
     return a.step > b.step
 
@@ -50,7 +52,8 @@ def ref_top_k(entries: list[E], k: int, monitor: str, mode: str) -> set[int]:
     return {
         e.step
         for e in entries
-        if sum(beats(o, e, monitor, mode) for o in entries if o is not e) < k
+        if math.isfinite(value(e, monitor))
+        and sum(beats(o, e, monitor, mode) for o in entries if o is not e) < k
     }
 
 
@@ -156,6 +159,12 @@ def test_nan_and_missing_rank_worst_ties_go_to_the_newer_step():
     assert [e.step for e in rank_by_metric(entries, "loss", "min")] == [5, 4, 1, 3, 2]
     assert [e.step for e in rank_by_metric(entries, "loss", "max")] == [4, 1, 5, 3, 2]
     assert keep_top_k(entries, 2, "loss", "min") == {5, 4}
+    # A diverged -inf is neither the best nor worth a top-k slot, in either mode.
+    diverged = [E(1, metrics={"loss": 1.0}), E(2, metrics={"loss": -math.inf}),
+                E(3, metrics={"loss": math.inf})]  # fmt: skip
+    assert keep_top_k(diverged, 1, "loss", "min") == {1}
+    assert keep_top_k(diverged, 3, "loss", "max") == {1}
+    assert best(diverged, "loss", "min").step == 1
     assert keep_top_k(entries, 0, "loss", "min") == set()
     assert keep_top_k(entries, -1, "loss", "min") == {1, 2, 3, 4, 5}
     assert best([E(1), E(2, metrics={"loss": math.nan})], "loss", "min") is None

@@ -6,19 +6,17 @@ import multiprocessing as mp
 
 import pytest
 
-from dcp_engine.writers import SLOW_WRITE_ENV
 from tests import toy, watcher, workers
 from tests.distributed import run_ranks
 
 pytestmark = pytest.mark.multirank
 
 
-def test_keep_last_n_1_with_async_saves_always_leaves_a_committed_checkpoint(tmp_path, monkeypatch):
+def test_keep_last_n_1_with_async_saves_always_leaves_a_committed_checkpoint(tmp_path):
     """Pass: a reader in another process, polling throughout 8 async saves with
     keep_last_n=1 and a slowed writer, never finds the experiment without a committed
     checkpoint once the first has committed, and every checkpoint it loads holds the
     values saved at its step; at the end exactly the newest remains."""
-    monkeypatch.setenv(SLOW_WRITE_ENV, "0.3")
     exp = tmp_path / "keep1"
     stop = tmp_path / "stop"
     ctx = mp.get_context("spawn")

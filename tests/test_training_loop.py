@@ -15,7 +15,7 @@ import yaml
 
 import dcp_engine as de
 from dcp_engine import layout
-from dcp_engine.writers import SLOW_WRITE_ENV
+from tests.seams import FaultyStorage
 
 
 def make_app(seed: int = 0) -> dict:
@@ -225,7 +225,7 @@ def test_collector_survives_a_checkpoint_already_gone(tmp_path):
         mgr.save(2, app)
         mgr.wait()
         assert [e.step for e in mgr.checkpoints()] == [2]
-        assert mgr._collector is not None and mgr._collector.deleted == []
+        assert mgr._exp.catalog.deleted == []
     assert steps_on_disk(tmp_path / "exp") == [2]
 
 
@@ -286,14 +286,14 @@ def test_async_callback_switches_off_to_the_writer_process(tmp_path):
 
 
 @pytest.mark.parametrize("mode", ["off", "thread"])
-def test_validation_after_a_step_save_goes_to_that_checkpoint(tmp_path, monkeypatch, mode):
+def test_validation_after_a_step_save_goes_to_that_checkpoint(tmp_path, mode):
     """Pass: with save_every_n_steps on the epoch's last step, the validation metrics that
     come after it are recorded in that checkpoint's marker (also while its async write is
     still in flight), so top-k and ``best`` rank by them."""
-    monkeypatch.setenv(SLOW_WRITE_ENV, "0.3" if mode == "thread" else "0")
     c = cfg(tmp_path, async_mode=mode, save_every_n_steps=3, monitor="val_loss",
             keep_top_k=1, save_on_train_end=False)  # fmt: skip
-    loop(de.CheckpointCallback(c), make_app(), epochs=4, per_epoch=3,
+    slow_disk = FaultyStorage(slow_s=0.3 if mode == "thread" else 0.0)  # still writing
+    loop(de.CheckpointCallback(c, storage=slow_disk), make_app(), epochs=4, per_epoch=3,
          losses=[0.9, 0.2, 0.5, 0.7])  # fmt: skip
     exp = tmp_path / "exp"
     found = {e.step: e.metrics.get("val_loss") for e in de.find_checkpoints(exp)}

@@ -10,7 +10,8 @@ from typing import Any
 import torch
 from torch.distributed.checkpoint.api import CheckpointException
 
-from dcp_engine import index, layout, offline
+import dcp_engine as de
+from dcp_engine import layout, resolve
 
 
 def watch(experiment: str, stop_file: str, out: Any) -> None:
@@ -20,19 +21,19 @@ def watch(experiment: str, stop_file: str, out: Any) -> None:
     seen_commit = False
     while not Path(stop_file).exists():
         tally["polls"] += 1
-        committed = index.scan(exp).committed
+        committed = resolve.scan(exp).committed
         if not committed:
             # A listing races with renames: count it only if a stable second look agrees.
             names = sorted(p.name for p in exp.checkpoints_dir.glob("*")) if seen_commit else []
             again = sorted(p.name for p in exp.checkpoints_dir.glob("*")) if seen_commit else []
-            if seen_commit and names == again and not index.scan(exp).committed:
+            if seen_commit and names == again and not resolve.scan(exp).committed:
                 tally["empty"] += 1
             time.sleep(0.002)
             continue
         seen_commit = True
         newest = committed[-1]
         try:
-            w = offline.load_entries(offline.open_checkpoint(newest.path), ["w"])["w"]
+            w = de.open_checkpoint(newest.path).load_entries(["w"])["w"]
         except (Exception, CheckpointException) as e:  # DCP's is a BaseException
             if not newest.path.exists():
                 tally["vanished"] += 1  # collected after we listed it: a newer one exists

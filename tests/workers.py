@@ -155,7 +155,7 @@ def snapshot_under_mutation(rank: int, world_size: int, root: str, mode: str, st
     )
     with de.CheckpointManager(cfg) as mgr:
         at_save = toy.full_state(app)
-        assert mgr.save(2, app) is None  # returned before the write
+        assert not mgr.save(2, app).skipped  # returned before the write (staged)
         if staging == "sync":
             with torch.no_grad():  # in-place mutation right after save() returns
                 for p in app["model"].parameters():
@@ -171,23 +171,36 @@ def snapshot_under_mutation(rank: int, world_size: int, root: str, mode: str, st
 
 
 def busy_policy(rank: int, world_size: int, root: str, policy: str) -> dict[str, Any]:
-    """A slow writer (DCP_ENGINE_SLOW_WRITE_S) and a second save while the first writes."""
-    import time
+    """Rank 1's write of step 1 is held at a gate; a second save comes while it is held.
+    With "skip" the gate opens after save(2) returned; with "wait" a thread opens it once
+    the held write has started, and save(2) can only return after that."""
+    import threading
 
+    from tests.seams import FaultyStorage, Gate
+
+    gate, started = Gate(f"{root}/gate_{policy}"), Gate(f"{root}/started_{policy}")
+    storage = FaultyStorage(step=1, gate=gate, started=started) if rank == 1 else None
     app = {"w": torch.full((64,), float(rank)), "step": 0}
     cfg = de.CheckpointConfig(
         root_dir=root, experiment_name=f"busy_{policy}", async_mode="thread", when_busy=policy
     )
-    with de.CheckpointManager(cfg) as mgr:
+    with de.CheckpointManager(cfg, storage=storage) as mgr:
         mgr.save(1, app)
-        start = time.monotonic()
-        mgr.save(2, app)
-        second_call_s = time.monotonic() - start
+        if rank == 1:
+            started.wait()  # rank 1's write of step 1 is held now
+        torch.distributed.barrier()  # ... on every rank's watch
+        if policy == "wait" and rank == 1:
+            threading.Thread(target=gate.open).start()
+        handle = mgr.save(2, app)
+        gate_open = gate.is_open()
+        torch.distributed.barrier()  # every rank looked before the gate opens
+        gate.open()
         mgr.wait()
         return {
             "steps": [c.step for c in mgr.checkpoints()],
             "skipped": [s.step for s in mgr.stats() if s.skipped],
-            "second_call_s": second_call_s,
+            "handle_skipped": handle.skipped,
+            "gate_open_at_return": gate_open,
         }
 
 
@@ -200,17 +213,22 @@ def writer_killed(rank: int, world_size: int, root: str) -> dict[str, Any]:
 
     import psutil
 
+    from tests.seams import FaultyStorage, Gate
+
+    started = Gate(f"{root}/writing")
+    # Rank 1's writer holds its write of step 2 at a gate that never opens.
+    held = FaultyStorage(step=2, gate=Gate(f"{root}/never"), started=started)
     app = {"w": torch.arange(1000, dtype=torch.float32) + rank}
     cfg = de.CheckpointConfig(
         root_dir=root, experiment_name="killed", async_mode="process", timeout_s=10.0
     )
-    mgr = de.CheckpointManager(cfg)
+    mgr = de.CheckpointManager(cfg, storage=held if rank == 1 else None)
     mgr.save(1, app)
     mgr.wait()
     mgr.save(2, app)
     if rank == 1:
-        time.sleep(0.5)  # the writer is in its (slowed) write
-        os.kill(mgr._writer.pid, signal.SIGKILL)  # type: ignore[attr-defined]
+        started.wait()  # the writer is in its write
+        os.kill(mgr._saves._writer.pid, signal.SIGKILL)  # type: ignore[attr-defined]
     start = time.monotonic()
     try:
         mgr.wait()
@@ -254,7 +272,7 @@ def clean_close(rank: int, world_size: int, root: str, fail: bool) -> dict[str, 
     cfg = de.CheckpointConfig(root_dir=root, experiment_name=f"close_{fail}", async_mode="process")
     try:
         with de.CheckpointManager(cfg) as mgr:
-            writer_pid = mgr._writer.pid  # type: ignore[attr-defined]
+            writer_pid = mgr._saves._writer.pid  # type: ignore[attr-defined]
             toy.train(app, 1, rank)
             mgr.save(1, app)
             if fail:
@@ -274,13 +292,15 @@ def clean_close(rank: int, world_size: int, root: str, fail: bool) -> dict[str, 
 
 
 def retention_under_saves(rank: int, world_size: int, root: str, saves: int) -> dict[str, Any]:
-    """Async saves with keep_last_n=1 and a slowed writer (DCP_ENGINE_SLOW_WRITE_S): ``w``
-    holds the step, so a reader can tell that what it loads is what was saved."""
+    """Async saves with keep_last_n=1 on a slow disk (0.3 s a file): ``w`` holds the
+    step, so a reader can tell that what it loads is what was saved."""
+    from tests.seams import FaultyStorage
+
     app = {"w": torch.zeros(64), "step": 0}
     cfg = de.CheckpointConfig(
         root_dir=root, experiment_name="keep1", async_mode="thread", keep_last_n=1
     )
-    with de.CheckpointManager(cfg) as mgr:
+    with de.CheckpointManager(cfg, storage=FaultyStorage(slow_s=0.3)) as mgr:
         mgr.load(app)
         for step in range(1, saves + 1):
             app["w"].fill_(float(step))

@@ -28,8 +28,7 @@ import torch
 from torch import nn
 
 import dcp_engine as de
-from dcp_engine import index, layout
-from dcp_engine.callbacks import LOOP_KEY, loop_position
+from dcp_engine import LOOP_KEY, loop_position
 
 CONFIG_KEY = "config"  # in the marker's extra
 
@@ -56,9 +55,7 @@ def save_checkpoint(
     # the guide's epoch is the one completed: the training loop would go on with epoch + 1
     extra = {CONFIG_KEY: dict(config or {}), LOOP_KEY: loop_position(iteration, epoch, True)}
     with de.CheckpointManager(cfg, run_config=config) as mgr:
-        info = mgr.save(iteration, app, epoch=epoch, metrics=metrics, extra=extra)
-    assert info is not None  # async_mode="off": committed on return
-    return info
+        return mgr.save(iteration, app, epoch=epoch, metrics=metrics, extra=extra).result()
 
 
 def load_checkpoint(
@@ -75,7 +72,8 @@ def load_checkpoint(
     ``timestamp`` and the checkpoint's ``path``, plus ``epoch_done``: False for a
     checkpoint the training loop saved in the middle of ``epoch`` (then the next epoch to
     run is ``epoch`` itself, not the guide's ``epoch + 1``). The RNG states are not
-    restored: use the training loop's resume for a bit-exact continuation."""
+    restored: use the training loop's resume for a bit-exact continuation. Read through
+    ``open_checkpoint``: it never writes, so it may run beside a job saving there."""
     given = {"student": student, "teacher": teacher, "optimizer": optimizer, "dino_loss": loss_fn}
     app = {k: v for k, v in given.items() if v is not None}
     app.update(state)
@@ -88,14 +86,9 @@ def load_checkpoint(
             "load_checkpoint: the optimizer's state is keyed by the student's "
             "parameter names; pass student= too"
         )
-    ckpt = index.checkpoint_dir_of(path)  # raises naming the path if there is none
-    exp = layout.experiment_of(ckpt)
-    cfg = de.CheckpointConfig(
-        root_dir=exp.parent, experiment_name=exp.name, async_mode="off", capture_rng=False
-    )
-    with de.CheckpointManager(cfg) as mgr:
-        info = mgr.load(app, ckpt)
-    assert info is not None
+    # Read-only and verified: a job writing the same experiment is not disturbed.
+    with de.open_checkpoint(path) as ckpt:
+        info = ckpt.load(app)
     trainer = info.extra.get(LOOP_KEY, {})
     return {
         "epoch": info.epoch if info.epoch is not None else trainer.get("epoch", 0),

@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from dcp_engine.config import KEY_ALIASES
+from dcp_engine import KEY_ALIASES
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "dino_tiny.yaml"
 # The named flags of the issue and the guide, and where they land.

@@ -16,12 +16,16 @@ def state(step: int) -> dict[str, Any]:
     return {"w": torch.full((4096,), float(step)), "b": torch.arange(64) + step, "step": step}
 
 
-def save_two(rank: int, world_size: int, root: str, mode: str, timeout_s: float) -> dict[str, Any]:
-    """Save step 1, then try step 2 (a fault may strike there): how step 2 ended here."""
+def save_two(
+    rank: int, world_size: int, root: str, mode: str, timeout_s: float,
+    faults: dict[int, dict[str, Any]] | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """Save step 1, then try step 2 (a fault may strike there): how step 2 ended here.
+    ``faults[rank]``: this rank's seams (``storage=``, ``hook=``)."""
     cfg = de.CheckpointConfig(
         root_dir=root, experiment_name="faults", async_mode=mode, timeout_s=timeout_s
     )
-    mgr = de.CheckpointManager(cfg)
+    mgr = de.CheckpointManager(cfg, **(faults or {}).get(rank, {}))
     mgr.save(1, state(1))
     mgr.wait()
     start = time.monotonic()

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import dcp_engine as de
-from dcp_engine.faults import FAULT_ENV
+from tests import seams
 from tests.distributed import run_ranks
 from tests.faults import ranks
 
@@ -33,45 +33,45 @@ def assert_is_step(app, step):
 @pytest.mark.parametrize(
     "mode, fault, message",
     [
-        ("off", "enospc", "No space left"),
-        ("thread", "enospc", "No space left"),
-        ("process", "enospc", "No space left"),
-        ("thread", "eio", "Input/output error"),
-        ("off", "eacces", "Permission denied"),
+        ("off", seams.ENOSPC, "No space left on device: needed"),
+        ("thread", seams.ENOSPC, "No space left on device: needed"),
+        ("process", seams.ENOSPC, "No space left on device: needed"),
+        ("thread", seams.EIO, "Input/output error"),
+        ("off", seams.EACCES, "Permission denied"),
     ],
 )
 def test_a_write_error_on_one_rank_fails_the_save_everywhere_and_the_next_one_succeeds(
-    tmp_path, monkeypatch, mode, fault, message
+    tmp_path, mode, fault, message
 ):
     """Pass: ENOSPC (or EIO, EACCES) injected on rank 1 after 1,000 bytes of step 2's
-    shards: both ranks raise for step 2 within timeout_s, step 2 is not committed, latest
-    stays step 1, the .tmp is left for the sweep; step 3 then commits; a fresh job
-    resumes at step 3."""
-    monkeypatch.setenv(FAULT_ENV, f"{fault}:1:1000:2")
-    out = run_ranks(ranks.save_two, 2, str(tmp_path), mode, 20.0)
+    shards: both ranks raise for step 2 within timeout_s, naming rank 1 and the OS error
+    (not torch.save's "unexpected pos"), step 2 is not committed, latest stays step 1,
+    and no .tmp is left; step 3 then commits; a fresh job resumes at step 3."""
+    storage = seams.FaultyStorage(step=2, error=fault, after_bytes=1000)
+    out = run_ranks(ranks.save_two, 2, str(tmp_path), mode, 20.0, {1: {"storage": storage}})
     for r in out:
         assert r["error"] and "step 2" in r["error"] and message in r["error"], r
+        assert "rank 1" in r["error"] and "unexpected pos" not in r["error"], r
         assert r["elapsed"] < 20.0 + 30, r
         assert r["third"] is None, r
-    monkeypatch.delenv(FAULT_ENV)
     ckpts = tmp_path / "faults" / "checkpoints"
     assert not (ckpts / "step_00000002").exists()
-    assert (ckpts / "step_00000002.tmp").is_dir()  # left for the sweep at start-up
+    assert not (ckpts / "step_00000002.tmp").exists()  # removed once the failure was agreed
     after = run_ranks(ranks.load_latest, 2, str(tmp_path))
     assert after[0]["step"] == 3 and after[0]["steps"] == [1, 3]
-    assert not (ckpts / "step_00000002.tmp").exists()  # swept by the fresh job
 
 
-def test_a_save_that_would_fill_the_disk_is_refused_up_front(tmp_path, monkeypatch):
+def test_a_save_that_would_fill_the_disk_is_refused_up_front(tmp_path):
     """Pass: with less free space than the last checkpoint took, the save is refused
     before anything is written, saying how much is needed and free."""
-    with de.CheckpointManager(cfg(tmp_path)) as mgr:
-        info = mgr.save(1, ranks.state(1))
-        monkeypatch.setenv(FAULT_ENV, "free:1000")
+    storage = seams.FaultyStorage()
+    with de.CheckpointManager(cfg(tmp_path), storage=storage) as mgr:
+        info = mgr.save(1, ranks.state(1)).result()
+        storage.free = 1000
         with pytest.raises(de.CheckpointError, match=r"1000 B free.*took .*KiB.*free at least"):
             mgr.save(2, ranks.state(2))
         assert not (info.path.parent / "step_00000002.tmp").exists()
-        monkeypatch.delenv(FAULT_ENV)
+        storage.free = None
         mgr.save(2, ranks.state(2))
 
 
@@ -82,7 +82,7 @@ def test_a_corrupt_latest_is_skipped_on_resume_and_refused_by_name(tmp_path, cap
     verify() raise IntegrityError naming the file; `dcp-engine verify` would exit 1."""
     with de.CheckpointManager(cfg(tmp_path)) as mgr:
         mgr.save(1, ranks.state(1))
-        bad = mgr.save(2, ranks.state(2)).path
+        bad = mgr.save(2, ranks.state(2)).result().path
     if damage == "flip":
         target = sorted(bad.glob("*.distcp"))[0]
         data = bytearray(target.read_bytes())
@@ -92,33 +92,45 @@ def test_a_corrupt_latest_is_skipped_on_resume_and_refused_by_name(tmp_path, cap
         target = bad / (".metadata" if damage == "truncate_metadata" else "__0_0.distcp")
         target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
     with de.CheckpointManager(cfg(tmp_path)) as mgr:
-        app = fresh_app()
-        with caplog.at_level(logging.WARNING):
-            info = mgr.load(app)
-        assert info.step == 1
-        assert_is_step(app, 1)
-        assert any("skipping" in r.message and target.name in r.message for r in caplog.records)
         with pytest.raises(de.IntegrityError, match=target.name):
             mgr.load(fresh_app(), 2)
         if damage == "flip":
             with pytest.raises(de.IntegrityError, match=r"crc32 \w{8}, the marker says \w{8}"):
                 mgr.verify(2)
         assert mgr.verify(1).step == 1
+        app = fresh_app()
+        with caplog.at_level(logging.WARNING):
+            info = mgr.load(app)
+        assert info.step == 1
+        assert_is_step(app, 1)
+        assert any("skipping" in r.message and target.name in r.message for r in caplog.records)
+        # Quarantined: latest, retention and the timeline no longer see step 2 ...
+        ckpts = bad.parent
+        assert not bad.exists() and (ckpts / "step_00000002.corrupt").is_dir()
+        assert [c.step for c in mgr.checkpoints()] == [1]
+        assert (ckpts / "latest").resolve().name == "step_00000001"
+        # ... so the resumed run saves step 2 again instead of crash-looping on it.
+        assert mgr.save(2, ranks.state(2)).result().step == 2
+    with de.CheckpointManager(cfg(tmp_path)) as mgr:
+        app = fresh_app()
+        assert mgr.load(app).step == 2
+        assert_is_step(app, 2)
 
 
 def test_every_checkpoint_corrupt_is_an_error_not_a_fresh_start(tmp_path):
     """Pass: when no committed checkpoint matches its digests, resume raises instead of
     silently starting over."""
     with de.CheckpointManager(cfg(tmp_path)) as mgr:
-        path = mgr.save(1, ranks.state(1)).path
+        path = mgr.save(1, ranks.state(1)).result().path
     shard = sorted(path.glob("*.distcp"))[0]
     data = bytearray(shard.read_bytes())
     data[-1] ^= 0xFF
     shard.write_bytes(bytes(data))
-    with de.CheckpointManager(cfg(tmp_path)) as mgr, pytest.raises(
-        de.IntegrityError, match="none of the 1 committed checkpoints"
-    ):
-        mgr.load(fresh_app())
+    for _ in range(2):  # quarantined by the first attempt: still never a fresh start
+        with de.CheckpointManager(cfg(tmp_path)) as mgr, pytest.raises(
+            de.IntegrityError, match=r"not a fresh run: step_00000001"
+        ):
+            mgr.load(fresh_app())
 
 
 def test_foreign_names_markerless_steps_a_cut_index_and_stale_tmps(tmp_path):

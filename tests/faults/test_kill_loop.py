@@ -17,9 +17,10 @@ import dcp_engine as de
 from tests.faults import ranks
 
 REPO = Path(__file__).resolve().parents[2]
-KILLS = 24
+KILLS = int(os.environ.get("KILLS", "24"))  # KILLS=50 for the long run
 
 
+@pytest.mark.slow
 @pytest.mark.multirank
 def test_keep_last_1_async_saver_killed_24_times_always_leaves_a_loadable_commit(tmp_path):
     """Pass: a saver (keep_last_n=1, async thread or process writer, resuming each time)

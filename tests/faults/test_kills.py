@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dcp_engine.faults import FAULT_ENV
+from tests import seams
 from tests.distributed import run_ranks, run_ranks_outcomes
 from tests.faults import ranks
 
@@ -19,29 +19,32 @@ SLACK_S = 30.0  # process start-up, DCP's own timeouts of the writer process, a 
     [
         ("write", 1, "off", 1),  # mid-shard on rank 1
         ("write", 1, "thread", 1),
-        ("barrier", 1, "off", 1),  # shards durable, rank 1 gone before the commit
-        ("barrier", 0, "thread", 1),
+        ("written", 1, "off", 1),  # shards durable, rank 1 gone before the commit
+        ("written", 0, "thread", 1),
         ("marker", 0, "off", 1),  # marker written, not renamed: still a .tmp
-        ("rename", 0, "off", 2),  # renamed: committed, although the index never heard
-        ("index", 0, "thread", 2),  # index written, latest not moved
+        ("committed", 0, "off", 2),  # renamed: committed, although the index never heard
+        ("indexed", 0, "thread", 2),  # index written, latest not moved
     ],
 )
 def test_a_rank_killed_mid_save_fails_the_others_in_time_and_resume_finds_a_commit(
-    tmp_path, monkeypatch, point, victim, mode, resumed
+    tmp_path, point, victim, mode, resumed
 ):
     """Pass: the killed rank dies (-9); the survivor's save of step 2 raises within
     timeout_s + slack (never hangs); a fresh 2-rank job then resumes from the newest
     committed step (1, or 2 if the kill came after the rename) with exactly its values,
     and never from a torn directory."""
-    monkeypatch.setenv(FAULT_ENV, f"kill:{point}:{victim}:2")
-    outcomes = run_ranks_outcomes(ranks.save_two, 2, str(tmp_path), mode, TIMEOUT_S)
+    if point == "write":  # through the shard file system, after the first bytes
+        seam = {"storage": seams.FaultyStorage(step=2, kill_after_bytes=1000)}
+    else:  # through the committer's phase hook
+        seam = {"hook": seams.KillAt(point, step=2)}
+    outcomes = run_ranks_outcomes(ranks.save_two, 2, str(tmp_path), mode, TIMEOUT_S,
+                                  {victim: seam})  # fmt: skip
     assert outcomes[victim] == ("died", -9), outcomes
     kind, survivor = outcomes[1 - victim]
     assert kind == "ok", survivor
     assert survivor["error"] is not None and "step 2" in survivor["error"], survivor
     print(point, victim, mode, f"survivor raised after {survivor['elapsed']:.1f} s")
     assert survivor["elapsed"] < TIMEOUT_S * 4 + SLACK_S, survivor
-    monkeypatch.delenv(FAULT_ENV)
     after = run_ranks(ranks.load_latest, 2, str(tmp_path))
     assert after[0]["step"] == after[1]["step"] == resumed, after
     assert after[0]["steps"][-1] == resumed

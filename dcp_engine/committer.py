@@ -1,0 +1,190 @@
+"""The commit protocol, whole: begin, finalize, amend, abort, retire, quarantine, sweep.
+
+Only rank 0's ``Committer`` (the lease holder's) changes what exists in ``checkpoints/``.
+A checkpoint exists only once committed (invariant 1). The order, after every rank has
+written and fsynced its shards and DCP has written ``.metadata``:
+
+1. ``COMMITTED`` (every file with its size and digest, and a digest of its own) into
+   ``step_X.tmp/`` by temp file + fsync + rename, then fsync of ``step_X.tmp/``;
+2. rename ``step_X.tmp`` to ``step_X`` (never replacing) and fsync ``checkpoints/``.
+
+A crash before 2 leaves a ``.tmp`` directory, never loaded and swept by the next holder;
+a crash after 2 leaves a committed checkpoint that the catalog finds from its marker.
+Deletion is the reverse: rename back to ``.tmp`` (it stops existing at once), then
+remove. ``hook(phase, step)`` runs between the steps: the seam the fault tests kill at.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from . import layout
+from .errors import CheckpointError, IntegrityError, TimelineError
+from .lease import Lease
+from .marker import FileEntry, Marker
+from .storage import LocalStorage
+
+log = logging.getLogger(__name__)
+
+PhaseHook = Callable[[str, int], None]
+"""``hook(phase, step)``. Phases: ``written`` (every rank: its shards are durable),
+``marker`` (rank 0: marker written, not renamed), ``committed`` (renamed, the index not
+written yet), ``indexed`` (index written, aliases not moved)."""
+
+
+def no_hook(phase: str, step: int) -> None:
+    """The default phase hook: nothing."""
+
+
+class Committer:
+    """Rank 0's hands on ``checkpoints/``: every change to what exists goes through here."""
+
+    def __init__(
+        self,
+        exp: layout.ExperimentLayout,
+        storage: LocalStorage,
+        lease: Lease,
+        *,
+        fsync: bool = True,
+        hook: PhaseHook = no_hook,
+    ) -> None:
+        self.exp, self.storage, self.lease = exp, storage, lease
+        self.fsync, self.hook = fsync, hook
+
+    def begin(self, step: int, newest: int | None) -> Path:
+        """A new ``step_X.tmp/`` for a save of ``step``; refused unless ``step`` is above
+        ``newest`` (the newest committed step: invariant 9)."""
+        self.lease.check()
+        final = self.exp.step_dir(step)
+        if final.exists() or final.is_symlink():
+            raise TimelineError(
+                f"save of step {step} refused: step {step} is already committed at {final}; "
+                "a committed checkpoint is never overwritten"
+            )
+        if newest is not None and step <= newest:
+            raise TimelineError(
+                f"save of step {step} refused: step {newest} is already committed in "
+                f"{self.exp.checkpoints_dir}, and the timeline only goes forward; to go back, "
+                f"branch: resume='{self.exp.step_dir(newest)}' (or an earlier checkpoint) "
+                "with a new experiment_name"
+            )
+        tmp = self.exp.tmp_dir(step)
+        if tmp.exists():
+            # Ours by name, and no save of ours is in flight (one at a time): torn.
+            log.warning("removing torn %s from an earlier attempt at step %d", tmp, step)
+            self.storage.remove_tree(tmp)
+        self.storage.mkdir(tmp, exist_ok=False)
+        return tmp
+
+    def finalize(
+        self,
+        step: int,
+        *,
+        epoch: int | None,
+        metrics: Mapping[str, float],
+        extra: Mapping[str, Any],
+        entries: Mapping[str, Mapping[str, Any]],
+        digests: Mapping[str, Mapping[str, Any]],
+        world_size: int,
+    ) -> tuple[Path, Marker]:
+        """Steps 1 and 2: the checkpoint exists when this returns."""
+        self.lease.check()
+        tmp, final = self.exp.tmp_dir(step), self.exp.step_dir(step)
+        if not layout.dcp_metadata_path(tmp).is_file():
+            raise CheckpointError(
+                f"save of step {step}: DCP wrote no {layout.DCP_METADATA_FILE} in {tmp}"
+            )
+        sizes = self.storage.file_sizes(tmp, exclude=layout.MARKER_FILE)
+        files = {}
+        for name, size in sizes.items():
+            d = digests.get(name)
+            if d is not None and d["size"] != size:
+                raise IntegrityError(
+                    f"save of step {step}: {tmp / name} has {size} bytes on disk, but "
+                    f"{d['size']} were written and hashed"
+                )
+            files[name] = FileEntry(size, None if d is None else d.get("crc32"))
+        marker = Marker(
+            step=step,
+            epoch=epoch,
+            metrics=dict(metrics),
+            world_size=world_size,
+            entries=entries,
+            files=files,
+            extra=dict(extra),
+        )
+        self._write_marker(tmp, marker)
+        self.hook("marker", step)
+        self.storage.publish(tmp, final, fsync=self.fsync)
+        self.hook("committed", step)
+        return final, marker
+
+    def amend(self, path: Path, marker: Marker) -> None:
+        """Rewrite a committed checkpoint's marker (metrics that came after the save);
+        atomic: readers see the old marker or the new one."""
+        self.lease.check()
+        self._write_marker(path, marker)
+
+    def abort(self, step: int) -> None:
+        """After a failed save that every rank agreed on: its ``.tmp`` goes."""
+        tmp = self.exp.tmp_dir(step)
+        if tmp.exists():
+            self.storage.remove_tree(tmp)
+            log.info("[step=%d] removed %s after the failed save", step, tmp)
+
+    def retire(self, step: int) -> bool:
+        """Delete committed checkpoint ``step``: rename back to ``.tmp`` (it stops existing
+        at once; a crash mid-delete leaves a ``.tmp`` that is swept), then remove. Only our
+        own canonical name is touched. False if it was already gone."""
+        self.lease.check()
+        final, tmp = self.exp.step_dir(step), self.exp.tmp_dir(step)
+        if final.is_symlink() or (final.exists() and not final.is_dir()):
+            log.warning("%s is not a checkpoint directory of ours; not deleting it", final)
+            return False
+        if tmp.exists():  # a leftover of an earlier retire that crashed: ours by name
+            self.storage.remove_tree(tmp)
+        try:
+            self.storage.publish(final, tmp, fsync=self.fsync)
+        except FileNotFoundError:
+            return False
+        self.storage.remove_tree(tmp)
+        return True
+
+    def quarantine(self, path: Path, why: str) -> Path | None:
+        """Move a committed-looking checkpoint that cannot be loaded out of the owned
+        names (``step_X.corrupt``), so that ``latest``, retention and later saves never
+        see it. Returns where it went (None: not ours by name, or gone)."""
+        self.lease.check()
+        step = layout.parse_step_dirname(path.name)
+        if step is None or path.parent != self.exp.checkpoints_dir:
+            return None
+        dest = self.exp.quarantine_dir(step)
+        try:
+            self.storage.publish(path, dest, fsync=self.fsync)
+        except FileNotFoundError:
+            return None
+        log.error("quarantined %s as %s: %s", path, dest.name, why)
+        return dest
+
+    def sweep(self) -> list[Path]:
+        """Remove the ``step_X.tmp`` directories that crashed saves and retirements left.
+        Only the lease holder calls it, and only at start (none of its saves in flight)."""
+        self.lease.check()
+        swept = []
+        for child in sorted(self.exp.checkpoints_dir.iterdir()):
+            if layout.parse_tmp_dirname(child.name) is not None and not child.is_symlink():
+                log.warning("removing %s, left by a save or a deletion that did not finish", child)
+                self.storage.remove_tree(child)
+                swept.append(child)
+        return swept
+
+    def _write_marker(self, directory: Path, marker: Marker) -> None:
+        self.storage.write_atomic(
+            layout.marker_path(directory), marker.to_bytes(), fsync=self.fsync
+        )
+
+
+__all__ = ["Committer", "PhaseHook", "no_hook"]

@@ -1,0 +1,150 @@
+"""Whole-checkpoint products outside training: ``export`` (one consolidated file of a
+checkpoint, or of one key such as the teacher) and ``average`` (the mean weights of the
+top-k). Both read through ``open_checkpoint``: verified, and nothing written into the
+experiment.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import layout, resolve, retention
+from .errors import CheckpointError
+from .index import Which
+from .reader import open_checkpoint
+
+DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+def cast_floats(tree: Any, dtype: torch.dtype | None) -> Any:
+    """``tree`` with its floating-point tensors cast to ``dtype`` (others untouched)."""
+    if dtype is None:
+        return tree
+    if isinstance(tree, torch.Tensor):
+        return tree.to(dtype) if tree.is_floating_point() else tree
+    if isinstance(tree, Mapping):
+        return {k: cast_floats(v, dtype) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(cast_floats(v, dtype) for v in tree)
+    return tree
+
+
+def flat_tensors(tree: Any, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
+    if isinstance(tree, torch.Tensor):
+        yield prefix, tree
+    elif isinstance(tree, Mapping):
+        for k, v in tree.items():
+            yield from flat_tensors(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(tree, (list, tuple)):
+        for i, v in enumerate(tree):
+            yield from flat_tensors(v, f"{prefix}.{i}" if prefix else str(i))
+
+
+def export(
+    source: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    key: str | None = None,
+    dtype: str | None = None,
+    fmt: str = "torch",
+    which: Which = "latest",
+) -> Path:
+    """One consolidated file of a checkpoint (or of one key, e.g. the teacher) that
+    ``torch.load`` opens (``fmt="torch"``) or ``safetensors`` reads (tensors only).
+    ``which`` picks the checkpoint when ``source`` is an experiment."""
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
+    ckpt = open_checkpoint(source, which)
+    values = ckpt.load_entries([key] if key is not None else None)
+    payload = values[key] if key is not None else values
+    payload = cast_floats(payload, DTYPES[dtype] if dtype else None)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    if fmt == "torch":
+        torch.save(payload, tmp)
+    elif fmt == "safetensors":
+        try:
+            from safetensors.torch import save_file  # type: ignore[import-not-found,unused-ignore]
+        except ImportError:
+            raise CheckpointError("--format safetensors needs the safetensors package") from None
+        tensors = {name: t.contiguous() for name, t in flat_tensors(payload)}
+        if not tensors:
+            raise CheckpointError(f"{ckpt.path}: {key or 'the checkpoint'} holds no tensors")
+        save_file(tensors, str(tmp))
+    else:
+        raise ValueError(f"format {fmt!r} is not 'torch' or 'safetensors'")
+    tmp.replace(out)
+    return out
+
+
+def average(
+    experiment: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    top_k: int = 10,
+    key: str | None = None,
+    monitor: str | None = None,
+    mode: str | None = None,
+) -> tuple[Path, list[int]]:
+    """The mean of the weights of the ``top_k`` best checkpoints by ``monitor`` (default:
+    the experiment's ``config.yaml``), streamed tensor by tensor: memory stays near one
+    copy of the result. Non-floating tensors (counters) are taken from the best one.
+    Returns the file and the steps averaged."""
+    if top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if monitor is None:
+        monitor, saved_mode = resolve.monitor_of(layout.ExperimentLayout(Path(experiment)))
+        mode = mode or saved_mode
+    ranked = resolve.find_checkpoints(experiment, "best", monitor=monitor, metric_mode=mode)
+    assert monitor is not None  # find_checkpoints raised otherwise
+    chosen = [c for c in ranked if math.isfinite(retention.metric_of(c, monitor))][:top_k]
+    if not chosen:
+        raise CheckpointError(f"no checkpoint in {experiment} has a finite {monitor!r}")
+    ckpts = [open_checkpoint(c.path) for c in chosen]
+    for c in ckpts:
+        if key is not None:
+            c.kind(key)  # raises naming the checkpoint and its keys
+    names = ckpts[0].tensors(key)
+    for c in ckpts[1:]:
+        other = c.tensors(key)
+        if set(other) != set(names):
+            diff = sorted(set(other) ^ set(names))[:5]
+            raise CheckpointError(f"{c.path} and {ckpts[0].path} differ in tensors: {diff}")
+        for name, meta in other.items():
+            if meta.size != names[name].size:
+                raise CheckpointError(
+                    f"{name}: {list(meta.size)} in {c.path}, {list(names[name].size)} in "
+                    f"{ckpts[0].path}"
+                )
+    result: dict[str, torch.Tensor] = {}
+    for name, meta in names.items():
+        fqn = ".".join(p for p in (key, name) if p)
+        best = ckpts[0].load_tensor(fqn)
+        if not best.is_floating_point():
+            result[name] = best
+            continue
+        acc = best.to(torch.float64)
+        for c in ckpts[1:]:
+            acc += c.load_tensor(fqn).to(torch.float64)
+        result[name] = (acc / len(ckpts)).to(meta.properties.dtype)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    torch.save(result, tmp)
+    tmp.replace(out)
+    return out, [c.step for c in chosen]

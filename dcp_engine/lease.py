@@ -1,0 +1,216 @@
+"""The lease: one job writes an experiment (invariant 7).
+
+Rank 0 of the job that saves into an experiment holds ``<experiment>/OWNER``, created
+with ``O_EXCL`` (atomic on local disks and on NFSv3+), holding who it is: host, pid,
+the pid's start time, job id, when it started, and a random token. A heartbeat thread
+touches the file every ``stale_after_s / 4`` seconds and checks that it still holds the
+token. Only the holder sweeps, writes the index, moves aliases or deletes; a second
+writer gets ``ExperimentLockedError`` naming the holder.
+
+A lease whose holder is gone is taken over with a warning: on the same host, a holder
+whose pid is dead (or is another process now) is gone at once; on another host, one
+whose heartbeat is older than ``stale_after_s`` (watched for up to that long, so a
+clock skew between nodes cannot make a live holder look dead).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import secrets
+import socket
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import psutil
+
+from .errors import ExperimentLockedError
+from .storage import LocalStorage
+
+log = logging.getLogger(__name__)
+
+_JOB_ENV = ("TORCHELASTIC_RUN_ID", "SLURM_JOB_ID", "PBS_JOBID", "LSB_JOBID")
+
+
+@dataclass(frozen=True)
+class Holder:
+    """Who holds a lease."""
+
+    host: str
+    pid: int
+    pid_started: float
+    job_id: str
+    started: float
+    token: str
+
+    @classmethod
+    def me(cls) -> Holder:
+        job = next((os.environ[k] for k in _JOB_ENV if os.environ.get(k)), "")
+        return cls(
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            pid_started=psutil.Process().create_time(),
+            job_id=job or f"pid-{os.getpid()}",
+            started=time.time(),
+            token=secrets.token_hex(8),
+        )
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True).encode()
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> Holder | None:
+        """None for a torn or foreign ``OWNER`` (its holder died while creating it)."""
+        try:
+            d = json.loads(raw)
+            return cls(
+                host=str(d["host"]),
+                pid=int(d["pid"]),
+                pid_started=float(d["pid_started"]),
+                job_id=str(d["job_id"]),
+                started=float(d["started"]),
+                token=str(d["token"]),
+            )
+        except (ValueError, KeyError, TypeError):
+            return None
+
+    def describe(self) -> str:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.started))
+        return f"job {self.job_id} (host {self.host}, pid {self.pid}, since {when})"
+
+    def alive_here(self) -> bool | None:
+        """On this host: whether the holder's process still runs (None: another host)."""
+        if self.host != socket.gethostname():
+            return None
+        try:
+            return abs(psutil.Process(self.pid).create_time() - self.pid_started) < 1.0
+        except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
+            return False
+
+
+class Lease:
+    """Rank 0's hold on an experiment; ``check()`` before every write of the catalog."""
+
+    def __init__(
+        self, path: Path, holder: Holder, storage: LocalStorage, stale_after_s: float
+    ) -> None:
+        self.path, self.holder = path, holder
+        self._storage, self._stale_after_s = storage, stale_after_s
+        self._lost: str | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._heartbeat, name="dcp_engine_lease", daemon=True
+        )
+        self._thread.start()
+
+    @classmethod
+    def acquire(
+        cls, path: Path, storage: LocalStorage, *, stale_after_s: float, fsync: bool = True
+    ) -> Lease:
+        """Take the lease of ``path`` (the experiment's ``OWNER``), taking over a stale one;
+        ``ExperimentLockedError`` if a live job holds it."""
+        me = Holder.me()
+        for _ in range(16):  # each round either wins, fails, or removed a stale holder
+            if storage.create_exclusive(path, me.to_bytes(), fsync=fsync):
+                return cls(path, me, storage, stale_after_s)
+            try:
+                raw = storage.read_bytes(path)
+                mtime = path.stat().st_mtime
+            except FileNotFoundError:
+                continue  # released meanwhile
+            holder = Holder.from_bytes(raw)
+            why = _why_stale(path, holder, mtime, stale_after_s)
+            if why is None:
+                assert holder is not None
+                mine = holder.pid == os.getpid() and holder.host == me.host
+                hint = (
+                    "another CheckpointManager of this process writes it; close that one first"
+                    if mine
+                    else "wait for it to end, or save into another experiment_name"
+                )
+                raise ExperimentLockedError(
+                    f"experiment {path.parent} is held by {holder.describe()}; {hint} "
+                    f"(lease file {path})"
+                )
+            _take_over(path, raw, storage)
+            log.warning("took over the lease of %s: %s", path.parent, why)
+        raise ExperimentLockedError(f"could not take the lease {path}: it keeps changing hands")
+
+    def check(self) -> None:
+        """Raise ``ExperimentLockedError`` if another job took the lease over."""
+        if self._lost is not None:
+            raise ExperimentLockedError(
+                f"this job no longer holds {self.path.parent}: {self._lost}; it writes "
+                "nothing more there"
+            )
+
+    def release(self) -> None:
+        """Stop the heartbeat and remove ``OWNER`` if it is still ours."""
+        self._stop.set()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(5.0)
+        if self._holds():
+            self._storage.remove_file(self.path)
+
+    def _holds(self) -> bool:
+        try:
+            holder = Holder.from_bytes(self._storage.read_bytes(self.path))
+        except FileNotFoundError:
+            return False
+        return holder is not None and holder.token == self.holder.token
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(self._stale_after_s / 4):
+            try:
+                if not self._holds():
+                    self._lost = f"{self.path} was removed or taken over by another job"
+                    log.error("lost the lease of %s: %s", self.path.parent, self._lost)
+                    return
+                self._storage.touch(self.path)
+            except OSError as e:  # a hiccup of a shared file system: try again
+                log.warning("lease heartbeat on %s failed: %s", self.path, e)
+
+
+def _why_stale(path: Path, holder: Holder | None, mtime: float, stale_after_s: float) -> str | None:
+    """Why the lease in ``path`` is stale, or None while its holder lives."""
+    if holder is not None:
+        alive = holder.alive_here()
+        if alive is False:
+            return f"{holder.describe()} is gone (no such process)"
+        if alive:
+            return None
+    # Another host, or a torn file: stale once its heartbeat stopped for stale_after_s,
+    # measured by watching the file (a clock skew between nodes cannot fool it).
+    who = holder.describe() if holder is not None else f"a torn {path.name}"
+    if time.time() - mtime > stale_after_s:
+        return f"{who}: no heartbeat for {time.time() - mtime:.0f} s"
+    deadline = time.monotonic() + stale_after_s
+    log.info("waiting up to %.0f s for the heartbeat of %s", stale_after_s, who)
+    while time.monotonic() < deadline:
+        time.sleep(min(1.0, stale_after_s / 8))
+        try:
+            if path.stat().st_mtime != mtime:
+                return None  # it beat: alive
+        except FileNotFoundError:
+            return "released while watched"
+    return f"{who}: no heartbeat for {stale_after_s:.0f} s"
+
+
+def _take_over(path: Path, stale: bytes, storage: LocalStorage) -> None:
+    """Move the stale ``OWNER`` aside; put it back if it changed hands meanwhile."""
+    aside = path.with_name(f".{path.name}.stale.{os.getpid()}.{secrets.token_hex(4)}")
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:
+        return
+    if storage.read_bytes(aside) != stale:  # another contender won meanwhile: its lease
+        with contextlib.suppress(FileExistsError):
+            os.link(aside, path)
+    storage.remove_file(aside)
+
+
+__all__ = ["Holder", "Lease"]

@@ -1,0 +1,195 @@
+"""Loading into a training job: resolve -> verify -> plan -> read -> apply, all or nothing.
+
+- *resolve*: rank 0 lists what ``which`` may be (newest or best first) and every rank
+  hears the same list;
+- *verify*: every rank reads its share of a candidate's files against their digests; a
+  candidate that fails (or whose marker does not read) is skipped for ``latest``/
+  ``best`` and quarantined by the lease holder, so that ``latest``, retention and later
+  saves never see it again (invariant 5); a named step or path raises;
+- *plan*: fresh targets for every key, checked key by key and shape by shape; the
+  staging memory is prepared here too, so that a failure to get it (a small
+  ``/dev/shm``) comes before anything of the caller's changed;
+- *read*: DCP fills the fresh targets;
+- *apply*: every rank writes into the caller's objects; if any rank fails, every rank
+  rolls back (invariant 10).
+
+A committed-looking checkpoint that cannot be loaded is never mistaken for a fresh run:
+when nothing loads and something looked committed (or was quarantined before), the load
+raises, naming them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Collection, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
+
+from . import resolve, state
+from .comm import Comm
+from .config import CheckpointConfig
+from .errors import CheckpointError, IntegrityError
+from .experiment import Experiment
+from .index import CheckpointInfo, Which
+from .marker import Marker
+from .resolve import Candidate
+from .writers import fmt_bytes
+
+log = logging.getLogger(__name__)
+
+
+class Loader:
+    """One manager's loads."""
+
+    def __init__(
+        self,
+        config: CheckpointConfig,
+        comm: Comm,
+        experiment: Experiment,
+        prepare: Callable[[Mapping[str, Any]], None],
+    ) -> None:
+        self.config, self._comm, self._exp, self._prepare = config, comm, experiment, prepare
+        self.rank, self.world_size = comm.rank, comm.world_size
+
+    def load(
+        self, app_state: dict[str, Any], which: Which, *, optional: Collection[str], verify: bool
+    ) -> CheckpointInfo | None:
+        found = self.resolve(which, verify)
+        if found is None:
+            log.info(
+                "[rank=%d] no committed checkpoint in %s: starting fresh",
+                self.rank,
+                self._exp.layout.checkpoints_dir,
+            )
+            self._comm.everywhere(lambda: self._prepare(app_state), "preparing the staging")
+            return None
+        path, marker = found
+        info = CheckpointInfo.from_marker(path, marker)
+        start = time.perf_counter()
+        what = f"load of {path}"
+
+        def plan_and_prepare() -> state.LoadPlan:
+            plan = self._plan(app_state, path, marker, optional)
+            try:
+                self._prepare(app_state)  # before anything of the caller's changes
+            except BaseException:
+                plan.rollback()
+                raise
+            return plan
+
+        plan: state.LoadPlan | None = None
+        error: Exception | None = None
+        try:
+            plan = plan_and_prepare()
+        except Exception as e:
+            error = e
+        try:
+            self._comm.agree(error, what)
+        except BaseException:
+            if plan is not None:  # another rank failed: undo this rank's side effects
+                plan.rollback()
+            raise
+        assert plan is not None
+        try:
+            with self._comm.dcp_call():
+                dcp.load(
+                    plan.read,
+                    storage_reader=FileSystemReader(path),
+                    process_group=self._comm.group,
+                    no_dist=not self._comm.distributed,
+                )
+        except (Exception, CheckpointException) as e:  # DCP's is a BaseException
+            plan.rollback()
+            raise CheckpointError(f"reading checkpoint {path} failed: {e}") from e
+        try:
+            self._comm.everywhere(plan.apply, f"restoring {path}")
+        except BaseException:
+            plan.rollback()
+            raise
+        if path.parent.resolve() == self._exp.layout.checkpoints_dir.resolve():
+            self._exp.catalog.protect(info.step)  # the run resumed from it: retention keeps it
+        if self.rank == 0:
+            log.info(
+                "[rank=0][step=%d] loaded %s (%s) in %.2f s",
+                info.step,
+                path,
+                fmt_bytes(info.bytes),
+                time.perf_counter() - start,
+            )
+        return info
+
+    def resolve(self, which: Which, verify: bool) -> tuple[Path, Marker] | None:
+        """The checkpoint ``which`` names, verified on every rank (each reads its share of
+        the files); None in an experiment that never had a committed checkpoint."""
+        what = f"load of {which!r}"
+        cfg = self.config
+        exp = self._exp.layout
+        listed = self._comm.decide(
+            lambda: (
+                resolve.candidates(exp, which, monitor=cfg.monitor, mode=cfg.mode),
+                [p.name for p in resolve.scan(exp).quarantined],
+            ),
+            what,
+        )
+        candidates, quarantined = listed
+        bad: list[tuple[Candidate, str]] = []
+        for c in candidates:
+            problem = c.problem
+            if problem is None and c.marker is not None and verify:
+                problems = self.file_problems(c.path, c.marker, what)
+                problem = "; ".join(problems) if problems else None
+            if problem is None and c.marker is not None:
+                self._quarantine(bad, which)
+                return c.path, c.marker
+            if which not in ("latest", "best"):
+                raise IntegrityError(f"{c.path} is corrupt: {problem}")
+            if self.rank == 0:
+                log.warning("skipping %s for which=%r: %s", c.path.name, which, problem)
+            bad.append((c, problem or "unreadable"))
+        self._quarantine(bad, which)
+        if bad or quarantined:
+            names = [c.path.name for c, _ in bad] + quarantined
+            raise IntegrityError(
+                f"no checkpoint of {exp.root} can be loaded, and it is not a fresh run: "
+                f"{', '.join(names)} failed verification (quarantined as step_*.corrupt; "
+                f"see the log). Fix or remove them, load one by path with verify=False, or "
+                f"start a new experiment"
+            )
+        return None
+
+    def _quarantine(self, bad: list[tuple[Candidate, str]], which: Which) -> None:
+        """Rank 0 (the lease holder): move the candidates that failed out of the owned
+        names; the catalog forgets them and re-points ``latest``/``best``."""
+        if self.rank != 0 or not bad or which not in ("latest", "best"):
+            return
+        for c, why in bad:
+            if c.path.parent == self._exp.layout.checkpoints_dir:
+                self._exp.catalog.quarantine(c.path, why)
+
+    def file_problems(self, path: Path, marker: Marker, what: str) -> list[str]:
+        """Every rank checks every world_size-th file; all ranks get all the problems."""
+        names = sorted(marker.files)[self.rank :: self.world_size]
+        mine = resolve.file_problems(path, marker, digests=True, names=names)
+        return [p for ps in self._comm.all_gather(mine, what) for p in ps]
+
+    def _plan(
+        self, app_state: dict[str, Any], path: Path, marker: Marker, optional: Collection[str]
+    ) -> state.LoadPlan:
+        metadata = FileSystemReader(path).read_metadata()
+        return state.build_load_plan(
+            app_state,
+            marker.entries,
+            metadata,
+            rank=self.rank,
+            restore_rng=self.config.capture_rng,
+            where=str(path),
+            optional=optional,
+        )
+
+
+__all__ = ["Loader"]

@@ -1,0 +1,320 @@
+"""Finding checkpoints on disk, read-only: scan an experiment, resolve ``which``, check
+files against their marker. Nothing here writes (the reader, the CLI and the catalog all
+stand on it).
+
+Every directory under ``checkpoints/`` is one of:
+
+- *committed*: ``step_X/`` with a marker that reads (its digest and schema check out)
+  and DCP's ``.metadata``;
+- *corrupt*: ``step_X/`` that looks committed (it has a ``COMMITTED`` entry) but whose
+  marker does not read, or whose step disagrees with its name: never loaded, reported
+  by name, quarantined by the lease holder on resume;
+- *torn*: ``step_X.tmp/`` (in flight or crashed), or ``step_X/`` without a marker (not
+  ours: the commit renames only after the marker);
+- *quarantined*: ``step_X.corrupt/``, moved aside earlier;
+- anything else is not ours and is never listed, loaded or deleted.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torch.distributed.checkpoint import FileSystemReader
+
+from . import digests as digests_mod
+from . import layout, retention
+from .errors import CheckpointError, CheckpointNotFoundError, IntegrityError, NotACheckpointError
+from .index import CheckpointInfo, Which
+from .marker import Marker, MarkerError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Scan:
+    committed: list[CheckpointInfo]
+    """Committed checkpoints, oldest (lowest step) first."""
+    corrupt: list[tuple[Path, str]] = field(default_factory=list)
+    """Committed-looking directories that cannot be read, and why."""
+    torn: list[tuple[Path, str]] = field(default_factory=list)
+    """``.tmp`` directories and marker-less step directories, and why."""
+    quarantined: list[Path] = field(default_factory=list)
+
+    @property
+    def newest_step(self) -> int | None:
+        """The newest step that was ever committed here and is still seen (corrupt ones
+        count: a save must not reuse their step while they hold the name)."""
+        steps = [c.step for c in self.committed]
+        steps += [
+            s for p, _ in self.corrupt if (s := layout.parse_step_dirname(p.name)) is not None
+        ]
+        return max(steps, default=None)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A checkpoint ``which`` may resolve to: its marker, or why it cannot be used."""
+
+    path: Path
+    step: int
+    marker: Marker | None
+    problem: str | None = None
+
+
+def read_marker(checkpoint_dir: Path) -> Marker:
+    """The marker of ``checkpoint_dir``: ``NotACheckpointError`` if it has none,
+    ``MarkerError`` (an ``IntegrityError``) if it has one that does not read."""
+    path = layout.marker_path(checkpoint_dir)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise NotACheckpointError(
+            f"{checkpoint_dir} is not a committed checkpoint (no {layout.MARKER_FILE} marker)"
+        ) from None
+    except OSError as e:  # e.g. a directory named COMMITTED
+        raise MarkerError(f"marker {path} is corrupt: {e.strerror or e}") from None
+    return Marker.from_bytes(raw, str(path))
+
+
+def inspect_checkpoint_dir(path: Path) -> tuple[CheckpointInfo, Marker]:
+    """A committed checkpoint's info and marker; ``NotACheckpointError`` (not one) or
+    ``IntegrityError`` (looks committed, cannot be read) saying why."""
+    if not path.is_dir():
+        raise NotACheckpointError(f"{path} is not a directory")
+    if layout.parse_tmp_dirname(path.name) is not None:
+        raise NotACheckpointError(f"{path} is in flight or torn (.tmp), never loaded")
+    marker = read_marker(path)
+    step = layout.parse_step_dirname(path.name)
+    if step is not None and step != marker.step:
+        raise MarkerError(f"{path}: its marker says step {marker.step}")
+    if not layout.dcp_metadata_path(path).is_file():
+        raise IntegrityError(f"{path} has a marker but no {layout.DCP_METADATA_FILE}")
+    return CheckpointInfo.from_marker(path, marker), marker
+
+
+def scan(exp: layout.ExperimentLayout) -> Scan:
+    """Every directory of ours under ``checkpoints/``, sorted into the kinds above."""
+    found = Scan([])
+    try:
+        children = sorted(exp.checkpoints_dir.iterdir())
+    except (FileNotFoundError, NotADirectoryError):
+        return found
+    for child in children:
+        if child.is_symlink():
+            continue  # aliases
+        if layout.parse_tmp_dirname(child.name) is not None:
+            found.torn.append((child, "in flight or torn (.tmp)"))
+        elif layout.parse_corrupt_dirname(child.name) is not None:
+            found.quarantined.append(child)
+        elif layout.parse_step_dirname(child.name) is not None:
+            try:
+                found.committed.append(inspect_checkpoint_dir(child)[0])
+            except IntegrityError as e:
+                found.corrupt.append((child, str(e)))
+            except NotACheckpointError as e:
+                found.torn.append((child, str(e)))
+    found.committed.sort(key=lambda c: c.step)
+    return found
+
+
+def file_problems(
+    checkpoint_dir: Path,
+    marker: Marker,
+    *,
+    digests: bool = True,
+    names: Iterable[str] | None = None,
+) -> list[str]:
+    """One line per listed file (or of ``names`` among them) that is missing, of the wrong
+    size or (``digests``) whose digest differs; empty if all match. Files without a
+    recorded digest (saved with ``digests=False``) are checked by size."""
+    problems = []
+    for name in sorted(marker.files if names is None else names):
+        meta, path = marker.files[name], checkpoint_dir / name
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            problems.append(f"{path} is missing (listed in the marker)")
+            continue
+        if size != meta.size:
+            problems.append(f"{path} is {size} bytes, the marker says {meta.size}")
+        elif digests and meta.crc32 is not None:
+            actual = digests_mod.file_digest(path)
+            if actual != meta.crc32:
+                problems.append(
+                    f"{path}: {digests_mod.ALGORITHM} {actual}, the marker says {meta.crc32}"
+                )
+    return problems
+
+
+def check_files(checkpoint_dir: Path, marker: Marker, *, digests: bool = False) -> None:
+    """Every listed file has its size (with ``digests``: its digest; every byte is read),
+    and DCP's metadata reads. ``IntegrityError`` naming the first bad file."""
+    for problem in file_problems(checkpoint_dir, marker, digests=digests):
+        raise IntegrityError(problem)
+    try:
+        FileSystemReader(checkpoint_dir).read_metadata()
+    except Exception as e:
+        raise IntegrityError(
+            f"{layout.dcp_metadata_path(checkpoint_dir)} is unreadable: {e}"
+        ) from e
+
+
+def checkpoint_dir_of(path: str | os.PathLike[str]) -> Path:
+    """The committed checkpoint a path names: a checkpoint directory, an alias to one, or
+    an experiment directory (its latest). Raises saying why there is none."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointNotFoundError(f"{p} does not exist")
+    p = p.resolve()
+    if (p / layout.CHECKPOINTS_DIR).is_dir():  # an experiment: its latest checkpoint
+        committed = scan(layout.ExperimentLayout(p)).committed
+        if not committed:
+            raise CheckpointNotFoundError(f"experiment {p} has no committed checkpoint")
+        return committed[-1].path
+    return inspect_checkpoint_dir(p)[0].path
+
+
+def candidates(
+    exp: layout.ExperimentLayout, which: Which, *, monitor: str | None, mode: str
+) -> list[Candidate]:
+    """What ``which`` may resolve to, in order of preference. ``"latest"``: every
+    committed-looking checkpoint, newest first (a corrupt one with its problem, for the
+    caller to report and quarantine); ``"best"``: committed ones with a finite
+    ``monitor`` value, best first; a step or a path: that one (``CheckpointNotFoundError``
+    if it is not there, ``NotACheckpointError`` if it is not committed)."""
+    if which in ("latest", "best"):
+        found = scan(exp)
+        if which == "best":
+            ranked = _by_metric(exp, found.committed, monitor, mode)
+            return [_candidate(c.path, c.step) for c in ranked]
+        out = [_candidate(c.path, c.step) for c in found.committed]
+        for path, why in found.corrupt:
+            step = layout.parse_step_dirname(path.name)
+            assert step is not None  # scan sorted it by its name
+            out.append(Candidate(path, step, None, why))
+        return sorted(out, key=lambda c: -c.step)
+    if isinstance(which, int) and not isinstance(which, bool):
+        path = exp.step_dir(which)
+        if not path.exists():
+            raise CheckpointNotFoundError(_missing_step_message(exp, which))
+    elif isinstance(which, (str, os.PathLike)):
+        path = Path(which)
+        if not path.exists():
+            raise CheckpointNotFoundError(f"checkpoint path {path} does not exist")
+        path = path.resolve()
+    else:
+        raise TypeError(f"which must be 'latest', 'best', a step or a path, got {which!r}")
+    info, marker = inspect_checkpoint_dir(path)
+    return [_candidate(info.path, info.step, marker)]
+
+
+def _candidate(path: Path, step: int, marker: Marker | None = None) -> Candidate:
+    """A candidate with its marker re-read and its files' sizes checked now."""
+    try:
+        marker = marker or read_marker(path)
+        check_files(path, marker)
+    except CheckpointError as e:
+        return Candidate(path, step, None, str(e))
+    return Candidate(path, step, marker)
+
+
+def _by_metric(
+    exp: layout.ExperimentLayout, entries: list[CheckpointInfo], monitor: str | None, mode: str
+) -> list[CheckpointInfo]:
+    """Entries with a finite ``monitor`` value, best first."""
+    if monitor is None:
+        monitor, saved_mode = monitor_of(exp)
+        mode = saved_mode or mode
+    if monitor is None:
+        raise CheckpointError(
+            f"which='best' needs a metric: set CheckpointConfig.monitor, or "
+            f"checkpoint.monitor in {exp.config_path}"
+        )
+    ranked = [
+        e
+        for e in retention.rank_by_metric(entries, monitor, mode)
+        if math.isfinite(retention.metric_of(e, monitor))
+    ]
+    if entries and not ranked:
+        raise CheckpointError(
+            f"no committed checkpoint in {exp.checkpoints_dir} has a finite {monitor!r} "
+            "metric; cannot pick the best"
+        )
+    return ranked
+
+
+def find_checkpoints(
+    experiment_dir: str | os.PathLike[str],
+    mode: str = "latest",
+    *,
+    monitor: str | None = None,
+    metric_mode: str | None = None,
+) -> list[CheckpointInfo]:
+    """The committed checkpoints of an experiment, read from their markers (no process
+    group, nothing written): ``mode="latest"``: newest first; ``mode="best"``: best first
+    by ``monitor`` (default: the ``checkpoint.monitor``/``mode`` of the experiment's
+    ``config.yaml``), checkpoints without a finite value last."""
+    exp = layout.ExperimentLayout(Path(experiment_dir))
+    if not exp.root.is_dir():
+        raise CheckpointNotFoundError(f"experiment directory {exp.root} does not exist")
+    committed = scan(exp).committed
+    if mode == "latest":
+        return list(reversed(committed))
+    if mode != "best":
+        raise ValueError(f"mode must be 'latest' or 'best', got {mode!r}")
+    if monitor is None:
+        monitor, saved_mode = monitor_of(exp)
+        metric_mode = metric_mode or saved_mode
+    if monitor is None:
+        raise CheckpointError(
+            f"mode='best' needs a monitor: pass monitor=, or set checkpoint.monitor in "
+            f"{exp.config_path}"
+        )
+    return retention.rank_by_metric(committed, monitor, metric_mode or "min")
+
+
+def monitor_of(exp: layout.ExperimentLayout) -> tuple[str | None, str | None]:
+    """``checkpoint.monitor`` and ``checkpoint.mode`` of the experiment's ``config.yaml``."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(exp.config_path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None, None
+    block = data.get("checkpoint") if isinstance(data, dict) else None
+    if not isinstance(block, dict):
+        return None, None
+    monitor, mode = block.get("monitor"), block.get("mode")
+    return (
+        monitor if isinstance(monitor, str) and monitor else None,
+        mode if mode in ("min", "max") else None,
+    )
+
+
+def _missing_step_message(exp: layout.ExperimentLayout, step: int) -> str:
+    committed = [e.step for e in scan(exp).committed]
+    tmp = exp.tmp_dir(step)
+    latest = f"latest committed is step {committed[-1]}" if committed else "none is committed"
+    if tmp.exists():
+        return f"checkpoint {tmp} is incomplete (no {layout.MARKER_FILE} marker); {latest}"
+    return f"no checkpoint for step {step} in {exp.checkpoints_dir}; {latest}"
+
+
+__all__ = [
+    "Candidate",
+    "Scan",
+    "candidates",
+    "check_files",
+    "checkpoint_dir_of",
+    "file_problems",
+    "find_checkpoints",
+    "inspect_checkpoint_dir",
+    "monitor_of",
+    "read_marker",
+    "scan",
+]

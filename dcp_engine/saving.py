@@ -1,0 +1,404 @@
+"""The save pipeline: agree, stage, write, commit; ``save`` returns a ``SaveHandle``.
+
+Every rank builds (and, in an async mode, stages) its state, rank 0 begins the ``.tmp``,
+and ONE gather tells every rank whether all of that worked on every rank: a bad argument,
+a staging failure, a refused step or a busy writer on any rank fails (or skips) the save
+on all of them alike. Then every rank writes its shards (in the background in an async
+mode, over a side group of its own), a second gather carries each rank's digests or its
+error (with the OS error's text), and rank 0 commits and tells the others. A failure
+after the ``.tmp`` was begun removes it (rank 0, once the failure is agreed), is raised
+on every rank (at once in sync mode; in an async mode by the handle, and at the next
+``save``, ``wait`` or ``close``), and marks the side groups for renewal so that the next
+save runs on fresh ones.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
+
+from . import state
+from .agreement import Answer, verdict
+from .comm import Comm, wire_error
+from .committer import PhaseHook
+from .config import CheckpointConfig
+from .errors import CheckpointError
+from .experiment import Experiment
+from .handles import SaveHandle, SaveStats
+from .index import CheckpointInfo
+from .marker import clean_extra, clean_metrics
+from .overlap import OptimizerHooks
+from .staging import StagedState, StagingPool, mutated_by_optimizers_only
+from .storage import LocalStorage
+from .worker import Worker
+from .writers import (
+    InlineWriter,
+    ProcessWriter,
+    ShardWriter,
+    ThreadWriter,
+    WriteOptions,
+    fmt_bytes,
+    relayed,
+    summary,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _Job:
+    """A save that every rank agreed on, from the write on."""
+
+    handle: SaveHandle
+    epoch: int | None
+    entries: dict[str, Any]
+    start: float
+    waited: float
+
+    @property
+    def step(self) -> int:
+        return self.handle.step
+
+
+@dataclass(frozen=True)
+class _Built:
+    """One rank's save, ready to write."""
+
+    shape: dict[str, Any]
+    metrics: dict[str, float]
+    extra: dict[str, Any]
+    saved: state.SaveState
+    staged: StagedState | None
+
+
+class SavePipeline:
+    """One manager's saves. Only one is in flight at a time."""
+
+    def __init__(
+        self,
+        config: CheckpointConfig,
+        comm: Comm,
+        experiment: Experiment,
+        storage: LocalStorage,
+        hook: PhaseHook,
+        process_group: dist.ProcessGroup | None,
+    ) -> None:
+        self.config, self._comm, self._exp = config, comm, experiment
+        self._storage, self._hook = storage, hook
+        self.rank, self.world_size = comm.rank, comm.world_size
+        self._lock = threading.Lock()  # stats and the metrics of a save in flight
+        self._stats: list[SaveStats] = []
+        # The metrics and extra of the save in flight (one at most), for its marker.
+        self._late: dict[int, tuple[dict[str, float], dict[str, Any]]] = {}
+        self._io = comm
+        self._worker: Worker | None = None
+        self.pool: StagingPool | None = None
+        opts = WriteOptions(
+            fsync=config.fsync, threads=config.write_threads, digests=config.digests
+        )
+        self._writer: ShardWriter
+        if config.async_mode == "off":
+            self._writer = InlineWriter(comm, opts, storage)
+            self.hooks = OptimizerHooks(None, config.timeout_s)
+            return
+        self._io = Comm.create(process_group, config.timeout_s, purpose="io")
+        self.pool = StagingPool(shared=config.async_mode == "process")
+        budget = 4 * config.timeout_s + 60  # each collective of a save is bounded
+        self._worker = Worker(f"dcp_engine_saver_rank{self.rank}", budget)
+        self.hooks = OptimizerHooks(self.pool, config.timeout_s)
+        if config.async_mode == "thread":
+            self._writer = ThreadWriter(self._io, opts, storage)
+        else:
+            self._writer = ProcessWriter(comm, opts, storage, timeout_s=config.timeout_s)
+
+    # ------------------------------------------------------------------ foreground
+
+    def save(
+        self,
+        step: int,
+        app_state: Mapping[str, Any],
+        *,
+        epoch: int | None,
+        metrics: Any,
+        extra: Mapping[str, Any] | None,
+        force: bool,
+    ) -> SaveHandle:
+        start = time.perf_counter()
+        handle = SaveHandle(step)
+        what = f"save of step {step}"
+        wait = self._worker is not None and (force or self.config.when_busy == "wait")
+        waited = self._worker.wait(what) if wait and self._worker is not None else 0.0
+        self._comm.renew()
+        busy = self._worker is not None and self._worker.busy
+        previous = None if busy or self._worker is None else self._worker.take_error()
+        built: _Built | None = None
+        error: Exception | None = None
+        began = False
+        try:
+            if previous is not None:
+                raise CheckpointError(f"{what} refused: the previous save failed: {previous}")
+            if not busy:  # this rank's buffers are free: stage now, agree once below
+                built = self._build(step, app_state, epoch, metrics, extra)
+                if self.rank == 0:
+                    self._begin(step)
+                    began = True
+        except (CheckpointError, ValueError, TypeError) as e:  # the caller's to fix, as is
+            error = e
+        except Exception as e:  # e.g. a tensor that cannot be copied: name where it failed
+            error = CheckpointError(f"{what} failed on rank {self.rank}: {type(e).__name__}: {e}")
+            error.__cause__ = e
+        mine = Answer(
+            step,
+            {} if built is None else built.shape,
+            busy,
+            None if error is None else wire_error(error),
+            renew=previous is not None or self._io.broken,
+        )
+        try:
+            gathered: list[Answer] = self._comm.all_gather(mine, what)
+        except CheckpointError:
+            self._abort(step, began)
+            raise
+        refused = verdict(gathered, what)
+        skip = any(g.busy for g in gathered)
+        if refused is not None or error is not None or skip:
+            self._abort(step, began)
+            if built is not None and built.staged is not None:
+                self.hooks.done()  # no copy will run: nothing for an optimizer to wait on
+        if error is not None:
+            raise error from previous
+        if refused is not None:
+            raise refused
+        if skip:
+            return self._skipped(handle, gathered, start, waited)
+        if any(g.renew for g in gathered):  # a failed save broke the I/O group somewhere
+            self._io.broken = True
+            self._io.renew()
+        assert built is not None
+        with self._lock:
+            self._late[step] = (built.metrics, built.extra)
+        job = _Job(handle, epoch, built.saved.entries, start, waited)
+        staged = built.staged
+        if staged is None:
+            blocked = time.perf_counter() - start
+            self._write_and_commit(job, built.saved.state_dict, self._comm, blocked)
+            return handle
+        blocked = time.perf_counter() - start - waited
+        if not staged.pending:
+            handle.staged.set_result(None)
+        assert self._worker is not None
+        self._worker.submit(lambda: self._background(job, staged, blocked), handle)
+        return handle
+
+    def _build(
+        self,
+        step: int,
+        app_state: Mapping[str, Any],
+        epoch: int | None,
+        metrics: Any,
+        extra: Mapping[str, Any] | None,
+    ) -> _Built:
+        """Arguments checked, the state dict built and (async) staged; gathered after, so
+        that a bad argument or a failed copy on one rank fails every rank instead of
+        leaving the others in a collective."""
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"step must be an int >= 0, got {step!r}")
+        if epoch is not None and (isinstance(epoch, bool) or not isinstance(epoch, int)):
+            raise TypeError(f"epoch must be an int or None, got {epoch!r}")
+        clean, marker_extra = clean_metrics(metrics), clean_extra(extra)
+        saved = state.build_save_state(
+            app_state,
+            rank=self.rank,
+            world_size=self.world_size,
+            capture_rng=self.config.capture_rng,
+        )
+        shape = {k: v for k, v in saved.entries.items() if k != state.RNG_KEY}
+        staged = None if self.pool is None else self._stage(saved, app_state)
+        return _Built(shape, clean, marker_extra, saved, staged)
+
+    def _stage(self, saved: state.SaveState, app_state: Mapping[str, Any]) -> StagedState:
+        assert self.pool is not None
+        if self.config.staging == "overlap":
+            self.hooks.hook(app_state)
+            staged = self.pool.stage(saved.state_dict, defer=mutated_by_optimizers_only(app_state))
+        else:
+            staged = self.pool.stage(saved.state_dict)
+        if staged.pending:
+            self.hooks.pending()
+        return staged
+
+    def _begin(self, step: int) -> None:
+        """Rank 0: the free space, the timeline, the ``.tmp``."""
+        committer = self._exp.catalog.committer
+        assert committer is not None
+        entries = self._exp.catalog.entries()
+        last = entries[-1].bytes if entries else 0
+        if last:
+            free = self._storage.free_bytes(self._exp.layout.checkpoints_dir)
+            if free < last:
+                raise CheckpointError(
+                    f"save of step {step} refused: {self._exp.layout.checkpoints_dir} has "
+                    f"{fmt_bytes(free)} free, and the last checkpoint took {fmt_bytes(last)}; "
+                    f"free at least {fmt_bytes(last - free)} (or keep fewer checkpoints)"
+                )
+        committer.begin(step, self._exp.catalog.newest_step())
+
+    def _abort(self, step: int, began: bool) -> None:
+        if began and self._exp.catalog.committer is not None:
+            self._exp.catalog.committer.abort(step)
+        with self._lock:
+            self._late.pop(step, None)
+
+    def _skipped(
+        self, handle: SaveHandle, gathered: list[Answer], start: float, waited: float
+    ) -> SaveHandle:
+        busy = [r for r, g in enumerate(gathered) if g.busy]
+        if self.rank == 0:
+            log.warning(
+                "[rank=0][step=%d] save skipped: the previous save is still writing on "
+                "ranks %s (when_busy='skip')",
+                handle.step,
+                busy,
+            )
+        blocked = time.perf_counter() - start
+        stats = SaveStats(handle.step, 0, blocked, 0.0, 0.0, blocked, skipped=True, waited_s=waited)
+        with self._lock:
+            self._stats.append(stats)
+        handle._skip(stats)
+        return handle
+
+    # ------------------------------------------------------------------ background
+
+    def _background(self, job: _Job, staged: StagedState, blocked: float) -> None:
+        try:
+            staged.finish_copies()
+        finally:
+            self.hooks.done()
+        if not job.handle.staged.done():
+            job.handle.staged.set_result(None)
+        self._write_and_commit(job, staged, self._io, blocked + self.hooks.wait_s)
+
+    def _write_and_commit(self, job: _Job, data: Any, comm: Comm, blocked: float) -> None:
+        """Every rank writes its shards into ``.tmp``; once all are durable, rank 0 commits
+        and every rank hears the outcome (over ``comm``). Resolves the job's handle."""
+        handle = job.handle
+        try:
+            info, write_s, commit_start = self._write_then_commit(job, data, comm)
+        except BaseException as e:
+            self._comm.broken = self._io.broken = True  # the next save renews both groups
+            with self._lock:
+                self._late.pop(job.step, None)
+            handle.committed.set_exception(e)
+            if not handle.staged.done():
+                handle.staged.set_result(None)
+            raise
+        now = time.perf_counter()
+        stats = SaveStats(job.step, info.bytes, blocked_s=blocked, write_s=write_s,
+                          commit_s=now - commit_start, total_s=now - job.start,
+                          waited_s=job.waited)  # fmt: skip
+        handle.stats = stats
+        with self._lock:
+            self._stats.append(stats)
+        if self.rank == 0:
+            log.info("[rank=0][step=%d] saved %s in %.2f s (%.2f GB/s), blocked %.0f ms",
+                     job.step, fmt_bytes(stats.bytes), stats.total_s, stats.gbps,
+                     stats.blocked_s * 1e3)  # fmt: skip
+        handle.committed.set_result(info)
+
+    def _write_then_commit(
+        self, job: _Job, data: Any, comm: Comm
+    ) -> tuple[CheckpointInfo, float, float]:
+        step, what = job.step, f"save of step {job.step}"
+        tmp = self._exp.layout.tmp_dir(step)
+        written, error = None, None
+        try:
+            written = self._writer.write(data, tmp)
+            self._hook("written", step)
+        except (Exception, CheckpointException) as e:  # DCP's is a BaseException
+            error = (relayed(e, self.rank), f"rank {self.rank}: {summary(e)}")
+        commit_start = time.perf_counter()
+        results = comm.all_gather((None if written is None else written.digests, error), what)
+        errors = [e for _, e in results if e is not None]
+        failed = [msg for was_relayed, msg in errors if not was_relayed] or [m for _, m in errors]
+        if failed:
+            self._abort(step, began=self.rank == 0)
+            latest = self._exp.catalog.newest_step()
+            raise CheckpointError(
+                f"{what} failed while writing {tmp}: {'; '.join(failed)}; nothing was "
+                f"committed, the newest checkpoint is still "
+                f"{'(none)' if latest is None else f'step {latest}'}"
+            )
+        assert written is not None
+        digests = {name: d for per_rank, _ in results for name, d in (per_rank or {}).items()}
+        info, entries = comm.decide(lambda: self._commit(job, digests), what)
+        if self.rank != 0:
+            self._exp.catalog.mirror(entries)
+        with self._lock:
+            self._late.pop(step, None)
+        return info, written.seconds, commit_start
+
+    def _commit(
+        self, job: _Job, digests: dict[str, Any]
+    ) -> tuple[CheckpointInfo, list[CheckpointInfo]]:
+        """Rank 0, every rank's shards durable: marker, rename, catalog (index, aliases,
+        retention in the background)."""
+        catalog = self._exp.catalog
+        assert catalog.committer is not None
+        try:
+            with self._lock:  # metrics that came while writing go into the marker
+                metrics, extra = self._late.pop(job.step, ({}, {}))
+                path, marker = catalog.committer.finalize(
+                    job.step, epoch=job.epoch, metrics=metrics, extra=extra,
+                    entries=job.entries, digests=digests, world_size=self.world_size,
+                )  # fmt: skip
+        except BaseException:
+            catalog.committer.abort(job.step)
+            raise
+        info = CheckpointInfo.from_marker(path, marker)
+        catalog.add(info)
+        return info, catalog.entries()
+
+    # ------------------------------------------------------------------ metrics, flush
+
+    def amend_inflight(self, step: int, metrics: dict[str, float], extra: dict[str, Any]) -> bool:
+        """Rank 0: metrics for the save of ``step`` still in flight go into its marker at
+        the commit. False if that save is not in flight (it committed, or never began)."""
+        with self._lock:
+            if step not in self._late:
+                return False
+            old_metrics, old_extra = self._late[step]
+            self._late[step] = ({**old_metrics, **metrics}, {**old_extra, **extra})
+            return True
+
+    def stats(self) -> list[SaveStats]:
+        with self._lock:
+            return list(self._stats)
+
+    def flush(self) -> None:
+        """Wait for the save in flight; raise its error (once)."""
+        if self._worker is None:
+            return
+        self._worker.wait("flush")
+        error = self._worker.take_error()
+        if error is not None:
+            raise CheckpointError(f"the background save failed: {error}") from error
+
+    def close(self) -> None:
+        self.hooks.remove()
+        if self._worker is not None:
+            self._worker.stop()
+        self._writer.close()
+        if self.pool is not None:
+            self.pool.release()
+        if self._io is not self._comm:
+            self._io.release()
+
+
+__all__ = ["SaveHandle", "SavePipeline", "SaveStats"]
