@@ -20,6 +20,7 @@ from pathlib import Path
 
 from . import index, layout, resolve, retention
 from .committer import Committer
+from .errors import ExperimentLockedError
 from .index import CheckpointInfo
 from .marker import Marker
 from .retention import RetentionPolicy
@@ -95,16 +96,23 @@ class Catalog:
 
     def add(self, info: CheckpointInfo) -> None:
         """A checkpoint was committed: into the entries, the index and the aliases, then
-        retention runs in the background."""
+        retention runs in the background. Never raises: the checkpoint exists already."""
         with self._lock:
             self._entries = sorted([*self._entries, info], key=lambda c: c.step)
-            self._publish(info.step)
+            try:
+                self._publish(info.step)
+            except ExperimentLockedError as e:  # the next save is refused for it
+                log.error("[step=%d] committed, but the index is not updated: %s", info.step, e)
+                return
         self._poke()
 
-    def amend(self, info: CheckpointInfo, marker: Marker) -> CheckpointInfo:
-        """New metrics for a committed checkpoint: its marker, the index, ``best``."""
+    def amend(self, info: CheckpointInfo, marker: Marker) -> CheckpointInfo | None:
+        """New metrics for a committed checkpoint: its marker, the index, ``best``. None
+        if retention took it meanwhile."""
         assert self.committer is not None
         with self._lock:
+            if all(e.step != info.step for e in self._entries):
+                return None
             self.committer.amend(info.path, marker)
             new = CheckpointInfo.from_marker(info.path, marker)
             self._entries = [new if e.step == info.step else e for e in self._entries]

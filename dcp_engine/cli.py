@@ -318,13 +318,18 @@ def cmd_gc(args: argparse.Namespace) -> int:
     # Deleting writes the experiment: only as its lease holder (refused while a job runs).
     lease = Lease.acquire(exp.owner_path, storage, stale_after_s=30.0)
     try:
+        # retention.keeps_all is False here, so the catalog starts a collector thread:
+        # this command collects in the foreground and closes it.
         catalog = Catalog(exp, policy, committer=Committer(exp, storage, lease), storage=storage)
-        catalog.open()
-        for step in aliased:
-            catalog.protect(step)
-        for step in catalog.collect():
-            print(f"deleted {exp.step_dir(step)}")
-        kept = [c.step for c in catalog.entries()]
+        try:
+            catalog.open()
+            for step in aliased:
+                catalog.protect(step)
+            for step in catalog.collect():
+                print(f"deleted {exp.step_dir(step)}")
+            kept = [c.step for c in catalog.entries()]
+        finally:
+            catalog.close()
     finally:
         lease.release()
     print(f"kept {len(kept)}: steps {kept}")

@@ -98,6 +98,12 @@ class Committer:
                 f"save of step {step}: DCP wrote no {layout.DCP_METADATA_FILE} in {tmp}"
             )
         sizes = self.storage.file_sizes(tmp, exclude=layout.MARKER_FILE)
+        unseen = sorted(set(digests) - set(sizes))
+        if unseen:  # e.g. a root_dir local to each node: rank 0 cannot see the others' files
+            raise IntegrityError(
+                f"save of step {step}: {tmp} lacks {', '.join(unseen[:5])}, which other ranks "
+                "wrote; root_dir must be one file system that every rank sees"
+            )
         files = {}
         for name, size in sizes.items():
             d = digests.get(name)
@@ -129,7 +135,12 @@ class Committer:
         self._write_marker(path, marker)
 
     def abort(self, step: int) -> None:
-        """After a failed save that every rank agreed on: its ``.tmp`` goes."""
+        """After a failed save that every rank agreed on: its ``.tmp`` goes (not if the
+        lease went to another job meanwhile: that ``.tmp`` may be its)."""
+        if self.lease.lost:
+            log.error("[step=%d] not removing %s: %s", step, self.exp.tmp_dir(step),
+                      self.lease.lost)  # fmt: skip
+            return
         tmp = self.exp.tmp_dir(step)
         if tmp.exists():
             self.storage.remove_tree(tmp)

@@ -107,11 +107,8 @@ def average(
     Returns the file and the steps averaged."""
     if top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
-    if monitor is None:
-        monitor, saved_mode = resolve.monitor_of(layout.ExperimentLayout(Path(experiment)))
-        mode = mode or saved_mode
+    monitor, mode = resolve.ranking(layout.ExperimentLayout(Path(experiment)), monitor, mode)
     ranked = resolve.find_checkpoints(experiment, "best", monitor=monitor, metric_mode=mode)
-    assert monitor is not None  # find_checkpoints raised otherwise
     chosen = [c for c in ranked if math.isfinite(retention.metric_of(c, monitor))][:top_k]
     if not chosen:
         raise CheckpointError(f"no checkpoint in {experiment} has a finite {monitor!r}")

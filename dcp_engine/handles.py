@@ -33,6 +33,29 @@ class SaveStats:
         return self.bytes / self.total_s / 1e9 if self.total_s > 0 else math.inf
 
 
+class Outcome(Future[CheckpointInfo]):
+    """A save's ``committed`` future; it remembers whether the caller was given the
+    save's error (``result()`` raised it, or ``exception()`` returned it)."""
+
+    observed = False
+
+    def result(self, timeout: float | None = None) -> CheckpointInfo:
+        try:
+            return super().result(timeout)
+        except BaseException:
+            self._look()
+            raise
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        error = super().exception(timeout)
+        self._look()
+        return error
+
+    def _look(self) -> None:
+        if self.done() and not self.cancelled() and super().exception(0) is not None:
+            self.observed = True
+
+
 class SaveHandle:
     """What ``CheckpointManager.save`` returns: ``staged`` resolves once the state is
     copied (the caller may then change it), ``committed`` to the ``CheckpointInfo`` once
@@ -42,21 +65,20 @@ class SaveHandle:
     def __init__(self, step: int) -> None:
         self.step = step
         self.staged: Future[None] = Future()
-        self.committed: Future[CheckpointInfo] = Future()
+        self.committed = Outcome()
         self.skipped = False
         self.stats: SaveStats | None = None
         """The save's figures, once committed (or skipped)."""
-        self.observed = False
-        """The caller has seen the save's error here: the next ``save``/``wait`` does
-        not raise it again."""
+
+    @property
+    def observed(self) -> bool:
+        """The caller was given the save's error here: the next ``save``/``wait`` does not
+        raise it again on this rank."""
+        return self.committed.observed
 
     def result(self, timeout: float | None = None) -> CheckpointInfo:
         """The committed checkpoint (waits; raises the save's error)."""
-        try:
-            return self.committed.result(timeout)
-        except BaseException as e:
-            self.observed = self.committed.done() and e is self.committed.exception()
-            raise
+        return self.committed.result(timeout)
 
     def _skip(self, stats: SaveStats) -> None:
         self.skipped, self.stats = True, stats

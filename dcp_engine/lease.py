@@ -8,9 +8,11 @@ token. Only the holder sweeps, writes the index, moves aliases or deletes; a sec
 writer gets ``ExperimentLockedError`` naming the holder.
 
 A lease whose holder is gone is taken over with a warning: on the same host, a holder
-whose pid is dead (or is another process now) is gone at once; on another host, one
-whose heartbeat is older than ``stale_after_s`` (watched for up to that long, so a
-clock skew between nodes cannot make a live holder look dead).
+whose pid is dead (or is another process now) is gone at once; on another host (or a
+torn ``OWNER``), one whose file did not change while watched for the longer of both
+jobs' ``lease_timeout_s`` (no clocks are compared, so a skew between nodes cannot make a
+live holder look dead). A shared file system must show a change of mtime within that
+time (NFS attribute caching: keep ``lease_timeout_s`` above ``acregmax``).
 """
 
 from __future__ import annotations
@@ -46,9 +48,11 @@ class Holder:
     job_id: str
     started: float
     token: str
+    stale_after_s: float = 30.0
+    """The holder's ``lease_timeout_s``: a contender waits at least this long."""
 
     @classmethod
-    def me(cls) -> Holder:
+    def me(cls, stale_after_s: float) -> Holder:
         job = next((os.environ[k] for k in _JOB_ENV if os.environ.get(k)), "")
         return cls(
             host=socket.gethostname(),
@@ -57,6 +61,7 @@ class Holder:
             job_id=job or f"pid-{os.getpid()}",
             started=time.time(),
             token=secrets.token_hex(8),
+            stale_after_s=stale_after_s,
         )
 
     def to_bytes(self) -> bytes:
@@ -113,7 +118,7 @@ class Lease:
     ) -> Lease:
         """Take the lease of ``path`` (the experiment's ``OWNER``), taking over a stale one;
         ``ExperimentLockedError`` if a live job holds it."""
-        me = Holder.me()
+        me = Holder.me(stale_after_s)
         for _ in range(16):  # each round either wins, fails, or removed a stale holder
             if storage.create_exclusive(path, me.to_bytes(), fsync=fsync):
                 return cls(path, me, storage, stale_after_s)
@@ -139,6 +144,11 @@ class Lease:
             _take_over(path, raw, storage)
             log.warning("took over the lease of %s: %s", path.parent, why)
         raise ExperimentLockedError(f"could not take the lease {path}: it keeps changing hands")
+
+    @property
+    def lost(self) -> str | None:
+        """Why this job no longer holds the lease, or None while it does."""
+        return self._lost
 
     def check(self) -> None:
         """Raise ``ExperimentLockedError`` if another job took the lease over."""
@@ -183,11 +193,11 @@ def _why_stale(path: Path, holder: Holder | None, mtime: float, stale_after_s: f
             return f"{holder.describe()} is gone (no such process)"
         if alive:
             return None
-    # Another host, or a torn file: stale once its heartbeat stopped for stale_after_s,
-    # measured by watching the file (a clock skew between nodes cannot fool it).
+        stale_after_s = max(stale_after_s, holder.stale_after_s)
+    # Another host, or a torn file: stale once its heartbeat stops for stale_after_s, seen
+    # by watching the file change; no clock is compared, so a skew between nodes cannot
+    # make a live holder look dead.
     who = holder.describe() if holder is not None else f"a torn {path.name}"
-    if time.time() - mtime > stale_after_s:
-        return f"{who}: no heartbeat for {time.time() - mtime:.0f} s"
     deadline = time.monotonic() + stale_after_s
     log.info("waiting up to %.0f s for the heartbeat of %s", stale_after_s, who)
     while time.monotonic() < deadline:

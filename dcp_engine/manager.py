@@ -76,11 +76,10 @@ class CheckpointManager:
         plan = self._comm.decide(open_experiment, "opening the experiment")
         self._exp = opened[0] if opened else Experiment.follow(config, plan, storage)
         self.experiment_dir = self._exp.root
-        if self.rank != 0:
-            self._exp.catalog.mirror(self._comm.broadcast(None, "reading the catalog"))
-        else:
-            self._comm.broadcast(self._exp.catalog.entries(), "reading the catalog")
-        try:
+        try:  # from here on a failure gives the lease back
+            entries = self._comm.broadcast(self._exp.catalog.entries(), "reading the catalog")
+            if self.rank != 0:
+                self._exp.catalog.mirror(entries)
             self._saves = SavePipeline(config, self._comm, self._exp, storage, hook, process_group)
         except BaseException:
             self._exp.close(config.timeout_s)
@@ -254,7 +253,9 @@ class CheckpointManager:
                 clean,
             )
             return
-        catalog.amend(info, read_marker(info.path).amended(clean, more))
+        if catalog.amend(info, read_marker(info.path).amended(clean, more)) is None:
+            log.warning("[step=%d] retention deleted the checkpoint before its metrics %s came",
+                        step, clean)  # fmt: skip
 
     def decide(self, fn: Callable[[], T], what: str = "a decision") -> T:
         """Run ``fn`` on rank 0 only and return its result (or raise its error) on every

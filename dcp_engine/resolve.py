@@ -45,16 +45,6 @@ class Scan:
     """``.tmp`` directories and marker-less step directories, and why."""
     quarantined: list[Path] = field(default_factory=list)
 
-    @property
-    def newest_step(self) -> int | None:
-        """The newest step that was ever committed here and is still seen (corrupt ones
-        count: a save must not reuse their step while they hold the name)."""
-        steps = [c.step for c in self.committed]
-        steps += [
-            s for p, _ in self.corrupt if (s := layout.parse_step_dirname(p.name)) is not None
-        ]
-        return max(steps, default=None)
-
 
 @dataclass(frozen=True)
 class Candidate:
@@ -137,17 +127,19 @@ def file_problems(
         meta, path = marker.files[name], checkpoint_dir / name
         try:
             size = path.stat().st_size
+            if size != meta.size:
+                problems.append(f"{path} is {size} bytes, the marker says {meta.size}")
+                continue
+            if digests and meta.crc32 is not None:
+                actual = digests_mod.file_digest(path)
+                if actual != meta.crc32:
+                    problems.append(
+                        f"{path}: {digests_mod.ALGORITHM} {actual}, the marker says {meta.crc32}"
+                    )
         except FileNotFoundError:
             problems.append(f"{path} is missing (listed in the marker)")
-            continue
-        if size != meta.size:
-            problems.append(f"{path} is {size} bytes, the marker says {meta.size}")
-        elif digests and meta.crc32 is not None:
-            actual = digests_mod.file_digest(path)
-            if actual != meta.crc32:
-                problems.append(
-                    f"{path}: {digests_mod.ALGORITHM} {actual}, the marker says {meta.crc32}"
-                )
+        except OSError as e:  # unreadable is as bad as corrupt, and said alike on every rank
+            problems.append(f"{path} is unreadable: {e.strerror or e}")
     return problems
 
 
@@ -189,14 +181,15 @@ def candidates(
     if it is not there, ``NotACheckpointError`` if it is not committed)."""
     if which in ("latest", "best"):
         found = scan(exp)
-        if which == "best":
-            ranked = _by_metric(exp, found.committed, monitor, mode)
-            return [_candidate(c.path, c.step) for c in ranked]
-        out = [_candidate(c.path, c.step) for c in found.committed]
+        corrupt = []
         for path, why in found.corrupt:
             step = layout.parse_step_dirname(path.name)
             assert step is not None  # scan sorted it by its name
-            out.append(Candidate(path, step, None, why))
+            corrupt.append(Candidate(path, step, None, why))
+        if which == "best":  # a corrupt one has no metric to rank by: after the others
+            ranked = _by_metric(exp, found.committed, monitor, mode)
+            return [_candidate(c.path, c.step) for c in ranked] + corrupt
+        out = [_candidate(c.path, c.step) for c in found.committed] + corrupt
         return sorted(out, key=lambda c: -c.step)
     if isinstance(which, int) and not isinstance(which, bool):
         path = exp.step_dir(which)
@@ -226,15 +219,9 @@ def _candidate(path: Path, step: int, marker: Marker | None = None) -> Candidate
 def _by_metric(
     exp: layout.ExperimentLayout, entries: list[CheckpointInfo], monitor: str | None, mode: str
 ) -> list[CheckpointInfo]:
-    """Entries with a finite ``monitor`` value, best first."""
-    if monitor is None:
-        monitor, saved_mode = monitor_of(exp)
-        mode = saved_mode or mode
-    if monitor is None:
-        raise CheckpointError(
-            f"which='best' needs a metric: set CheckpointConfig.monitor, or "
-            f"checkpoint.monitor in {exp.config_path}"
-        )
+    """Entries with a finite ``monitor`` value, best first. Without a ``monitor`` the
+    experiment's recorded one ranks, in its recorded direction."""
+    monitor, mode = ranking(exp, monitor, mode if monitor is not None else None)
     ranked = [
         e
         for e in retention.rank_by_metric(entries, monitor, mode)
@@ -267,15 +254,23 @@ def find_checkpoints(
         return list(reversed(committed))
     if mode != "best":
         raise ValueError(f"mode must be 'latest' or 'best', got {mode!r}")
+    monitor, metric_mode = ranking(exp, monitor, metric_mode)
+    return retention.rank_by_metric(committed, monitor, metric_mode)
+
+
+def ranking(exp: layout.ExperimentLayout, monitor: str | None, mode: str | None) -> tuple[str, str]:
+    """The metric and direction that rank ``exp``'s checkpoints: the ones given, else
+    the ``checkpoint.monitor``/``mode`` the experiment recorded in its ``config.yaml``."""
     if monitor is None:
         monitor, saved_mode = monitor_of(exp)
-        metric_mode = metric_mode or saved_mode
+        mode = mode or saved_mode
     if monitor is None:
         raise CheckpointError(
-            f"mode='best' needs a monitor: pass monitor=, or set checkpoint.monitor in "
+            f"picking the best checkpoint of {exp.root} needs a metric: set "
+            f"CheckpointConfig.monitor (or pass monitor=), or checkpoint.monitor in "
             f"{exp.config_path}"
         )
-    return retention.rank_by_metric(committed, monitor, metric_mode or "min")
+    return monitor, mode or "min"
 
 
 def monitor_of(exp: layout.ExperimentLayout) -> tuple[str | None, str | None]:
@@ -315,6 +310,7 @@ __all__ = [
     "find_checkpoints",
     "inspect_checkpoint_dir",
     "monitor_of",
+    "ranking",
     "read_marker",
     "scan",
 ]

@@ -181,6 +181,7 @@ class SavePipeline:
         if any(g.renew for g in gathered):  # a failed save broke the I/O group somewhere
             self._io.broken = True
             self._io.renew()
+            self._writer.renew()
         assert built is not None
         with self._lock:
             self._late[step] = (built.metrics, built.extra)
@@ -277,13 +278,7 @@ class SavePipeline:
     # ------------------------------------------------------------------ background
 
     def _background(self, job: _Job, staged: StagedState, blocked: float) -> None:
-        try:
-            staged.finish_copies()
-        finally:
-            self.hooks.done()
-        if not job.handle.staged.done():
-            job.handle.staged.set_result(None)
-        self._write_and_commit(job, staged, self._io, blocked + self.hooks.wait_s)
+        self._write_and_commit(job, staged, self._io, blocked)
 
     def _write_and_commit(self, job: _Job, data: Any, comm: Comm, blocked: float) -> None:
         """Every rank writes its shards into ``.tmp``; once all are durable, rank 0 commits
@@ -292,7 +287,7 @@ class SavePipeline:
         try:
             info, write_s, commit_start = self._write_then_commit(job, data, comm)
         except BaseException as e:
-            self._comm.broken = self._io.broken = True  # the next save renews both groups
+            comm.broken = True  # its group may be dead: the next save renews it
             with self._lock:
                 self._late.pop(job.step, None)
             handle.committed.set_exception(e)
@@ -300,6 +295,8 @@ class SavePipeline:
                 handle.staged.set_result(None)
             raise
         now = time.perf_counter()
+        if isinstance(data, StagedState):  # optimizer steps that waited for the copy
+            blocked += self.hooks.wait_s
         stats = SaveStats(job.step, info.bytes, blocked_s=blocked, write_s=write_s,
                           commit_s=now - commit_start, total_s=now - job.start,
                           waited_s=job.waited)  # fmt: skip
@@ -319,12 +316,23 @@ class SavePipeline:
         tmp = self._exp.layout.tmp_dir(step)
         written, error = None, None
         try:
+            if isinstance(data, StagedState):  # overlapped staging: the deferred copies
+                try:
+                    data.finish_copies()
+                finally:
+                    self.hooks.done()
+                if not job.handle.staged.done():
+                    job.handle.staged.set_result(None)
             written = self._writer.write(data, tmp)
             self._hook("written", step)
         except (Exception, CheckpointException) as e:  # DCP's is a BaseException
             error = (relayed(e, self.rank), f"rank {self.rank}: {summary(e)}")
         commit_start = time.perf_counter()
-        results = comm.all_gather((None if written is None else written.digests, error), what)
+        try:
+            results = comm.all_gather((None if written is None else written.digests, error), what)
+        except CheckpointError:  # a rank died or never came: no commit, no .tmp left
+            self._abort(step, began=self.rank == 0)
+            raise
         errors = [e for _, e in results if e is not None]
         failed = [msg for was_relayed, msg in errors if not was_relayed] or [m for _, m in errors]
         if failed:
@@ -351,18 +359,20 @@ class SavePipeline:
         retention in the background)."""
         catalog = self._exp.catalog
         assert catalog.committer is not None
-        try:
-            with self._lock:  # metrics that came while writing go into the marker
-                metrics, extra = self._late.pop(job.step, ({}, {}))
+        # Under the lock from the marker to the catalog: metrics that come while writing go
+        # into the marker, and later ones find the checkpoint in the catalog.
+        with self._lock:
+            metrics, extra = self._late.pop(job.step, ({}, {}))
+            try:
                 path, marker = catalog.committer.finalize(
                     job.step, epoch=job.epoch, metrics=metrics, extra=extra,
                     entries=job.entries, digests=digests, world_size=self.world_size,
                 )  # fmt: skip
-        except BaseException:
-            catalog.committer.abort(job.step)
-            raise
-        info = CheckpointInfo.from_marker(path, marker)
-        catalog.add(info)
+            except BaseException:
+                catalog.committer.abort(job.step)
+                raise
+            info = CheckpointInfo.from_marker(path, marker)
+            catalog.add(info)  # committed from the rename on: never raises
         return info, catalog.entries()
 
     # ------------------------------------------------------------------ metrics, flush

@@ -2,7 +2,7 @@
 
 A writer takes a state and a ``.tmp`` directory and returns once every rank's shards are
 written and fsynced and rank 0 has written DCP's ``.metadata``. It does not commit: the
-manager does that after the writer returns (``commit.py``).
+save pipeline does that after the writer returns (``saving.py``, ``committer.py``).
 
 - ``InlineWriter`` (``async_mode="off"``): ``dcp.save`` of the live state on the caller's
   thread.
@@ -12,8 +12,8 @@ manager does that after the writer returns (``commit.py``).
   reading the staging buffers from shared memory (sent once, by handle) and joined to the
   other ranks' writers by a gloo group of their own, so the write never holds the
   training's GIL. Per save only the write items and the small non-tensor values cross
-  the pipe.
-
+  the pipe. After a failed save the writers are started afresh (``renew``), so neither a
+  late reply nor a broken writer group outlives the failure.
 """
 
 from __future__ import annotations
@@ -67,6 +67,9 @@ class WriteOptions:
 
 class ShardWriter(Protocol):
     def write(self, state: Any, directory: Path) -> WriteResult: ...
+
+    def renew(self) -> None:
+        """After a failed save, collectively: whatever the failure may have broken."""
 
     def close(self) -> None: ...
 
@@ -169,6 +172,9 @@ class InlineWriter:
             raise cause from e
         return WriteResult(time.perf_counter() - start, dict(fs.digests))
 
+    def renew(self) -> None:
+        pass  # the side group it writes on is the pipeline's, renewed there
+
     def close(self) -> None:
         pass
 
@@ -217,6 +223,9 @@ class ThreadWriter:
                                   storage=self._storage)  # fmt: skip
         return WriteResult(time.perf_counter() - start, digests)
 
+    def renew(self) -> None:
+        pass  # the I/O side group it writes on is the pipeline's, renewed there
+
     def close(self) -> None:
         pass
 
@@ -227,8 +236,12 @@ class ProcessWriter:
     def __init__(
         self, comm: Comm, opts: WriteOptions, storage: LocalStorage, *, timeout_s: float
     ) -> None:
+        self._comm, self._opts, self._storage = comm, opts, storage
         self._timeout_s = timeout_s
-        self._opts = opts
+        self._start()
+
+    def _start(self) -> None:
+        comm, timeout_s = self._comm, self._timeout_s
         self._sent_generation = -1  # the pool layout whose buffers the writer holds
         self._store: Any = None
         host = os.environ.get("MASTER_ADDR", "127.0.0.1") if comm.distributed else "127.0.0.1"
@@ -246,13 +259,19 @@ class ProcessWriter:
         self._conn, child = ctx.Pipe()
         self._proc = ctx.Process(
             target=_writer_main,
-            args=(child, comm.rank, comm.world_size, address, timeout_s, storage),
+            args=(child, comm.rank, comm.world_size, address, timeout_s, self._storage),
             name=f"dcp_engine_writer_rank{comm.rank}",
             daemon=True,
         )
         self._proc.start()
         child.close()
         self._expect("ready", "starting")
+
+    def renew(self) -> None:
+        """A new writer process on every rank (collective): the old one may still be in a
+        write whose reply would be taken for the next save's, or in a broken group."""
+        self.close()
+        self._start()
 
     @property
     def pid(self) -> int | None:

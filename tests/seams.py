@@ -143,4 +143,8 @@ class KillAt:
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+def no_hook(phase: str, step: int) -> None:
+    """The engine's default phase hook."""
+
+
 ENOSPC, EIO, EACCES = errno.ENOSPC, errno.EIO, errno.EACCES

@@ -45,6 +45,8 @@ def test_a_rank_killed_mid_save_fails_the_others_in_time_and_resume_finds_a_comm
     assert survivor["error"] is not None and "step 2" in survivor["error"], survivor
     print(point, victim, mode, f"survivor raised after {survivor['elapsed']:.1f} s")
     assert survivor["elapsed"] < TIMEOUT_S * 4 + SLACK_S, survivor
+    if victim == 1:  # rank 0 survived: it removed the failed save's .tmp
+        assert not (tmp_path / "faults" / "checkpoints" / "step_00000002.tmp").exists()
     after = run_ranks(ranks.load_latest, 2, str(tmp_path))
     assert after[0]["step"] == after[1]["step"] == resumed, after
     assert after[0]["steps"][-1] == resumed
