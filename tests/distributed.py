@@ -131,8 +131,8 @@ class Ranks:
     def __call__(self, rank: int, world_size: int, *args: Any) -> Any:
         return self.body(rank, world_size, *args)
 
-    def run(self, *args: Any) -> list[Any]:
-        return run_ranks(self, self.world_size, *args, timeout=self.timeout)
+    def run(self, *args: Any, world_size: int | None = None) -> list[Any]:
+        return run_ranks(self, world_size or self.world_size, *args, timeout=self.timeout)
 
     def outcomes(self, *args: Any) -> list[tuple[str, Any]]:
         return run_ranks_outcomes(self, self.world_size, *args, timeout=self.timeout)

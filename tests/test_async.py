@@ -2,18 +2,172 @@
 
 from __future__ import annotations
 
-import pytest
+from typing import Any
 
-from tests import toy, workers
-from tests.distributed import run_ranks
+import pytest
+import torch
+
+import dcp_engine as de
+from tests import toy
+from tests.distributed import multirank
+from tests.test_multirank import roundtrip
 
 pytestmark = pytest.mark.multirank
+
+
+@multirank(2)
+def snapshot_under_mutation(rank: int, world_size: int, root: str, mode: str, staging: str) -> None:
+    """What is written is the state at the moment of save(), whatever training does next."""
+    app = toy.make_app("fsdp", seed=0)
+    toy.train(app, 2, rank)
+    cfg = de.CheckpointConfig(
+        root_dir=root, experiment_name=f"snap_{mode}_{staging}", async_mode=mode, staging=staging
+    )
+    with de.CheckpointManager(cfg) as mgr:
+        at_save = toy.full_state(app)
+        assert not mgr.save(2, app).skipped  # returned before the write (staged)
+        if staging == "sync":
+            with torch.no_grad():  # in-place mutation right after save() returns
+                for p in app["model"].parameters():
+                    p.mul_(-3.0).add_(1.0)
+                app["center"].fill_(7.0)
+        toy.train(app, 2, rank, start=2)  # optimizer steps (waits for an overlapped copy)
+        mgr.wait()
+        fresh = toy.make_app("fsdp", seed=5)
+        assert mgr.load(fresh).step == 2
+        loaded = toy.full_state(fresh)
+    if rank == 0:
+        toy.assert_equal(at_save, loaded, f"{mode}/{staging}")
+
+
+@multirank(2)
+def busy_policy(rank: int, world_size: int, root: str, policy: str) -> dict[str, Any]:
+    """Rank 1's write of step 1 is held at a gate; a second save comes while it is held.
+    With "skip" the gate opens after save(2) returned; with "wait" a thread opens it once
+    the held write has started, and save(2) can only return after that."""
+    import threading
+
+    from tests.seams import FaultyStorage, Gate
+
+    gate, started = Gate(f"{root}/gate_{policy}"), Gate(f"{root}/started_{policy}")
+    storage = FaultyStorage(step=1, gate=gate, started=started) if rank == 1 else None
+    app = {"w": torch.full((64,), float(rank)), "step": 0}
+    cfg = de.CheckpointConfig(
+        root_dir=root, experiment_name=f"busy_{policy}", async_mode="thread", when_busy=policy
+    )
+    with de.CheckpointManager(cfg, storage=storage) as mgr:
+        mgr.save(1, app)
+        if rank == 1:
+            started.wait()  # rank 1's write of step 1 is held now
+        torch.distributed.barrier()  # ... on every rank's watch
+        if policy == "wait" and rank == 1:
+            threading.Thread(target=gate.open).start()
+        handle = mgr.save(2, app)
+        gate_open = gate.is_open()
+        torch.distributed.barrier()  # every rank looked before the gate opens
+        gate.open()
+        mgr.wait()
+        return {
+            "steps": [c.step for c in mgr.checkpoints()],
+            "skipped": [s.step for s in mgr.stats() if s.skipped],
+            "handle_skipped": handle.skipped,
+            "gate_open_at_return": gate_open,
+        }
+
+
+@multirank(2)
+def writer_killed(rank: int, world_size: int, root: str) -> dict[str, Any]:
+    """SIGKILL of rank 1's writer process mid-write: every rank raises from wait() within
+    the timeout; a fresh manager loads the previous checkpoint."""
+    import os
+    import signal
+    import time
+
+    import psutil
+
+    from tests.seams import FaultyStorage, Gate
+
+    started = Gate(f"{root}/writing")
+    # Rank 1's writer holds its write of step 2 at a gate that never opens.
+    held = FaultyStorage(step=2, gate=Gate(f"{root}/never"), started=started)
+    app = {"w": torch.arange(1000, dtype=torch.float32) + rank}
+    cfg = de.CheckpointConfig(
+        root_dir=root, experiment_name="killed", async_mode="process", timeout_s=10.0
+    )
+    mgr = de.CheckpointManager(cfg, storage=held if rank == 1 else None)
+    mgr.save(1, app)
+    mgr.wait()
+    mgr.save(2, app)
+    if rank == 1:
+        started.wait()  # the writer is in its write
+        os.kill(mgr._saves._writer.pid, signal.SIGKILL)  # type: ignore[attr-defined]
+    start = time.monotonic()
+    try:
+        mgr.wait()
+        error = None
+    except de.CheckpointError as e:
+        error = str(e)
+    elapsed = time.monotonic() - start
+    mgr.close()
+    children = [p for p in psutil.Process().children(recursive=True) if p.is_running()]
+    fresh = {"w": torch.zeros(1000)}
+    with de.CheckpointManager(
+        de.CheckpointConfig(root_dir=root, experiment_name="killed", async_mode="off")
+    ) as again:
+        info = again.load(fresh)
+    return {
+        "error": error,
+        "elapsed": elapsed,
+        "loaded": info.step if info else None,
+        "children": [c.name() for c in children],
+        "w0": fresh["w"][0].item(),
+    }
+
+
+@multirank(2)
+def clean_close(rank: int, world_size: int, root: str, fail: bool) -> dict[str, Any]:
+    """After close() (also after an exception in training) no writer process is alive and
+    no shared-memory segment of ours remains."""
+    import os
+
+    import psutil
+
+    def shm_state() -> tuple[set[str], int]:
+        # Named segments (semaphores of other tests' queues aside) and our own mappings of
+        # shared memory (torch's unlinked segments show as '/dev/shm/... (deleted)').
+        names = {n for n in os.listdir("/dev/shm") if not n.startswith("sem.")}
+        with open("/proc/self/maps") as f:
+            mapped = sum("/dev/shm/" in line for line in f)
+        return names, mapped
+
+    shm_before, mapped_before = shm_state()
+    app = toy.make_app("fsdp", seed=0)
+    cfg = de.CheckpointConfig(root_dir=root, experiment_name=f"close_{fail}", async_mode="process")
+    try:
+        with de.CheckpointManager(cfg) as mgr:
+            writer_pid = mgr._saves._writer.pid  # type: ignore[attr-defined]
+            toy.train(app, 1, rank)
+            mgr.save(1, app)
+            if fail:
+                raise RuntimeError("training blew up")
+    except RuntimeError as e:
+        assert "blew up" in str(e)
+    alive = [p.pid for p in psutil.Process().children(recursive=True) if p.is_running()]
+    import gc
+
+    gc.collect()
+    shm_after, mapped_after = shm_state()
+    return {
+        "writer_alive": writer_pid in alive,
+        "new_shm": sorted(shm_after - shm_before),
+        "mapped": (mapped_before, mapped_after),
+    }
 
 
 @pytest.mark.parametrize("mode", ["thread", "process"])
 def test_async_roundtrip_is_exact(tmp_path, mode):
     """FSDP2 and DDP on 2 ranks written by the background writers load back bit for bit."""
-    run_ranks(workers.roundtrip, 2, str(tmp_path), ("ddp", "fsdp"), mode)
+    roundtrip.run(str(tmp_path), ("ddp", "fsdp"), mode)
 
 
 @pytest.mark.parametrize(
@@ -21,13 +175,13 @@ def test_async_roundtrip_is_exact(tmp_path, mode):
     [("thread", "sync"), ("process", "sync"), ("thread", "overlap"), ("process", "overlap")],
 )
 def test_written_state_is_the_state_at_the_call_despite_mutation(tmp_path, mode, staging):
-    run_ranks(workers.snapshot_under_mutation, 2, str(tmp_path), mode, staging)
+    snapshot_under_mutation.run(str(tmp_path), mode, staging)
 
 
 def test_when_busy_skip_skips_alike_on_every_rank(tmp_path):
     """Pass: rank 1's first write is held at a gate; the second save is skipped on both
     ranks (its handle says so), without waiting for the held write."""
-    out = run_ranks(workers.busy_policy, 2, str(tmp_path), "skip")
+    out = busy_policy.run(str(tmp_path), "skip")
     for r in out:
         assert r["steps"] == [1] and r["skipped"] == [2] and r["handle_skipped"]
         assert not r["gate_open_at_return"]  # save(2) returned while step 1 was held
@@ -36,7 +190,7 @@ def test_when_busy_skip_skips_alike_on_every_rank(tmp_path):
 def test_when_busy_wait_waits_then_saves(tmp_path):
     """Pass: the second save waits for the held first write (released by a thread once
     the write is under way), then saves."""
-    out = run_ranks(workers.busy_policy, 2, str(tmp_path), "wait")
+    out = busy_policy.run(str(tmp_path), "wait")
     for r in out:
         assert r["steps"] == [1, 2] and r["skipped"] == [] and not r["handle_skipped"]
         assert r["gate_open_at_return"]  # save(2) returned only after the write went on
@@ -45,7 +199,7 @@ def test_when_busy_wait_waits_then_saves(tmp_path):
 def test_killed_writer_process_fails_every_rank_within_timeout(tmp_path):
     """Pass: wait() raises on both ranks within timeout_s (10 s) + slack, no writer is
     left alive, and step 1 (committed before the kill) loads with its values."""
-    out = run_ranks(workers.writer_killed, 2, str(tmp_path))
+    out = writer_killed.run(str(tmp_path))
     for rank, r in enumerate(out):
         assert r["error"] is not None and "step 2" in r["error"], r
         assert r["elapsed"] < 10 + 20, r
@@ -56,7 +210,7 @@ def test_killed_writer_process_fails_every_rank_within_timeout(tmp_path):
 
 @pytest.mark.parametrize("fail", [False, True])
 def test_close_leaves_no_process_and_no_shared_memory(tmp_path, fail):
-    for r in run_ranks(workers.clean_close, 2, str(tmp_path), fail):
+    for r in clean_close.run(str(tmp_path), fail):
         assert not r["writer_alive"] and r["new_shm"] == []
         assert r["mapped"][1] <= r["mapped"][0], r  # staging buffers unmapped
 

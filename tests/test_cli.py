@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -16,17 +17,51 @@ from torch import nn
 
 import dcp_engine as de
 from dcp_engine.weights import load_weights
-from tests import toy, workers
-from tests.distributed import run_ranks
+from tests import toy
+from tests.distributed import multirank
 
 pytestmark = pytest.mark.multirank
+
+
+@multirank(2)
+def teacher_student_experiment(rank: int, world_size: int, root: str) -> dict[str, Any]:
+    """3 checkpoints of a 2-rank FSDP2 DINO-like state (student, teacher, optimizer,
+    centre) with val_loss 0.5, 0.3, 0.4; the teacher's full state at each step (rank 0)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    student = toy.wrap(toy.make_model(1), "fsdp")
+    teacher = toy.wrap(toy.make_model(2), "fsdp")
+    optim = torch.optim.AdamW(student.parameters(), lr=1e-2)
+    app = {"student": student, "teacher": teacher, "optim": optim, "center": torch.zeros(4)}
+    cfg = de.CheckpointConfig(
+        root_dir=root, experiment_name="dino", async_mode="thread", monitor="val_loss"
+    )
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    teachers = {}
+    with de.CheckpointManager(cfg) as mgr:
+        for step, loss in ((1, 0.5), (2, 0.3), (3, 0.4)):
+            toy.train({"model": student, "optim": optim, "sched": _NoSched(),
+                       "center": app["center"]}, 1, rank, start=step)  # fmt: skip
+            with torch.no_grad():
+                for p in teacher.parameters():
+                    p.mul_(0.5).add_(float(step))
+            mgr.save(step, app, epoch=0, metrics={"val_loss": loss})
+            full = get_model_state_dict(teacher, options=options)
+            teachers[step] = {k: v.clone() for k, v in full.items()}
+        mgr.wait()
+    return {"teachers": teachers if rank == 0 else None}
+
+
+class _NoSched:
+    def step(self) -> None:
+        pass
 
 
 @pytest.fixture(scope="module")
 def written(tmp_path_factory):
     """(experiment dir, {step: the teacher's full state}) from a 2-rank FSDP2 run."""
     root = tmp_path_factory.mktemp("cli")
-    out = run_ranks(workers.teacher_student_experiment, 2, str(root))
+    out = teacher_student_experiment.run(str(root))
     return root / "dino", out[0]["teachers"]
 
 
