@@ -152,6 +152,8 @@ class Catalog:
                 self._entries,
                 self._storage,
                 best=None if top is None else top.step,
+                monitor=self.policy.monitor,
+                mode=self.policy.mode,
                 fsync=self._fsync,
             )
         except OSError as e:  # the index is a cache: never fail a commit over it

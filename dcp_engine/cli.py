@@ -26,6 +26,7 @@ from .index import CheckpointInfo
 from .lease import Lease
 from .reader import open_checkpoint
 from .storage import LocalStorage
+from .writers import fmt_bytes
 
 
 class _Fail(Exception):
@@ -386,14 +387,7 @@ def _nbytes(meta: Any) -> int:
 
 
 def _size(n: int | None) -> str:
-    if n is None:
-        return "-"
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} TiB"
+    return "-" if n is None else fmt_bytes(n)
 
 
 def _num(v: float) -> str:

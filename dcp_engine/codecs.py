@@ -20,13 +20,11 @@ from __future__ import annotations
 
 import logging
 import pickle
-import random
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-import numpy as np
 import torch
 from torch import nn
 from torch.distributed.checkpoint.metadata import Metadata
@@ -41,6 +39,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from . import trees
 from .errors import CheckpointError
+from .rng import capture_rng_state, restore_rng_state
 
 log = logging.getLogger(__name__)
 
@@ -396,29 +395,3 @@ def _unstepped(
         if id(param) in mine and param.requires_grad:
             out.update((fqn, param) for fqn in _get_fqns(owner, name) if fqn not in saved)
     return out
-
-
-def capture_rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state(),
-        "python": random.getstate(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng_state(state: Mapping[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        if len(state["cuda"]) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(state["cuda"])
-        else:
-            log.warning(
-                "CUDA RNG saved for %d devices, %d here: not restored",
-                len(state["cuda"]),
-                torch.cuda.device_count(),
-            )

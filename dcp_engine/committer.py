@@ -26,6 +26,7 @@ from .errors import CheckpointError, IntegrityError, TimelineError
 from .lease import Lease
 from .marker import FileEntry, Marker
 from .storage import LocalStorage
+from .writers import fmt_bytes
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +55,18 @@ class Committer:
         self.exp, self.storage, self.lease = exp, storage, lease
         self.fsync, self.hook = fsync, hook
 
-    def begin(self, step: int, newest: int | None) -> Path:
+    def begin(self, step: int, newest: int | None, *, last_bytes: int = 0) -> Path:
         """A new ``step_X.tmp/`` for a save of ``step``; refused unless ``step`` is above
-        ``newest`` (the newest committed step: invariant 9)."""
+        ``newest`` (the newest committed step: invariant 9), and, before anything is
+        written, unless the disk has room for another ``last_bytes`` (the last save's)."""
         self.lease.check()
+        free = self.storage.free_bytes(self.exp.checkpoints_dir) if last_bytes else 0
+        if free < last_bytes:
+            raise CheckpointError(
+                f"save of step {step} refused: {self.exp.checkpoints_dir} has "
+                f"{fmt_bytes(free)} free, and the last checkpoint took {fmt_bytes(last_bytes)}; "
+                f"free at least {fmt_bytes(last_bytes - free)} (or keep fewer checkpoints)"
+            )
         final = self.exp.step_dir(step)
         if final.exists() or final.is_symlink():
             raise TimelineError(
@@ -190,6 +199,13 @@ class Committer:
                 log.warning("removing %s, left by a save or a deletion that did not finish", child)
                 self.storage.remove_tree(child)
                 swept.append(child)
+        # Temporaries of the index, the config, the aliases: ours by name, and none of
+        # their writers runs while a new holder starts.
+        for directory in (self.exp.root, self.exp.checkpoints_dir):
+            for child in sorted(directory.iterdir()):
+                if layout.is_atomic_tmp(child.name) and not child.is_dir():
+                    self.storage.remove_file(child)
+                    swept.append(child)
         return swept
 
     def _write_marker(self, directory: Path, marker: Marker) -> None:

@@ -100,18 +100,35 @@ def write_index(
     storage: LocalStorage,
     *,
     best: int | None = None,
+    monitor: str | None = None,
+    mode: str = "min",
     fsync: bool = True,
 ) -> None:
-    """Only the lease holder calls it (the catalog, ``dcp-engine gc``)."""
+    """Only the lease holder calls it (the catalog, ``dcp-engine gc``). ``monitor`` and
+    ``mode``: what ranked ``best``, for readers that are not told."""
     entries = sorted(entries, key=lambda c: c.step)
     data = {
         "format": INDEX_FORMAT,
         "latest": entries[-1].step if entries else None,
         "best": best,
+        "monitor": monitor,
+        "mode": mode,
         "checkpoints": [e.to_json() for e in entries],
     }
     payload = json.dumps(data, indent=1, allow_nan=True).encode()
     storage.write_atomic(exp.index_path, payload, fsync=fsync)
+
+
+def recorded_monitor(exp: layout.ExperimentLayout) -> tuple[str | None, str | None]:
+    """The ``monitor`` and ``mode`` the index recorded (None, None if it has none)."""
+    try:
+        data = json.loads(exp.index_path.read_bytes())
+    except (OSError, ValueError):
+        return None, None
+    if not isinstance(data, dict) or not isinstance(data.get("monitor"), str):
+        return None, None
+    mode = data.get("mode")
+    return data["monitor"], mode if mode in ("min", "max") else None
 
 
 def same_entries(a: list[CheckpointInfo], b: list[CheckpointInfo]) -> bool:

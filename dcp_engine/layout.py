@@ -35,6 +35,7 @@ ALIASES = ("latest", "best")
 _STEP_DIGITS = 8
 _STEP_RE = re.compile(r"step_(\d{8,})")
 _TMP_RE = re.compile(r"step_(\d{8,})\.tmp")
+_ATOMIC_TMP_RE = re.compile(r"\.(index\.json|config\.yaml|latest|best|COMMITTED)\.\d+\.tmp")
 _CORRUPT_RE = re.compile(r"(step_\d{8,})\.corrupt(?:-(\d+))?")
 
 
@@ -66,6 +67,17 @@ def parse_step_dirname(name: str) -> int | None:
 def parse_tmp_dirname(name: str) -> int | None:
     """The step of an in-flight (or torn) directory name, or None if the name is not ours."""
     return _parse(_TMP_RE, name, TMP_SUFFIX)
+
+
+def atomic_tmp_name(name: str, pid: int) -> str:
+    """The temporary a ``name`` is written to before it is renamed over ``name``."""
+    return f".{name}.{pid}.tmp"
+
+
+def is_atomic_tmp(name: str) -> bool:
+    """A temporary of ours that a crash left beside ``index.json``, ``config.yaml``, an
+    alias or a marker (never a name of the user's)."""
+    return _ATOMIC_TMP_RE.fullmatch(name) is not None
 
 
 def corrupt_dirname(step: int, attempt: int = 1) -> str:

@@ -168,8 +168,12 @@ class Loader:
         if self.rank != 0 or not bad or which not in ("latest", "best"):
             return
         for c, why in bad:
-            if c.path.parent == self._exp.layout.checkpoints_dir:
+            if c.path.parent != self._exp.layout.checkpoints_dir:
+                continue
+            try:
                 self._exp.catalog.quarantine(c.path, why)
+            except (OSError, CheckpointError) as e:  # rank 0 alone: never fail the load here
+                log.error("could not quarantine %s (%s); it stays skipped by name", c.path, e)
 
     def file_problems(self, path: Path, marker: Marker, what: str) -> list[str]:
         """Every rank checks every world_size-th file; all ranks get all the problems."""

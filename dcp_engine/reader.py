@@ -106,6 +106,14 @@ class CheckpointReader:
         rank = dist.get_rank(group) if distributed else 0
         plan, error = None, None
         try:
+            if distributed:  # every rank must read the same checkpoint
+                paths: list[Any] = [None] * dist.get_world_size(group)
+                dist.all_gather_object(paths, str(self.path), group=group)
+                if len(set(paths)) > 1:
+                    raise CheckpointError(
+                        f"the ranks opened different checkpoints ({sorted(set(paths))}), e.g. "
+                        "a latest that moved while they opened it; open one by its path"
+                    )
             plan = state.build_load_plan(
                 app_state,
                 self.marker.entries,

@@ -27,7 +27,7 @@ from pathlib import Path
 from torch.distributed.checkpoint import FileSystemReader
 
 from . import digests as digests_mod
-from . import layout, retention
+from . import index, layout, retention
 from .errors import CheckpointError, CheckpointNotFoundError, IntegrityError, NotACheckpointError
 from .index import CheckpointInfo, Which
 from .marker import Marker, MarkerError
@@ -274,21 +274,21 @@ def ranking(exp: layout.ExperimentLayout, monitor: str | None, mode: str | None)
 
 
 def monitor_of(exp: layout.ExperimentLayout) -> tuple[str | None, str | None]:
-    """``checkpoint.monitor`` and ``checkpoint.mode`` of the experiment's ``config.yaml``."""
+    """The metric the experiment ranks by: ``checkpoint.monitor``/``mode`` of its
+    ``config.yaml``, else what its index recorded (a ``run_config`` without a
+    ``checkpoint:`` block)."""
     import yaml
 
     try:
         data = yaml.safe_load(exp.config_path.read_text())
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        return None, None
+        data = None
     block = data.get("checkpoint") if isinstance(data, dict) else None
-    if not isinstance(block, dict):
-        return None, None
-    monitor, mode = block.get("monitor"), block.get("mode")
-    return (
-        monitor if isinstance(monitor, str) and monitor else None,
-        mode if mode in ("min", "max") else None,
-    )
+    monitor = block.get("monitor") if isinstance(block, dict) else None
+    if not isinstance(monitor, str) or not monitor:
+        return index.recorded_monitor(exp)
+    mode = block.get("mode") if isinstance(block, dict) else None
+    return monitor, mode if mode in ("min", "max") else None
 
 
 def _missing_step_message(exp: layout.ExperimentLayout, step: int) -> str:

@@ -237,19 +237,10 @@ class SavePipeline:
 
     def _begin(self, step: int) -> None:
         """Rank 0: the free space, the timeline, the ``.tmp``."""
-        committer = self._exp.catalog.committer
+        committer, entries = self._exp.catalog.committer, self._exp.catalog.entries()
         assert committer is not None
-        entries = self._exp.catalog.entries()
-        last = entries[-1].bytes if entries else 0
-        if last:
-            free = self._storage.free_bytes(self._exp.layout.checkpoints_dir)
-            if free < last:
-                raise CheckpointError(
-                    f"save of step {step} refused: {self._exp.layout.checkpoints_dir} has "
-                    f"{fmt_bytes(free)} free, and the last checkpoint took {fmt_bytes(last)}; "
-                    f"free at least {fmt_bytes(last - free)} (or keep fewer checkpoints)"
-                )
-        committer.begin(step, self._exp.catalog.newest_step())
+        committer.begin(step, entries[-1].step if entries else None,
+                        last_bytes=entries[-1].bytes if entries else 0)  # fmt: skip
 
     def _abort(self, step: int, began: bool) -> None:
         if began and self._exp.catalog.committer is not None:

@@ -18,6 +18,7 @@ import os
 import shutil
 from pathlib import Path
 
+from . import layout
 from .digests import HashingFileSystem
 
 
@@ -42,7 +43,7 @@ class LocalStorage:
 
     def write_atomic(self, path: Path, data: bytes, *, fsync: bool = True) -> None:
         """Readers see the old content of ``path`` or the new, never a mix."""
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp = path.with_name(layout.atomic_tmp_name(path.name, os.getpid()))
         try:
             with open(tmp, "wb") as f:
                 f.write(data)
@@ -104,7 +105,7 @@ class LocalStorage:
 
     def symlink_atomic(self, link: Path, target: str, *, fsync: bool = True) -> None:
         """Point ``link`` at ``target`` atomically (temp link + rename)."""
-        tmp = link.with_name(f".{link.name}.{os.getpid()}.tmp")
+        tmp = link.with_name(layout.atomic_tmp_name(link.name, os.getpid()))
         try:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()

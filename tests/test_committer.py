@@ -88,8 +88,13 @@ def test_abort_retire_quarantine_and_sweep(committer):
     assert committer.quarantine(exp.root / "notes", "foreign") is None  # not ours
     exp.tmp_dir(9).mkdir()
     (exp.checkpoints_dir / "step_00000009.backup").mkdir()
-    assert committer.sweep() == [exp.tmp_dir(9)]
+    (exp.root / ".index.json.123.tmp").write_text("{")  # a crash mid-write of the index
+    (exp.checkpoints_dir / ".latest.123.tmp").symlink_to("step_00000003")
+    (exp.root / ".notes.123.tmp").write_text("not ours")
+    assert committer.sweep() == [exp.tmp_dir(9), exp.root / ".index.json.123.tmp",
+                                 exp.checkpoints_dir / ".latest.123.tmp"]  # fmt: skip
     assert (exp.checkpoints_dir / "step_00000009.backup").is_dir()
+    assert (exp.root / ".notes.123.tmp").is_file()
     assert sorted(p.name for p in resolve.scan(exp).quarantined) == [
         "step_00000003.corrupt", "step_00000003.corrupt-2"]  # fmt: skip
 

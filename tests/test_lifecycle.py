@@ -250,3 +250,11 @@ def test_best_without_a_monitor_in_the_config_uses_the_recorded_one(tmp_path):
     with de.CheckpointManager(cfg(tmp_path)) as mgr:
         app = fresh()
         assert mgr.load(app, which="best").step == 1 and app["step"] == 1
+    # A training config of its own (no checkpoint: block): the index recorded the monitor.
+    own = cfg(tmp_path, experiment_name="own", monitor="acc", mode="max")
+    with de.CheckpointManager(own, run_config={"model": {"depth": 4}}) as mgr:
+        mgr.save(1, state(1), metrics={"acc": 0.9})
+        mgr.save(2, state(2), metrics={"acc": 0.4})
+    with de.CheckpointManager(cfg(tmp_path, experiment_name="own")) as mgr:
+        assert mgr.load(fresh(), which="best").step == 1
+    assert de.open_checkpoint(tmp_path / "own", "best").info.step == 1
