@@ -134,8 +134,9 @@ class Ranks:
     def run(self, *args: Any, world_size: int | None = None) -> list[Any]:
         return run_ranks(self, world_size or self.world_size, *args, timeout=self.timeout)
 
-    def outcomes(self, *args: Any) -> list[tuple[str, Any]]:
-        return run_ranks_outcomes(self, self.world_size, *args, timeout=self.timeout)
+    def outcomes(self, *args: Any, world_size: int | None = None) -> list[tuple[str, Any]]:
+        return run_ranks_outcomes(self, world_size or self.world_size, *args,
+                                  timeout=self.timeout)  # fmt: skip
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (_lookup, (self.__module__, self.__qualname__))

@@ -1,4 +1,5 @@
-"""Rank functions of the fault suite (importable by spawned processes)."""
+"""The fault suite's shared scenarios: the state each step saves, and the rank bodies
+that the kill, disk and preemption tests run (``@multirank``) before and after a fault."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 import torch
 
 import dcp_engine as de
+from tests.distributed import multirank
 
 
 def state(step: int) -> dict[str, Any]:
@@ -16,6 +18,7 @@ def state(step: int) -> dict[str, Any]:
     return {"w": torch.full((4096,), float(step)), "b": torch.arange(64) + step, "step": step}
 
 
+@multirank(2)
 def save_two(
     rank: int, world_size: int, root: str, mode: str, timeout_s: float,
     faults: dict[int, dict[str, Any]] | None = None,
@@ -47,6 +50,7 @@ def save_two(
     return {"error": error, "elapsed": elapsed, "third": third}
 
 
+@multirank(2)
 def load_latest(rank: int, world_size: int, root: str) -> dict[str, Any]:
     """A fresh job: resume from latest; what it loaded, checked against what was saved."""
     cfg = de.CheckpointConfig(root_dir=root, experiment_name="faults", async_mode="off")
@@ -59,31 +63,3 @@ def load_latest(rank: int, world_size: int, root: str) -> dict[str, Any]:
     assert app["step"] == info.step
     assert torch.equal(app["w"], expected["w"]) and torch.equal(app["b"], expected["b"])
     return {"step": info.step, "steps": steps}
-
-
-def preempted(rank: int, world_size: int, root: str, double: bool) -> dict[str, Any]:
-    """A callback loop with save_on_sigterm; the last rank gets SIGTERM before the end of
-    step 3 (twice if ``double``). Never returns normally if the preemption works."""
-    import os
-    import signal
-
-    cfg = de.CheckpointConfig(
-        root_dir=root, experiment_name="faults", async_mode="thread", save_on_sigterm=True,
-        save_every_n_steps=1000, save_on_train_end=False, timeout_s=20,
-    )  # fmt: skip
-    cb = de.CheckpointCallback(cfg)
-    app = state(0)
-    cb.on_train_start(app)
-    for step in range(1, 30):
-        fresh = state(step)
-        app["w"].copy_(fresh["w"])
-        app["b"].copy_(fresh["b"])
-        app["step"] = step
-        if step == 3 and rank == world_size - 1:
-            os.kill(os.getpid(), signal.SIGTERM)
-            if double:
-                os.kill(os.getpid(), signal.SIGTERM)
-        cb.on_step_end(step, app)
-        time.sleep(0.02)
-    cb.on_train_end(app)
-    return {"finished": True}

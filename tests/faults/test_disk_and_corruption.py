@@ -11,7 +11,6 @@ import torch
 
 import dcp_engine as de
 from tests import seams
-from tests.distributed import run_ranks
 from tests.faults import ranks
 
 
@@ -48,7 +47,7 @@ def test_a_write_error_on_one_rank_fails_the_save_everywhere_and_the_next_one_su
     (not torch.save's "unexpected pos"), step 2 is not committed, latest stays step 1,
     and no .tmp is left; step 3 then commits; a fresh job resumes at step 3."""
     storage = seams.FaultyStorage(step=2, error=fault, after_bytes=1000)
-    out = run_ranks(ranks.save_two, 2, str(tmp_path), mode, 20.0, {1: {"storage": storage}})
+    out = ranks.save_two.run(str(tmp_path), mode, 20.0, {1: {"storage": storage}})
     for r in out:
         assert r["error"] and "step 2" in r["error"] and message in r["error"], r
         assert "rank 1" in r["error"] and "unexpected pos" not in r["error"], r
@@ -57,7 +56,7 @@ def test_a_write_error_on_one_rank_fails_the_save_everywhere_and_the_next_one_su
     ckpts = tmp_path / "faults" / "checkpoints"
     assert not (ckpts / "step_00000002").exists()
     assert not (ckpts / "step_00000002.tmp").exists()  # removed once the failure was agreed
-    after = run_ranks(ranks.load_latest, 2, str(tmp_path))
+    after = ranks.load_latest.run(str(tmp_path))
     assert after[0]["step"] == 3 and after[0]["steps"] == [1, 3]
 
 
@@ -127,8 +126,9 @@ def test_every_checkpoint_corrupt_is_an_error_not_a_fresh_start(tmp_path):
     data[-1] ^= 0xFF
     shard.write_bytes(bytes(data))
     for _ in range(2):  # quarantined by the first attempt: still never a fresh start
-        with de.CheckpointManager(cfg(tmp_path)) as mgr, pytest.raises(
-            de.IntegrityError, match=r"not a fresh run: step_00000001"
+        with (
+            de.CheckpointManager(cfg(tmp_path)) as mgr,
+            pytest.raises(de.IntegrityError, match=r"not a fresh run: step_00000001"),
         ):
             mgr.load(fresh_app())
 

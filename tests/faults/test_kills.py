@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 from tests import seams
-from tests.distributed import run_ranks, run_ranks_outcomes
 from tests.faults import ranks
 
 pytestmark = pytest.mark.multirank
@@ -37,7 +36,7 @@ def test_a_rank_killed_mid_save_fails_the_others_in_time_and_resume_finds_a_comm
         seam = {"storage": seams.FaultyStorage(step=2, kill_after_bytes=1000)}
     else:  # through the committer's phase hook
         seam = {"hook": seams.KillAt(point, step=2)}
-    outcomes = run_ranks_outcomes(ranks.save_two, 2, str(tmp_path), mode, TIMEOUT_S,
+    outcomes = ranks.save_two.outcomes(str(tmp_path), mode, TIMEOUT_S,
                                   {victim: seam})  # fmt: skip
     assert outcomes[victim] == ("died", -9), outcomes
     kind, survivor = outcomes[1 - victim]
@@ -47,6 +46,6 @@ def test_a_rank_killed_mid_save_fails_the_others_in_time_and_resume_finds_a_comm
     assert survivor["elapsed"] < TIMEOUT_S * 4 + SLACK_S, survivor
     if victim == 1:  # rank 0 survived: it removed the failed save's .tmp
         assert not (tmp_path / "faults" / "checkpoints" / "step_00000002.tmp").exists()
-    after = run_ranks(ranks.load_latest, 2, str(tmp_path))
+    after = ranks.load_latest.run(str(tmp_path))
     assert after[0]["step"] == after[1]["step"] == resumed, after
     assert after[0]["steps"][-1] == resumed

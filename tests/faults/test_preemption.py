@@ -2,12 +2,46 @@
 
 from __future__ import annotations
 
+import time
+from typing import Any
+
 import pytest
 
-from tests.distributed import run_ranks, run_ranks_outcomes
+import dcp_engine as de
+from tests.distributed import multirank
 from tests.faults import ranks
+from tests.faults.ranks import state
 
 pytestmark = pytest.mark.multirank
+
+
+@multirank(2)
+def preempted(rank: int, world_size: int, root: str, double: bool) -> dict[str, Any]:
+    """A callback loop with save_on_sigterm; the last rank gets SIGTERM before the end of
+    step 3 (twice if ``double``). Never returns normally if the preemption works."""
+    import os
+    import signal
+
+    cfg = de.CheckpointConfig(
+        root_dir=root, experiment_name="faults", async_mode="thread", save_on_sigterm=True,
+        save_every_n_steps=1000, save_on_train_end=False, timeout_s=20,
+    )  # fmt: skip
+    cb = de.CheckpointCallback(cfg)
+    app = state(0)
+    cb.on_train_start(app)
+    for step in range(1, 30):
+        fresh = state(step)
+        app["w"].copy_(fresh["w"])
+        app["b"].copy_(fresh["b"])
+        app["step"] = step
+        if step == 3 and rank == world_size - 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+            if double:
+                os.kill(os.getpid(), signal.SIGTERM)
+        cb.on_step_end(step, app)
+        time.sleep(0.02)
+    cb.on_train_end(app)
+    return {"finished": True}
 
 
 def test_sigterm_on_one_rank_saves_the_step_on_every_rank_then_exits_with_the_signal(
@@ -16,14 +50,14 @@ def test_sigterm_on_one_rank_saves_the_step_on_every_rank_then_exits_with_the_si
     """Pass: rank 1 alone gets SIGTERM during step 3; both ranks save step 3 at its end,
     the commit completes, and both processes end by SIGTERM (exit code -15); a fresh job
     resumes from step 3 with its values."""
-    outcomes = run_ranks_outcomes(ranks.preempted, 2, str(tmp_path), False)
+    outcomes = preempted.outcomes(str(tmp_path), False)
     assert outcomes == [("died", -15), ("died", -15)], outcomes
-    after = run_ranks(ranks.load_latest, 2, str(tmp_path))
+    after = ranks.load_latest.run(str(tmp_path))
     assert after[0]["step"] == 3 and after[0]["steps"] == [3]
 
 
 def test_a_second_sigterm_exits_at_once_without_saving(tmp_path):
     """Pass: two SIGTERMs in a row end the process at once (-15); nothing is saved."""
-    outcomes = run_ranks_outcomes(ranks.preempted, 1, str(tmp_path), True)
+    outcomes = preempted.outcomes(str(tmp_path), True, world_size=1)
     assert outcomes == [("died", -15)], outcomes
     assert not list((tmp_path / "faults" / "checkpoints").glob("step_*"))
