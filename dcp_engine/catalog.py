@@ -62,9 +62,10 @@ class Catalog:
         with self._lock:
             return list(self._entries)
 
-    def newest_step(self) -> int | None:
+    def newest(self) -> CheckpointInfo | None:
+        """The newest committed checkpoint (the timeline's floor, the size estimate)."""
         with self._lock:
-            return self._entries[-1].step if self._entries else None
+            return self._entries[-1] if self._entries else None
 
     def best(self) -> CheckpointInfo | None:
         return retention.best(self.entries(), self.policy.monitor, self.policy.mode)

@@ -152,19 +152,24 @@ class Comm:
         if error is not None:
             raise error
 
-    @contextlib.contextmanager
-    def dcp_call(self) -> Iterator[None]:
-        """Around a DCP save/load: in a 1-rank world DCP warns that it assumes one process;
-        that is exactly the intent, so the warning is silenced there."""
-        with warnings.catch_warnings():
-            if self.group is None:
-                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            yield
+    def dcp_call(self) -> contextlib.AbstractContextManager[None]:
+        """Around a DCP save/load on this group (``quiet_dcp`` in a 1-rank world)."""
+        return quiet_dcp(self.group is None)
 
     def release(self) -> None:
         """Stop using the group (it is not destroyed: a peer may still be in a
         collective on it, and destroying a gloo group under one can hang)."""
         self.group = None
+
+
+@contextlib.contextmanager
+def quiet_dcp(no_dist: bool) -> Iterator[None]:
+    """Around a DCP call: without a process group DCP warns that it assumes one process;
+    that is exactly the intent, so the warning is silenced there (only there)."""
+    with warnings.catch_warnings():
+        if no_dist:
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 _WIRE_TYPES: dict[str, type[Exception]] = {

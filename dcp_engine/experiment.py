@@ -64,9 +64,8 @@ class Experiment:
         *,
         run_config: Mapping[str, Any] | None = None,
         hook: PhaseHook,
-    ) -> tuple[Experiment, resolve.Scan]:
-        """Rank 0: choose, lease, create, sweep, read. Returns the experiment and what its
-        scan found (corrupt checkpoints included, for the loader to report)."""
+    ) -> Experiment:
+        """Rank 0: choose, lease, create, sweep, read the catalog."""
         plan = choose(config, storage)
         exp = layout.ExperimentLayout(config.root_path / plan.name)
         storage.mkdir(exp.root)
@@ -86,11 +85,11 @@ class Experiment:
                 fsync=config.fsync,
                 aliases=(config.save_last, config.save_best),
             )
-            found = catalog.open()
+            catalog.open()
         except BaseException:
             lease.release()
             raise
-        return cls(config, plan, storage, catalog, lease), found
+        return cls(config, plan, storage, catalog, lease)
 
     @classmethod
     def follow(cls, config: CheckpointConfig, plan: Plan, storage: LocalStorage) -> Experiment:

@@ -69,7 +69,7 @@ class CheckpointManager:
         opened: list[Experiment] = []
 
         def open_experiment() -> Plan:
-            exp, _ = Experiment.open(config, storage, run_config=run_config, hook=hook)
+            exp = Experiment.open(config, storage, run_config=run_config, hook=hook)
             opened.append(exp)
             return exp.plan
 

@@ -13,12 +13,10 @@ a corrupt checkpoint is handed out. One process, no process group.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import pickle
-import warnings
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -33,6 +31,7 @@ from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadat
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
 from . import layout, resolve, state
+from .comm import quiet_dcp
 from .errors import CheckpointError, CheckpointNotFoundError, IntegrityError
 from .index import CheckpointInfo, Which
 from .marker import Marker
@@ -128,7 +127,7 @@ class CheckpointReader:
         _agree(error, distributed, group, f"load of {self.path}", plan)
         assert plan is not None
         try:
-            with _one_process():
+            with quiet_dcp(True):
                 dcp.load(
                     plan.read,
                     storage_reader=FileSystemReader(self.path),
@@ -152,7 +151,7 @@ class CheckpointReader:
         for key in wanted:
             self._check_key(key)
         loaded: dict[str, Any] = {}
-        with _one_process():
+        with quiet_dcp(True):
             # DCP's own converter (format_utils.dcp_to_torch_save) does this: the public
             # dcp.load only fills keys the caller's dict already has.
             _load_state_dict(
@@ -175,7 +174,7 @@ class CheckpointReader:
         if not isinstance(meta, TensorStorageMetadata):
             raise CheckpointError(f"{self.path} has no tensor {fqn!r}")
         out = torch.empty(meta.size, dtype=meta.properties.dtype)
-        with _one_process():
+        with quiet_dcp(True):
             dcp.load({fqn: out}, storage_reader=FileSystemReader(self.path), no_dist=True)
         return out
 
@@ -261,14 +260,6 @@ def _metadata(path: Path) -> Metadata:
         return FileSystemReader(path).read_metadata()
     except Exception as e:
         raise IntegrityError(f"{layout.dcp_metadata_path(path)} is unreadable: {e}") from e
-
-
-@contextlib.contextmanager
-def _one_process() -> Iterator[None]:
-    """DCP warns that it assumes one process without a process group: that is the intent."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        yield
 
 
 __all__ = ["CheckpointReader", "open_checkpoint"]

@@ -237,10 +237,11 @@ class SavePipeline:
 
     def _begin(self, step: int) -> None:
         """Rank 0: the free space, the timeline, the ``.tmp``."""
-        committer, entries = self._exp.catalog.committer, self._exp.catalog.entries()
-        assert committer is not None
-        committer.begin(step, entries[-1].step if entries else None,
-                        last_bytes=entries[-1].bytes if entries else 0)  # fmt: skip
+        catalog = self._exp.catalog
+        assert catalog.committer is not None
+        newest = catalog.newest()
+        catalog.committer.begin(step, None if newest is None else newest.step,
+                                last_bytes=0 if newest is None else newest.bytes)  # fmt: skip
 
     def _abort(self, step: int, began: bool) -> None:
         if began and self._exp.catalog.committer is not None:
@@ -328,7 +329,8 @@ class SavePipeline:
         failed = [msg for was_relayed, msg in errors if not was_relayed] or [m for _, m in errors]
         if failed:
             self._abort(step, began=self.rank == 0)
-            latest = self._exp.catalog.newest_step()
+            newest = self._exp.catalog.newest()
+            latest = None if newest is None else newest.step
             raise CheckpointError(
                 f"{what} failed while writing {tmp}: {'; '.join(failed)}; nothing was "
                 f"committed, the newest checkpoint is still "

@@ -70,7 +70,6 @@ __all__ = [
     "has_tensor",
     "kind_of",
     "restore_rng_state",
-    "rng_fqn",
 ]
 
 log = logging.getLogger(__name__)
@@ -87,10 +86,6 @@ def check_keys(app_state: Mapping[str, Any]) -> None:
                 f"app_state key {key!r} is invalid: keys are non-empty str without '.', "
                 "not starting with '_' (reserved for the engine)"
             )
-
-
-def rng_fqn(rank: int) -> str:
-    return RngCodec(rank).fqn
 
 
 # ---------------------------------------------------------------- save

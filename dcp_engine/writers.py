@@ -26,7 +26,6 @@ import multiprocessing.connection
 import os
 import time
 import traceback
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -38,7 +37,7 @@ import torch.multiprocessing as mp
 from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
 
-from .comm import Comm
+from .comm import Comm, quiet_dcp
 from .digests import HashingFileSystem
 from .errors import CheckpointError
 from .staging import StagedSavePlanner, StagedState
@@ -193,9 +192,7 @@ def save_staged(
     no_dist = group is None and not dist.is_initialized()
     writer, fs = _fs_writer(directory, opts, storage)
     try:
-        with warnings.catch_warnings():
-            if no_dist:  # one rank: exactly the intent DCP warns that it assumes
-                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        with quiet_dcp(no_dist):
             dcp.save(
                 staged.values,
                 storage_writer=writer,
