@@ -21,6 +21,7 @@ from .errors import (
 )
 from .index import CheckpointInfo
 from .manager import CheckpointManager
+from .native import storage_reader, storage_writer
 from .reader import CheckpointReader, open_checkpoint
 from .resolve import find_checkpoints
 from .retention import RetentionPolicy
@@ -59,4 +60,6 @@ __all__ = [
     "load_weights",
     "loop_position",
     "open_checkpoint",
+    "storage_reader",
+    "storage_writer",
 ]

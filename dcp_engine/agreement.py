@@ -21,6 +21,8 @@ class Answer:
     busy: bool = False
     error: tuple[str, str] | None = None
     renew: bool = False
+    plan_cached: bool = False
+    """This rank's plan has the structure of its cached global plan (``shards.py``)."""
 
 
 def verdict(gathered: list[Answer], what: str) -> Exception | None:

@@ -63,12 +63,14 @@ def _parser() -> argparse.ArgumentParser:
     ver.add_argument("path", type=Path, help="a checkpoint or an experiment")
     ver.set_defaults(run=cmd_verify)
 
-    exp = sub.add_parser("export", help="one consolidated torch.load-able file")
+    exp = sub.add_parser(
+        "export", help="one torch.load-able file, a safetensors file, or a stock DCP directory"
+    )
     exp.add_argument("checkpoint", type=Path)
     exp.add_argument("out", type=Path)
     exp.add_argument("--key", help="one entry only, e.g. teacher")
     exp.add_argument("--dtype", choices=sorted(export.DTYPES), help="cast floating tensors")
-    exp.add_argument("--format", choices=["torch", "safetensors"], default="torch")
+    exp.add_argument("--format", choices=["torch", "safetensors", "dcp"], default="torch")
     exp.set_defaults(run=cmd_export)
 
     gc = sub.add_parser("gc", help="apply retention policies to an experiment")
@@ -283,7 +285,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     out = export.export(args.checkpoint, args.out, key=args.key, dtype=args.dtype, fmt=args.format)
-    print(f"wrote {out} ({_size(out.stat().st_size)})")
+    size = sum(p.stat().st_size for p in out.iterdir()) if out.is_dir() else out.stat().st_size
+    print(f"wrote {out} ({_size(size)})")
     return 0
 
 

@@ -98,6 +98,7 @@ class Committer:
         entries: Mapping[str, Mapping[str, Any]],
         digests: Mapping[str, Mapping[str, Any]],
         world_size: int,
+        shards: str,
     ) -> tuple[Path, Marker]:
         """Steps 1 and 2: the checkpoint exists when this returns."""
         self.lease.check()
@@ -130,6 +131,7 @@ class Committer:
             entries=entries,
             files=files,
             extra=dict(extra),
+            shards=shards,
         )
         self._write_marker(tmp, marker)
         self.hook("marker", step)

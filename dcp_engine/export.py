@@ -6,18 +6,23 @@ experiment.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
+import pickle
+import shutil
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.distributed.checkpoint.filesystem import _StorageInfo
 
 from . import layout, resolve, retention
 from .errors import CheckpointError
 from .index import Which
-from .reader import open_checkpoint
+from .native import METADATA_FILE, ShardSlice, to_dtype
+from .reader import CheckpointReader, open_checkpoint
 
 DTYPES = {
     "fp32": torch.float32,
@@ -64,11 +69,16 @@ def export(
     which: Which = "latest",
 ) -> Path:
     """One consolidated file of a checkpoint (or of one key, e.g. the teacher) that
-    ``torch.load`` opens (``fmt="torch"``) or ``safetensors`` reads (tensors only).
+    ``torch.load`` opens (``fmt="torch"``) or ``safetensors`` reads (tensors only), or a
+    directory in DCP's stock format (``fmt="dcp"``, ``export_dcp``).
     ``which`` picks the checkpoint when ``source`` is an experiment."""
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
     ckpt = open_checkpoint(source, which)
+    if fmt == "dcp":
+        if dtype is not None:
+            raise ValueError("--dtype applies to the torch and safetensors formats only")
+        return export_dcp(ckpt, Path(out), key=key)
     values = ckpt.load_entries([key] if key is not None else None)
     payload = values[key] if key is not None else values
     payload = cast_floats(payload, DTYPES[dtype] if dtype else None)
@@ -87,8 +97,61 @@ def export(
             raise CheckpointError(f"{ckpt.path}: {key or 'the checkpoint'} holds no tensors")
         save_file(tensors, str(tmp))
     else:
-        raise ValueError(f"format {fmt!r} is not 'torch' or 'safetensors'")
+        raise ValueError(f"format {fmt!r} is not 'torch', 'safetensors' or 'dcp'")
     tmp.replace(out)
+    return out
+
+
+def export_dcp(ckpt: CheckpointReader, out: Path, *, key: str | None = None) -> Path:
+    """The checkpoint (or one key) as a directory in DCP's stock format (``torch.save``
+    per item, ``__<rank>_<k>.distcp``), shards and all, for readers without dcp_engine:
+    ``dcp.load(state, checkpoint_id=out)``. Streamed one item at a time."""
+    if out.exists():
+        raise CheckpointError(f"{out} exists: export --format dcp writes a new directory")
+    metadata = ckpt.metadata
+    keep = {
+        fqn for fqn in metadata.state_dict_metadata
+        if key is None or fqn == key or fqn.startswith(f"{key}.")
+    }  # fmt: skip
+    if not keep:
+        raise CheckpointError(f"{ckpt.path} has no key {key!r}: {ckpt.keys}")
+    per_file: dict[str, list[tuple[Any, Any]]] = {}
+    for index, where in metadata.storage_data.items():
+        if index.fqn in keep:
+            per_file.setdefault(where.relative_path, []).append((index, where))
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    storage_data: dict[Any, _StorageInfo] = {}
+    for name, items in sorted(per_file.items()):
+        stock = Path(name).with_suffix(".distcp").name
+        with open(ckpt.path / name, "rb") as src, open(tmp / stock, "wb") as dst:
+            for index, where in sorted(items, key=lambda p: p[1].offset):
+                src.seek(where.offset)
+                data = src.read(where.length)
+                offset = dst.tell()
+                if isinstance(where, ShardSlice) and where.dtype:
+                    chunk = torch.frombuffer(
+                        bytearray(data), dtype=to_dtype(where.dtype, f"{name}: {index.fqn}")
+                    )
+                    torch.save(chunk.reshape(where.shape), dst)
+                else:  # serialised values (and items already in DCP's format) as they are
+                    dst.write(data)
+                storage_data[index] = _StorageInfo(stock, offset, dst.tell() - offset)
+            dst.flush()
+            os.fsync(dst.fileno())
+    stock_metadata = dataclasses.replace(
+        metadata,
+        state_dict_metadata={k: v for k, v in metadata.state_dict_metadata.items() if k in keep},
+        planner_data={k: v for k, v in (metadata.planner_data or {}).items() if k in keep},
+        storage_data=storage_data,
+        storage_meta=None,
+    )
+    with open(tmp / METADATA_FILE, "wb") as f:
+        pickle.dump(stock_metadata, f)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.rename(out)
     return out
 
 

@@ -27,6 +27,9 @@ class SaveStats:
     skipped: bool = False
     waited_s: float = 0.0
     """How long ``save`` waited for the previous save before staging (``when_busy``)."""
+    planned: bool = False
+    """DCP's global planning ran (the first save, or a state whose structure changed): a
+    gather and a broadcast more; otherwise every rank reused its cached plan."""
 
     @property
     def gbps(self) -> float:

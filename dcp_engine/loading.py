@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
 
 from . import resolve, state
@@ -37,8 +36,9 @@ from .errors import CheckpointError, IntegrityError
 from .experiment import Experiment
 from .index import CheckpointInfo, Which
 from .marker import Marker
+from .native import NativeReader
 from .resolve import Candidate
-from .writers import fmt_bytes
+from .writers import fmt_bytes, summary
 
 log = logging.getLogger(__name__)
 
@@ -99,13 +99,13 @@ class Loader:
             with self._comm.dcp_call():
                 dcp.load(
                     plan.read,
-                    storage_reader=FileSystemReader(path),
+                    storage_reader=NativeReader(path),
                     process_group=self._comm.group,
                     no_dist=not self._comm.distributed,
                 )
         except (Exception, CheckpointException) as e:  # DCP's is a BaseException
             plan.rollback()
-            raise CheckpointError(f"reading checkpoint {path} failed: {e}") from e
+            raise CheckpointError(f"reading checkpoint {path} failed: {summary(e)}") from e
         try:
             self._comm.everywhere(plan.apply, f"restoring {path}")
         except BaseException:
@@ -184,7 +184,7 @@ class Loader:
     def _plan(
         self, app_state: dict[str, Any], path: Path, marker: Marker, optional: Collection[str]
     ) -> state.LoadPlan:
-        metadata = FileSystemReader(path).read_metadata()
+        metadata = NativeReader(path).read_metadata()
         return state.build_load_plan(
             app_state,
             marker.entries,

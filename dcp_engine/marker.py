@@ -28,6 +28,9 @@ from .errors import IntegrityError
 
 FORMAT = "dcp-engine/2"
 LEGACY_FORMATS = ("dcp-engine/1",)
+SHARDS_RAW = "raw/1"
+SHARDS_TORCH_SAVE = "dcp/torch_save"
+SHARD_FORMATS = (SHARDS_RAW, SHARDS_TORCH_SAVE)
 DIGEST_ALGORITHM = "crc32"
 _HEX8 = re.compile(r"[0-9a-f]{8}")
 
@@ -66,6 +69,9 @@ class Marker:
     created: float = field(default_factory=time.time)
     torch_version: str = torch.__version__
     format: str = FORMAT
+    shards: str = SHARDS_TORCH_SAVE
+    """The shard files' format: ``raw/1`` (``native.py``), or DCP's stock format
+    (``dcp/torch_save``) in checkpoints written before it."""
 
     @property
     def total_bytes(self) -> int:
@@ -97,6 +103,7 @@ class Marker:
             "entries": {k: dict(v) for k, v in self.entries.items()},
             "files": {k: f.to_json() for k, f in self.files.items()},
             "bytes": self.total_bytes,
+            "shards": self.shards,
         }
 
     def to_bytes(self) -> bytes:
@@ -194,11 +201,19 @@ def _parse(data: Mapping[str, Any]) -> Marker:
         created=float(created),
         torch_version=str(data.get("torch_version", "?")),
         format=str(data["format"]),
+        shards=_shards(data),
     )
     total = data.get("bytes")
     if total != marker.total_bytes:
         raise _Bad(f"field 'bytes' is {total!r}, its files add up to {marker.total_bytes}")
     return marker
+
+
+def _shards(data: Mapping[str, Any]) -> str:
+    shards = data.get("shards", SHARDS_TORCH_SAVE)  # absent: written before raw/1
+    if shards not in SHARD_FORMATS:
+        raise _Bad(f"field 'shards' is {shards!r}, expected one of {', '.join(SHARD_FORMATS)}")
+    return str(shards)
 
 
 def clean_metrics(metrics: Mapping[str, Any] | None) -> dict[str, float]:

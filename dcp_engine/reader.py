@@ -24,7 +24,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
@@ -35,6 +34,7 @@ from .comm import quiet_dcp
 from .errors import CheckpointError, CheckpointNotFoundError, IntegrityError
 from .index import CheckpointInfo, Which
 from .marker import Marker
+from .native import NativeReader
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ class CheckpointReader:
             with quiet_dcp(True):
                 dcp.load(
                     plan.read,
-                    storage_reader=FileSystemReader(self.path),
+                    storage_reader=NativeReader(self.path),
                     process_group=group,
                     no_dist=not distributed,
                 )
@@ -156,7 +156,7 @@ class CheckpointReader:
             # dcp.load only fills keys the caller's dict already has.
             _load_state_dict(
                 loaded,
-                storage_reader=FileSystemReader(self.path),
+                storage_reader=NativeReader(self.path),
                 planner=_EmptyStateDictLoadPlanner(keys=set(wanted)),
                 no_dist=True,
             )
@@ -175,7 +175,7 @@ class CheckpointReader:
             raise CheckpointError(f"{self.path} has no tensor {fqn!r}")
         out = torch.empty(meta.size, dtype=meta.properties.dtype)
         with quiet_dcp(True):
-            dcp.load({fqn: out}, storage_reader=FileSystemReader(self.path), no_dist=True)
+            dcp.load({fqn: out}, storage_reader=NativeReader(self.path), no_dist=True)
         return out
 
     def _check_key(self, key: str) -> None:
@@ -257,7 +257,7 @@ def _agree(
 
 def _metadata(path: Path) -> Metadata:
     try:
-        return FileSystemReader(path).read_metadata()
+        return NativeReader(path).read_metadata()
     except Exception as e:
         raise IntegrityError(f"{layout.dcp_metadata_path(path)} is unreadable: {e}") from e
 

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch.distributed as dist
-from torch.distributed.checkpoint.api import CheckpointException
 
 from . import state
 from .agreement import Answer, verdict
@@ -33,19 +32,20 @@ from .errors import CheckpointError
 from .experiment import Experiment
 from .handles import SaveHandle, SaveStats
 from .index import CheckpointInfo
-from .marker import clean_extra, clean_metrics
+from .marker import SHARDS_RAW, clean_extra, clean_metrics
+from .native import write_metadata
 from .overlap import OptimizerHooks
+from .shards import LocalPlan, PlanCache, live_plan, rank_write, staged_plan
 from .staging import StagedState, StagingPool, mutated_by_optimizers_only
 from .storage import LocalStorage
 from .worker import Worker
 from .writers import (
-    InlineWriter,
+    LocalWriter,
     ProcessWriter,
+    RankWritten,
     ShardWriter,
-    ThreadWriter,
     WriteOptions,
     fmt_bytes,
-    relayed,
     summary,
 )
 
@@ -61,6 +61,9 @@ class _Job:
     entries: dict[str, Any]
     start: float
     waited: float
+    local: LocalPlan
+    replan: bool
+    """Some rank's plan changed structure: DCP's global planning runs (collectively)."""
 
     @property
     def step(self) -> int:
@@ -75,7 +78,7 @@ class _Built:
     metrics: dict[str, float]
     extra: dict[str, Any]
     saved: state.SaveState
-    staged: StagedState | None
+    local: LocalPlan
 
 
 class SavePipeline:
@@ -103,9 +106,11 @@ class SavePipeline:
         opts = WriteOptions(
             fsync=config.fsync, threads=config.write_threads, digests=config.digests
         )
+        self._opts = opts
+        self._plans = PlanCache()
         self._writer: ShardWriter
         if config.async_mode == "off":
-            self._writer = InlineWriter(comm, opts, storage)
+            self._writer = LocalWriter(opts, storage)
             self.hooks = OptimizerHooks(None, config.timeout_s)
             return
         self._io = Comm.create(process_group, config.timeout_s, purpose="io")
@@ -114,9 +119,9 @@ class SavePipeline:
         self._worker = Worker(f"dcp_engine_saver_rank{self.rank}", budget)
         self.hooks = OptimizerHooks(self.pool, config.timeout_s)
         if config.async_mode == "thread":
-            self._writer = ThreadWriter(self._io, opts, storage)
-        else:
-            self._writer = ProcessWriter(comm, opts, storage, timeout_s=config.timeout_s)
+            self._writer = LocalWriter(opts, storage)
+        else:  # started in the background: the first save waits for it only if need be
+            self._writer = ProcessWriter(opts, storage, timeout_s=config.timeout_s)
 
     # ------------------------------------------------------------------ foreground
 
@@ -160,6 +165,7 @@ class SavePipeline:
             busy,
             None if error is None else wire_error(error),
             renew=previous is not None or self._io.broken,
+            plan_cached=built is not None and self._plans.has(built.local.key),
         )
         try:
             gathered: list[Answer] = self._comm.all_gather(mine, what)
@@ -170,7 +176,7 @@ class SavePipeline:
         skip = any(g.busy for g in gathered)
         if refused is not None or error is not None or skip:
             self._abort(step, began)
-            if built is not None and built.staged is not None:
+            if built is not None and built.local.staged is not None:
                 self.hooks.done()  # no copy will run: nothing for an optimizer to wait on
         if error is not None:
             raise error from previous
@@ -185,17 +191,18 @@ class SavePipeline:
         assert built is not None
         with self._lock:
             self._late[step] = (built.metrics, built.extra)
-        job = _Job(handle, epoch, built.saved.entries, start, waited)
-        staged = built.staged
+        replan = not all(g.plan_cached for g in gathered)
+        job = _Job(handle, epoch, built.saved.entries, start, waited, built.local, replan)
+        staged = built.local.staged
         if staged is None:
             blocked = time.perf_counter() - start
-            self._write_and_commit(job, built.saved.state_dict, self._comm, blocked)
+            self._write_and_commit(job, self._comm, blocked)
             return handle
         blocked = time.perf_counter() - start - waited
         if not staged.pending:
             handle.staged.set_result(None)
         assert self._worker is not None
-        self._worker.submit(lambda: self._background(job, staged, blocked), handle)
+        self._worker.submit(lambda: self._write_and_commit(job, self._io, blocked), handle)
         return handle
 
     def _build(
@@ -221,8 +228,12 @@ class SavePipeline:
             capture_rng=self.config.capture_rng,
         )
         shape = {k: v for k, v in saved.entries.items() if k != state.RNG_KEY}
-        staged = None if self.pool is None else self._stage(saved, app_state)
-        return _Built(shape, clean, marker_extra, saved, staged)
+        coordinator = self.rank == 0
+        if self.pool is None:
+            local = live_plan(saved.state_dict, coordinator=coordinator)
+        else:
+            local = staged_plan(self._stage(saved, app_state), coordinator=coordinator)
+        return _Built(shape, clean, marker_extra, saved, local)
 
     def _stage(self, saved: state.SaveState, app_state: Mapping[str, Any]) -> StagedState:
         assert self.pool is not None
@@ -269,17 +280,15 @@ class SavePipeline:
 
     # ------------------------------------------------------------------ background
 
-    def _background(self, job: _Job, staged: StagedState, blocked: float) -> None:
-        self._write_and_commit(job, staged, self._io, blocked)
-
-    def _write_and_commit(self, job: _Job, data: Any, comm: Comm, blocked: float) -> None:
+    def _write_and_commit(self, job: _Job, comm: Comm, blocked: float) -> None:
         """Every rank writes its shards into ``.tmp``; once all are durable, rank 0 commits
         and every rank hears the outcome (over ``comm``). Resolves the job's handle."""
         handle = job.handle
         try:
-            info, write_s, commit_start = self._write_then_commit(job, data, comm)
+            info, write_s, commit_start = self._write_then_commit(job, comm)
         except BaseException as e:
             comm.broken = True  # its group may be dead: the next save renews it
+            self._plans.forget()
             with self._lock:
                 self._late.pop(job.step, None)
             handle.committed.set_exception(e)
@@ -287,11 +296,11 @@ class SavePipeline:
                 handle.staged.set_result(None)
             raise
         now = time.perf_counter()
-        if isinstance(data, StagedState):  # optimizer steps that waited for the copy
+        if job.local.staged is not None:  # optimizer steps that waited for the copy
             blocked += self.hooks.wait_s
         stats = SaveStats(job.step, info.bytes, blocked_s=blocked, write_s=write_s,
                           commit_s=now - commit_start, total_s=now - job.start,
-                          waited_s=job.waited)  # fmt: skip
+                          waited_s=job.waited, planned=job.replan)  # fmt: skip
         handle.stats = stats
         with self._lock:
             self._stats.append(stats)
@@ -301,32 +310,38 @@ class SavePipeline:
                      stats.blocked_s * 1e3)  # fmt: skip
         handle.committed.set_result(info)
 
-    def _write_then_commit(
-        self, job: _Job, data: Any, comm: Comm
-    ) -> tuple[CheckpointInfo, float, float]:
+    def _write_then_commit(self, job: _Job, comm: Comm) -> tuple[CheckpointInfo, float, float]:
         step, what = job.step, f"save of step {job.step}"
         tmp = self._exp.layout.tmp_dir(step)
-        written, error = None, None
+        written: RankWritten | None = None
+        error: str | None = None
         try:
-            if isinstance(data, StagedState):  # overlapped staging: the deferred copies
+            staged = job.local.staged
+            if staged is not None:  # overlapped staging: the deferred copies
                 try:
-                    data.finish_copies()
+                    staged.finish_copies()
                 finally:
                     self.hooks.done()
                 if not job.handle.staged.done():
                     job.handle.staged.set_result(None)
-            written = self._writer.write(data, tmp)
+            central = self._plans.central(job.local, comm, job.replan, what)
+            rank_job, source = rank_write(job.local, central, tmp, self.rank)
+            written = self._writer.write(rank_job, source)
             self._hook("written", step)
-        except (Exception, CheckpointException) as e:  # DCP's is a BaseException
-            error = (relayed(e, self.rank), f"rank {self.rank}: {summary(e)}")
+        except Exception as e:
+            if comm.broken:  # the planning collective failed: no gather would work either
+                self._abort(step, began=self.rank == 0)
+                raise
+            error = f"rank {self.rank}: {summary(e)}"
         commit_start = time.perf_counter()
         try:
-            results = comm.all_gather((None if written is None else written.digests, error), what)
+            results: list[tuple[RankWritten | None, str | None]] = comm.all_gather(
+                (written, error), what
+            )
         except CheckpointError:  # a rank died or never came: no commit, no .tmp left
             self._abort(step, began=self.rank == 0)
             raise
-        errors = [e for _, e in results if e is not None]
-        failed = [msg for was_relayed, msg in errors if not was_relayed] or [m for _, m in errors]
+        failed = [e for _, e in results if e is not None]
         if failed:
             self._abort(step, began=self.rank == 0)
             newest = self._exp.catalog.newest()
@@ -337,8 +352,8 @@ class SavePipeline:
                 f"{'(none)' if latest is None else f'step {latest}'}"
             )
         assert written is not None
-        digests = {name: d for per_rank, _ in results for name, d in (per_rank or {}).items()}
-        info, entries = comm.decide(lambda: self._commit(job, digests), what)
+        every = [w for w, _ in results if w is not None]
+        info, entries = comm.decide(lambda: self._commit(job, every), what)
         if self.rank != 0:
             self._exp.catalog.mirror(entries)
         with self._lock:
@@ -346,12 +361,24 @@ class SavePipeline:
         return info, written.seconds, commit_start
 
     def _commit(
-        self, job: _Job, digests: dict[str, Any]
+        self, job: _Job, written: list[RankWritten]
     ) -> tuple[CheckpointInfo, list[CheckpointInfo]]:
-        """Rank 0, every rank's shards durable: marker, rename, catalog (index, aliases,
-        retention in the background)."""
+        """Rank 0, every rank's shards durable: DCP's ``.metadata``, the marker, the
+        rename, the catalog (index, aliases, retention in the background)."""
         catalog = self._exp.catalog
-        assert catalog.committer is not None
+        assert catalog.committer is not None and self._plans.metadata is not None
+        tmp = self._exp.layout.tmp_dir(job.step)
+        digests = {f.name: f.digest for w in written for f in w.files}
+        try:
+            meta = write_metadata(
+                self._storage.shard_filesystem(digests=self._opts.digests), tmp,
+                self._plans.metadata, [r for w in written for r in w.results],
+                checkpoint_id=str(self._exp.layout.step_dir(job.step)), fsync=self._opts.fsync,
+            )  # fmt: skip
+        except BaseException:
+            catalog.committer.abort(job.step)
+            raise
+        digests[meta.name] = meta.digest
         # Under the lock from the marker to the catalog: metrics that come while writing go
         # into the marker, and later ones find the checkpoint in the catalog.
         with self._lock:
@@ -360,6 +387,7 @@ class SavePipeline:
                 path, marker = catalog.committer.finalize(
                     job.step, epoch=job.epoch, metrics=metrics, extra=extra,
                     entries=job.entries, digests=digests, world_size=self.world_size,
+                    shards=SHARDS_RAW,
                 )  # fmt: skip
             except BaseException:
                 catalog.committer.abort(job.step)

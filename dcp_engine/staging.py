@@ -56,6 +56,8 @@ class StagedState:
     """Copies not done yet (overlapped staging); run them before anything reads ``values``."""
     generation: int = 0
     """The pool layout the buffers belong to (``StagingPool.generation``)."""
+    shared: Any = None
+    """Process mode: the shared segment's handle (``SharedArena.handle``)."""
 
     def finish_copies(self) -> None:
         for copy in self.pending:
@@ -82,6 +84,8 @@ class StagingPool:
         """Bumped at every rebuild; a writer process holding old buffers must get new ones."""
         self._specs: dict[str, tuple[Any, ...]] = {}
         self.buffers: dict[str, torch.Tensor] = {}
+        self.arena: SharedArena | None = None
+        """Process mode: the shared segment holding every buffer."""
 
     @property
     def nbytes(self) -> int:
@@ -122,7 +126,8 @@ class StagingPool:
             else:
                 buf.copy_(src, non_blocking=src.is_cuda)
         _sync_cuda()
-        return StagedState(values, items, mappings, pending, self.generation)
+        shared = None if self.arena is None else self.arena.handle
+        return StagedState(values, items, mappings, pending, self.generation, shared)
 
     def prepare(self, state_dict: dict[str, Any]) -> None:
         """Allocate (and touch) the buffers for these tensors now, not in the first save.
@@ -141,10 +146,16 @@ class StagingPool:
         # fresh run's pool prepared before the optimizer had state only gains the moments).
         start = time.perf_counter()
         rebuilt = bool(self._specs)
-        kept = {k: b for k, b in self.buffers.items() if self._specs[k] == specs.get(k)}
-        if self.shared:
-            check_shared_memory(sum(_nbytes(t) for k, t in tensors.items() if k not in kept))
-        new = {k: self._allocate(_local(t)) for k, t in tensors.items() if k not in kept}
+        if self.shared:  # one arena for all: a writer process maps it by one name
+            self.arena = None  # released before the new one is counted and allocated
+            self.buffers = {}
+            check_shared_memory(sum(_spec_bytes(sp) for sp in specs.values()))
+            kept: dict[str, torch.Tensor] = {}
+            self.arena = SharedArena({k: (sp[0], sp[1]) for k, sp in specs.items()})
+            new = dict(self.arena.buffers)
+        else:
+            kept = {k: b for k, b in self.buffers.items() if self._specs[k] == specs.get(k)}
+            new = {k: self._allocate(_local(t)) for k, t in tensors.items() if k not in kept}
         self.buffers = {**kept, **new}
         self._specs = specs
         self.generation += 1
@@ -161,19 +172,56 @@ class StagingPool:
         )  # fmt: skip
 
     def _allocate(self, like: torch.Tensor) -> torch.Tensor:
-        if self.shared:
-            # Straight into shared memory (share_memory_() would allocate, then copy).
-            storage = torch.UntypedStorage._new_shared(_nbytes(like))
-            buf = torch.empty(0, dtype=like.dtype)
-            buf.set_(storage, 0, like.shape, _row_major_strides(like.shape))
-        else:
-            buf = torch.empty(like.shape, dtype=like.dtype, pin_memory=like.is_cuda)
+        buf = torch.empty(like.shape, dtype=like.dtype, pin_memory=like.is_cuda)
         buf.zero_()  # touch every page now, not during the first save
         return buf
 
     def release(self) -> None:
         self.buffers = {}
         self._specs = {}
+        self.arena = None
+
+
+_ALIGN = 64
+
+
+class SharedArena:
+    """The process mode's staging buffers: views into ONE named shared-memory segment
+    (torch's ``file_system`` sharing: its manager daemon removes the segment once no
+    process maps it, so a killed job leaves nothing in ``/dev/shm``)."""
+
+    def __init__(self, specs: Mapping[str, tuple[tuple[int, ...], torch.dtype]]) -> None:
+        layout: dict[str, tuple[int, str, tuple[int, ...]]] = {}
+        offset = 0
+        for fqn, (shape, dtype) in specs.items():
+            layout[fqn] = (offset, str(dtype).removeprefix("torch."), tuple(shape))
+            offset += -(-_spec_bytes((shape, dtype)) // _ALIGN) * _ALIGN
+        storage = torch.UntypedStorage._new_using_filename_cpu(max(offset, 1))
+        manager, name, size = storage._share_filename_cpu_()
+        self.handle = (manager, name, size, layout)
+        """What a writer process needs to map the buffers (``attach_shared``)."""
+        self.buffers = _views(storage, layout)
+        for buf in self.buffers.values():
+            buf.zero_()  # touch every page now, not during the first save
+
+
+def _views(
+    storage: torch.UntypedStorage, layout: Mapping[str, tuple[int, str, tuple[int, ...]]]
+) -> dict[str, torch.Tensor]:
+    views = {}
+    for fqn, (offset, dtype_name, shape) in layout.items():
+        dtype = getattr(torch, dtype_name)
+        buf = torch.empty(0, dtype=dtype)
+        buf.set_(storage, offset // dtype.itemsize, shape, _row_major_strides(torch.Size(shape)))
+        views[fqn] = buf
+    return views
+
+
+def attach_shared(handle: tuple[Any, ...]) -> dict[str, torch.Tensor]:
+    """In a writer process: the staging buffers of ``SharedArena.handle``, mapped."""
+    manager, name, size, layout = handle
+    storage = torch.UntypedStorage._new_shared_filename_cpu(manager, name, size)
+    return _views(storage, layout)
 
 
 def mutated_by_optimizers_only(app_state: Mapping[str, Any]) -> Callable[[str, torch.Tensor], bool]:
@@ -236,6 +284,11 @@ def _captured(value: Any) -> Any:
 def _nbytes(t: torch.Tensor) -> int:
     local = _local(t)
     return local.numel() * local.element_size()
+
+
+def _spec_bytes(spec: tuple[Any, ...]) -> int:
+    shape, dtype = spec[0], spec[1]
+    return int(torch.Size(shape).numel()) * dtype.itemsize
 
 
 def _spec(t: torch.Tensor) -> tuple[Any, ...]:

@@ -119,7 +119,9 @@ def writer_killed(rank: int, world_size: int, root: str) -> dict[str, Any]:
         "error": error,
         "elapsed": elapsed,
         "loaded": info.step if info else None,
-        "children": [c.name() for c in children],
+        # torch's shared-memory manager (it removes the staging segment if the job is
+        # killed) exits with this process; no process of ours is left
+        "children": [c.name() for c in children if c.name() != "torch_shm_manager"],
         "w0": fresh["w"][0].item(),
     }
 

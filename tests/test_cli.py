@@ -116,7 +116,7 @@ def test_verify_passes_then_names_a_flipped_byte(exp):
     ok = cli("verify", exp)
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert ok.stdout.count("OK ") == 3 and "by digest" in ok.stdout
-    shard = sorted((exp / "checkpoints" / "step_00000002").glob("*.distcp"))[0]
+    shard = sorted((exp / "checkpoints" / "step_00000002").glob("*.raw"))[0]
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0x01
     shard.write_bytes(bytes(data))

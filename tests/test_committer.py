@@ -37,14 +37,15 @@ def committer(tmp_path):
 
 def write_shards(c: Committer, step: int) -> dict:
     tmp = c.begin(step, None)
-    (tmp / "__0_0.distcp").write_bytes(b"x" * 10)
+    (tmp / "__0_0.raw").write_bytes(b"x" * 10)
     (tmp / ".metadata").write_bytes(b"m")
-    return {"__0_0.distcp": {"size": 10, "crc32": "00000000"}}
+    return {"__0_0.raw": {"size": 10, "crc32": "00000000"}}
 
 
 def finalize(c: Committer, step: int, digests: dict):
-    return c.finalize(step, epoch=0, metrics={"loss": 1.0}, extra={}, entries={"t": {
-        "kind": "tensors", "encoding": "tree"}}, digests=digests, world_size=1)  # fmt: skip
+    entries = {"t": {"kind": "tensors", "encoding": "tree"}}
+    return c.finalize(step, epoch=0, metrics={"loss": 1.0}, extra={}, entries=entries,
+                      digests=digests, world_size=1, shards="raw/1")  # fmt: skip
 
 
 def test_finalize_writes_the_marker_then_renames(committer):
@@ -52,7 +53,7 @@ def test_finalize_writes_the_marker_then_renames(committer):
     assert committer.phases == [("marker", 5), ("committed", 5)]
     assert path.name == "step_00000005"
     on_disk = resolve.read_marker(path)
-    assert on_disk == marker and on_disk.files["__0_0.distcp"].crc32 == "00000000"
+    assert on_disk == marker and on_disk.files["__0_0.raw"].crc32 == "00000000"
     assert on_disk.files[".metadata"].size == 1 and on_disk.total_bytes == 11
 
 
@@ -67,7 +68,7 @@ def test_begin_refuses_a_step_not_above_the_newest_and_a_committed_one(committer
 
 def test_a_size_that_is_not_what_was_hashed_is_refused(committer):
     digests = write_shards(committer, 2)
-    digests["__0_0.distcp"]["size"] = 11
+    digests["__0_0.raw"]["size"] = 11
     with pytest.raises(de.IntegrityError, match="10 bytes on disk, but 11 were written"):
         finalize(committer, 2, digests)
     assert not committer.exp.step_dir(2).exists()

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
+import pickle
 import shutil
 from pathlib import Path
 
@@ -32,7 +34,7 @@ def test_save_commits_marker_shards_index_and_latest(mgr):
     assert info.step == 7 and info.epoch == 1 and info.metrics == {"loss": 0.25}
     assert info.path == mgr.experiment_dir / "checkpoints" / "step_00000007"
     names = {p.name for p in info.path.iterdir()}
-    assert {"COMMITTED", ".metadata", "__0_0.distcp"} <= names
+    assert {"COMMITTED", ".metadata", "__0_0.raw"} <= names
     marker = json.loads((info.path / "COMMITTED").read_text())
     assert marker["files"][".metadata"]["size"] == (info.path / ".metadata").stat().st_size
     assert info.bytes == sum(f["size"] for f in marker["files"].values()) > 0
@@ -162,7 +164,7 @@ def test_saving_a_committed_step_again_is_refused_and_changes_nothing(mgr):
 def test_a_torn_tmp_of_the_same_step_is_replaced(mgr):
     tmp = mgr.experiment_dir / "checkpoints" / "step_00000003.tmp"
     tmp.mkdir()
-    (tmp / "__0_0.distcp").write_bytes(b"garbage from a crash")
+    (tmp / "__0_0.raw").write_bytes(b"garbage from a crash")
     info = mgr.save(3, trained_app()).result()
     assert not tmp.exists() and info.path.is_dir()
 
@@ -211,14 +213,25 @@ def test_mismatched_state_raises_naming_path_and_keys_and_changes_nothing(mgr, c
 
 def test_failed_read_leaves_fresh_optimizer_empty_and_model_unchanged(mgr):
     info = mgr.save(1, trained_app()).result()
-    shard = info.path / "__0_0.distcp"
+    shard = info.path / "__0_0.raw"
     raw = shard.read_bytes()
-    shard.write_bytes(b"\0" * 64 + raw[64:])  # same size, unreadable first item
+    shard.write_bytes(b"\0" * 64 + raw[64:])  # same size, other bytes
     app = toy.make_app("plain", seed=4)
     before = {k: v.clone() for k, v in app["model"].state_dict().items()}
-    with pytest.raises(de.IntegrityError, match=r"__0_0\.distcp: crc32 \w{8}, the marker says"):
+    with pytest.raises(de.IntegrityError, match=r"__0_0\.raw: crc32 \w{8}, the marker says"):
         mgr.load(app, 1)  # verified first (the default): nothing is read into the state
-    with pytest.raises(de.CheckpointError, match=r"reading checkpoint .*step_00000001 failed"):
+    shard.write_bytes(raw)
+    # The last tensor's dtype unknown (the metadata keeps its size): its read fails.
+    meta_path = info.path / ".metadata"
+    metadata = pickle.loads(meta_path.read_bytes())
+    tensors = [(i, s) for i, s in metadata.storage_data.items() if s.dtype == "float32"]
+    index, last = max(tensors, key=lambda kv: kv[1].offset)
+    metadata.storage_data[index] = dataclasses.replace(last, dtype="float99")
+    changed = pickle.dumps(metadata)
+    assert len(changed) == meta_path.stat().st_size
+    meta_path.write_bytes(changed)
+    with pytest.raises(de.CheckpointError, match=r"reading checkpoint .*step_00000001 failed.*"
+                       r"__0_0\.raw: .* unknown dtype 'float99'"):  # fmt: skip
         mgr.load(app, 1, verify=False)
     assert not app["optim"].state
     toy.assert_equal(before, app["model"].state_dict())
@@ -331,13 +344,13 @@ def test_truncated_latest_is_skipped_on_resume_and_refused_by_name(mgr, caplog):
     app = trained_app()
     mgr.save(1, app)
     second = mgr.save(2, app).result()
-    shard = second.path / "__0_0.distcp"
+    shard = second.path / "__0_0.raw"
     shard.write_bytes(shard.read_bytes()[:100])
-    with pytest.raises(de.IntegrityError, match=r"step_00000002/__0_0\.distcp is 100 bytes"):
+    with pytest.raises(de.IntegrityError, match=r"step_00000002/__0_0\.raw is 100 bytes"):
         mgr.load(app, 2)
     with caplog.at_level("WARNING"):
         assert mgr.load(app).step == 1  # the newest that checks out
-    assert "skipping step_00000002" in caplog.text and "__0_0.distcp is 100 bytes" in caplog.text
+    assert "skipping step_00000002" in caplog.text and "__0_0.raw is 100 bytes" in caplog.text
     assert "quarantined" in caplog.text and not second.path.exists()
 
 

@@ -161,7 +161,7 @@ def test_a_flipped_byte_in_the_only_marker_is_an_error_not_a_fresh_start(tmp_pat
 @pytest.mark.parametrize(
     "mutate",
     [
-        lambda d: d["files"]["__0_0.distcp"].pop("size"),
+        lambda d: d["files"]["__0_0.raw"].pop("size"),
         lambda d: d.__setitem__("entries", "w"),
         lambda d: d["metrics"].__setitem__("loss", "low"),
     ],

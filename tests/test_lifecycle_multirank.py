@@ -296,7 +296,7 @@ class LoseOwnShard:
     def __call__(self, phase: str, step: int) -> None:
         if phase == "written" and step == 2:
             tmp = Path(self.root) / "local" / "checkpoints" / "step_00000002.tmp"
-            for shard in tmp.glob("__1_*.distcp"):
+            for shard in tmp.glob("__1_*.raw"):
                 shard.unlink()
 
 
@@ -318,6 +318,6 @@ def test_a_shard_rank_0_cannot_see_is_never_committed_without(tmp_path):
     """Pass: a file rank 1 wrote (and hashed) that rank 0 does not find (a root_dir local
     to each node) fails the save on every rank, naming it; nothing is committed."""
     for r in lost_shard.run(str(tmp_path)):
-        assert "__1_0.distcp" in r["error"] and "every rank sees" in r["error"], r
+        assert "__1_0.raw" in r["error"] and "every rank sees" in r["error"], r
         assert r["steps"] == [1], r
     assert not (tmp_path / "local" / "checkpoints" / "step_00000002").exists()

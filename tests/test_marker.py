@@ -16,7 +16,7 @@ def sample(**kw) -> Marker:
     fields = dict(step=60, epoch=3, metrics={"loss": 0.5, "acc": math.nan}, world_size=2,
                   entries={"model": {"kind": "module"}, "n": {"kind": "object",
                                                               "encoding": "pickle"}},
-                  files={"__0_0.distcp": FileEntry(100, "0000abcd"), ".metadata": FileEntry(7)},
+                  files={"__0_0.raw": FileEntry(100, "0000abcd"), ".metadata": FileEntry(7)},
                   extra={"trainer": {"step": 60}})  # fmt: skip
     fields.update(kw)
     return Marker(**fields)
@@ -57,14 +57,14 @@ def test_every_single_flipped_byte_is_caught():
 @pytest.mark.parametrize(
     "mutate, problem",
     [
-        (lambda d: d["files"]["__0_0.distcp"].pop("size"), "has size None"),
+        (lambda d: d["files"]["__0_0.raw"].pop("size"), "has size None"),
         (lambda d: d.__setitem__("entries", ["model"]), "field 'entries' is list"),
         (lambda d: d["entries"].__setitem__("model", "module"), "entry 'model'"),
         (lambda d: d["metrics"].__setitem__("loss", "low"), "metric 'loss' is 'low'"),
         (lambda d: d.__setitem__("step", -1), "field 'step' is -1"),
         (lambda d: d.__setitem__("step", True), "field 'step' is True"),
         (lambda d: d.__setitem__("bytes", 5), "field 'bytes' is 5"),
-        (lambda d: d["files"]["__0_0.distcp"].__setitem__("crc32", "xyz"), "crc32 'xyz'"),
+        (lambda d: d["files"]["__0_0.raw"].__setitem__("crc32", "xyz"), "crc32 'xyz'"),
         (lambda d: d.__setitem__("created", "yesterday"), "field 'created'"),
         (lambda d: d.__setitem__("files", None), "field 'files' is NoneType"),
     ],

@@ -34,7 +34,7 @@ def make_experiment(tmp_path: Path) -> Path:
 
 
 def flip(path: Path) -> Path:
-    shard = sorted(path.glob("*.distcp"))[0]
+    shard = sorted(path.glob("*.raw"))[0]
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0x01
     shard.write_bytes(bytes(data))
@@ -76,7 +76,7 @@ def test_reads_change_nothing_on_disk_even_beside_a_torn_save(tmp_path, capsys):
     command and open_checkpoint leave every file, name and mtime as they were."""
     exp = make_experiment(tmp_path)
     (exp / "checkpoints" / "step_00000003.tmp").mkdir()
-    (exp / "checkpoints" / "step_00000003.tmp" / "__0_0.distcp").write_bytes(b"partial")
+    (exp / "checkpoints" / "step_00000003.tmp" / "__0_0.raw").write_bytes(b"partial")
     (exp / "OWNER").write_text('{"a": "job that is writing"}')
     (exp / "index.json").unlink()  # a reader must not rebuild it either
     before = tree(exp)

@@ -353,7 +353,7 @@ class ImageFolder(Dataset):
             found = sorted(p for p in folder.iterdir() if p.is_file())
         native = [p for p in found if p.suffix.lower() in NATIVE_EXTENSIONS]
         pil = [p for p in found if p.suffix.lower() in PIL_EXTENSIONS]
-        if self.pil:
+        if self.pil and (native or pil):
             return sorted(native + pil)
         if pil and not native:
             raise RuntimeError(

@@ -83,12 +83,12 @@ def test_a_corrupt_latest_is_skipped_on_resume_and_refused_by_name(tmp_path, cap
         mgr.save(1, ranks.state(1))
         bad = mgr.save(2, ranks.state(2)).result().path
     if damage == "flip":
-        target = sorted(bad.glob("*.distcp"))[0]
+        target = sorted(bad.glob("*.raw"))[0]
         data = bytearray(target.read_bytes())
         data[len(data) // 3] ^= 0x10
         target.write_bytes(bytes(data))
     else:
-        target = bad / (".metadata" if damage == "truncate_metadata" else "__0_0.distcp")
+        target = bad / (".metadata" if damage == "truncate_metadata" else "__0_0.raw")
         target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
     with de.CheckpointManager(cfg(tmp_path)) as mgr:
         with pytest.raises(de.IntegrityError, match=target.name):
@@ -121,7 +121,7 @@ def test_every_checkpoint_corrupt_is_an_error_not_a_fresh_start(tmp_path):
     silently starting over."""
     with de.CheckpointManager(cfg(tmp_path)) as mgr:
         path = mgr.save(1, ranks.state(1)).result().path
-    shard = sorted(path.glob("*.distcp"))[0]
+    shard = sorted(path.glob("*.raw"))[0]
     data = bytearray(shard.read_bytes())
     data[-1] ^= 0xFF
     shard.write_bytes(bytes(data))

@@ -1,0 +1,138 @@
+"""A save's shards under DCP's planner: the local plan, the global plan (cached by
+structure), and what one rank hands its writer.
+
+DCP plans every save with two collectives (gather the local plans, scatter the global
+ones: deduplication of replicated tensors, the global metadata). The engine runs that
+planning only when the state's structure changed: every rank keys its local plan by its
+structure (fqn, chunk, dtype, the planner's mappings), tells whether it matches the key
+of its cached global plan in the save's one agreement (``agreement.Answer.plan_cached``),
+and all ranks replan together if any rank's does not. Otherwise the cached global plan
+(and, on rank 0, the cached ``Metadata``) is reused: no planning collective.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+from torch.distributed.checkpoint.metadata import Metadata
+from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItem, WriteItemType
+from torch.distributed.checkpoint.utils import find_state_dict_object
+
+from .comm import Comm
+from .staging import StagedSavePlanner, StagedState
+from .writers import RankWrite, Source
+
+
+@dataclass(frozen=True)
+class LocalPlan:
+    """One rank's plan of one save, built in the foreground."""
+
+    planner: SavePlanner
+    plan: SavePlan
+    key: str
+    """The plan's structure: equal keys, equal global plans."""
+    staged: StagedState | None
+
+
+def plan_key(plan: SavePlan) -> str:
+    h = hashlib.sha1()
+    for item in plan.items:
+        td = item.tensor_data
+        chunk = None if td is None else (tuple(td.chunk.offsets), tuple(td.chunk.sizes),
+                                         tuple(td.size), str(td.properties.dtype))  # fmt: skip
+        h.update(repr((item.index.fqn, item.index.offset, item.type.value, chunk)).encode())
+    h.update(repr(sorted((k, v) for k, v in (plan.planner_data or {}).items())).encode())
+    return h.hexdigest()
+
+
+def live_plan(state_dict: dict[str, Any], *, coordinator: bool) -> LocalPlan:
+    """The local plan of a state written as it is (``async_mode="off"``)."""
+    planner = DefaultSavePlanner()
+    planner.set_up_planner(state_dict, storage_meta=None, is_coordinator=coordinator)
+    plan = planner.create_local_plan()
+    return LocalPlan(planner, plan, plan_key(plan), None)
+
+
+def staged_plan(staged: StagedState, *, coordinator: bool) -> LocalPlan:
+    """The local plan of a staged state (the write items were computed at staging)."""
+    planner = StagedSavePlanner(staged.items, staged.mappings)
+    planner.set_up_planner(staged.values, storage_meta=None, is_coordinator=coordinator)
+    plan = planner.create_local_plan()
+    return LocalPlan(planner, plan, plan_key(plan), staged)
+
+
+class PlanCache:
+    """This rank's last global plan, by key; on the coordinator, its ``Metadata``."""
+
+    def __init__(self) -> None:
+        self._key: str | None = None
+        self._central: SavePlan | None = None
+        self.metadata: Metadata | None = None
+
+    def has(self, key: str) -> bool:
+        return key == self._key and self._central is not None
+
+    def forget(self) -> None:
+        """After a failed save: the next one plans afresh on every rank."""
+        self._key, self._central, self.metadata = None, None, None
+
+    def central(self, local: LocalPlan, comm: Comm, replan: bool, what: str) -> SavePlan:
+        """This rank's final plan; with ``replan`` (every rank alike), DCP's global
+        planning over ``comm``: a gather and a broadcast."""
+        if not replan:
+            assert self._central is not None
+            return local.planner.finish_plan(self._central)
+        self.forget()
+        plans = comm.all_gather(local.plan, what)
+
+        def plan_globally() -> list[SavePlan]:
+            plans_out, metadata = local.planner.create_global_plan(plans)
+            self.metadata = metadata
+            return plans_out
+
+        central: SavePlan = comm.decide(plan_globally, what)[comm.rank]
+        self._key, self._central = local.key, central
+        return local.planner.finish_plan(central)
+
+
+def rank_write(
+    local: LocalPlan, central: SavePlan, directory: Path, rank: int
+) -> tuple[RankWrite, Source]:
+    """What this rank's writer writes: the final items, the non-tensor values serialised
+    here, and where the tensors are."""
+    planner = local.planner
+    flat = planner.state_dict  # type: ignore[attr-defined]  # flat, in both planners
+    blobs: dict[Any, bytes] = {}
+    needed = 0
+    for item in central.items:
+        if item.type == WriteItemType.BYTE_IO:
+            # What DCP's planner does (torch.save; its load_bytes is torch.load), in the
+            # format without a zip archive: 3x faster, 8x smaller for a float.
+            buf = io.BytesIO()
+            torch.save(find_state_dict_object(flat, item.index), buf,
+                       _use_new_zipfile_serialization=False)  # fmt: skip
+            blobs[item.index] = buf.getvalue()
+        elif item.tensor_data is not None:
+            td = item.tensor_data
+            needed += td.chunk.sizes.numel() * td.properties.dtype.itemsize
+    needed += sum(len(b) for b in blobs.values())
+    job = RankWrite(directory, rank, list(central.items), blobs, needed)
+    staged = local.staged
+    if staged is not None:
+        values = staged.values
+
+        def staged_tensor(item: WriteItem) -> torch.Tensor:
+            return values[item.index.fqn]  # one item per fqn: the buffer is the chunk
+
+        return job, Source(staged_tensor, staged.shared, staged.generation)
+
+    def live_tensor(item: WriteItem) -> torch.Tensor:
+        return find_state_dict_object(flat, item.index)
+
+    return job, Source(live_tensor)

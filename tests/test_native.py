@@ -1,0 +1,241 @@
+"""The engine's shard format (``raw/1``) under DCP's planner: one raw file per rank,
+read by stock DCP through ``storage_reader``, exported to DCP's stock format, and
+checkpoints written before it still loading."""
+
+from __future__ import annotations
+
+import pickle
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+
+import dcp_engine as de
+from dcp_engine import layout
+from dcp_engine.export import export
+from dcp_engine.marker import Marker
+from tests import toy
+from tests.distributed import multirank
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def odd_state() -> dict:
+    """Every kind of leaf the format must carry bit for bit."""
+    g = torch.Generator().manual_seed(3)
+    return {
+        "w": torch.randn(5, 7, generator=g),
+        "bf16": torch.randn(9, generator=g).to(torch.bfloat16),
+        "transposed": torch.randn(4, 6, generator=g).t(),  # not contiguous
+        "scalar": torch.tensor(2.5),
+        "empty": torch.empty(0, 3),
+        "mask": torch.tensor([True, False, True]),
+        "ints": torch.arange(11, dtype=torch.int64),
+        "c64": torch.randn(3, dtype=torch.complex64, generator=g),
+        "note": "hello",
+        "nested": {"x": torch.ones(2, 2), "count": 7},
+    }
+
+
+def zeros_like(state: dict) -> dict:
+    out = {}
+    for k, v in state.items():
+        if isinstance(v, torch.Tensor):
+            out[k] = torch.zeros(v.shape, dtype=v.dtype)
+        elif isinstance(v, dict):
+            out[k] = zeros_like(v)
+        else:
+            out[k] = None
+    return out
+
+
+def assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        if isinstance(a[k], dict):
+            assert_same(a[k], b[k])
+        elif isinstance(a[k], torch.Tensor):
+            assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+        else:
+            assert a[k] == b[k], k
+
+
+def test_stock_dcp_writes_and_reads_the_raw_format(tmp_path):
+    state = odd_state()
+    writer = de.storage_writer(tmp_path / "ck")
+    dcp.save(state, storage_writer=writer, no_dist=True)
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == [".metadata", "__0_0.raw"]
+    assert set(writer.files) == {".metadata", "__0_0.raw"}  # digests, computed while writing
+    out = zeros_like(state)
+    dcp.load(out, storage_reader=de.storage_reader(tmp_path / "ck"), no_dist=True)
+    assert_same(state, out)
+
+
+def test_tensor_bytes_are_written_raw_not_per_item_torch_save(mgr):
+    marker_bytes = torch.arange(1000, 1256, dtype=torch.int32)
+    model = toy.make_app("plain", seed=0)["model"]
+    info = mgr.save(1, {"probe": marker_bytes, "model": model}).result()
+    files = sorted(p.name for p in info.path.iterdir())
+    assert files == [".metadata", "COMMITTED", "__0_0.raw"]
+    raw = (info.path / "__0_0.raw").read_bytes()
+    assert marker_bytes.numpy().tobytes() in raw
+    metadata = pickle.loads((info.path / ".metadata").read_bytes())
+    pickled = [s for s in metadata.storage_data.values() if not s.dtype]
+    # no zip archive at all: tensors raw, the non-tensor values in torch's plain pickle
+    assert pickled and b"PK\x05\x06" not in raw
+    marker = Marker.from_bytes((info.path / layout.MARKER_FILE).read_bytes(), "test")
+    assert marker.shards == "raw/1"
+
+
+def test_engine_checkpoint_loads_with_stock_dcp_and_storage_reader(mgr):
+    app = toy.make_app("plain", seed=1)
+    toy.train(app, steps=2, rank=0)
+    info = mgr.save(2, app).result()
+    fresh = toy.make_app("plain", seed=9)
+    target = {"model": fresh["model"].state_dict()}
+    dcp.load(target, storage_reader=de.storage_reader(info.path), no_dist=True)
+    toy.assert_equal(app["model"].state_dict(), target["model"])
+
+
+def test_a_checkpoint_in_the_stock_format_still_loads(tmp_path):
+    """Written by the engine before raw/1 (DCP's per-item torch.save, a marker without
+    ``shards``): verified and loaded by the manager and by open_checkpoint."""
+    exp = tmp_path / "legacy"
+    shutil.copytree(FIXTURES / "legacy_torch_save" / "legacy", exp, symlinks=True)
+    expected = torch.load(FIXTURES / "legacy_torch_save" / "expected.pt", weights_only=True)
+    path = exp / "checkpoints" / "step_00000003"
+    assert Marker.from_bytes((path / layout.MARKER_FILE).read_bytes(), "t").shards == (
+        "dcp/torch_save"
+    )
+    model = torch.nn.Linear(4, 3)
+    optim = torch.optim.AdamW(model.parameters(), lr=0.1)
+    extra = {"t": torch.zeros(5, dtype=torch.bfloat16), "note": None}
+    cfg = de.CheckpointConfig(root_dir=str(tmp_path), experiment_name="legacy", async_mode="off")
+    with de.CheckpointManager(cfg) as mgr:
+        info = mgr.load({"model": model, "optim": optim, "extra": extra})
+        assert info is not None and info.step == 3
+        toy.assert_equal(expected["model"], model.state_dict())
+        toy.assert_equal(expected["optim"], optim.state_dict())
+        assert torch.equal(extra["t"], expected["t"]) and extra["note"] == "hello"
+        mgr.save(4, {"model": model, "optim": optim, "extra": extra}).result()  # now raw/1
+    reader = de.open_checkpoint(exp, "latest")
+    assert reader.info.step == 4 and reader.marker.shards == "raw/1"
+    assert torch.equal(de.open_checkpoint(path).load_tensor("model.weight"), model.weight)
+
+
+def test_export_format_dcp_is_read_by_stock_dcp_without_dcp_engine(mgr, tmp_path):
+    app = toy.make_app("plain", seed=2)
+    toy.train(app, steps=2, rank=0)
+    info = mgr.save(5, app).result()
+    out = tmp_path / "stock"
+    proc = subprocess.run(
+        [sys.executable, "-m", "dcp_engine", "export", str(info.path), str(out), "--format", "dcp"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert f"wrote {out}" in proc.stdout
+    assert sorted(p.name for p in out.iterdir()) == [".metadata", "__0_0.distcp"]
+    expected = {k: v.clone() for k, v in app["model"].state_dict().items()}
+    # A fresh interpreter where dcp_engine cannot be imported: stock DCP only.
+    script = textwrap.dedent(f"""
+        import sys
+        sys.modules["dcp_engine"] = None  # any import of it fails
+        import torch, torch.distributed.checkpoint as dcp
+        expected = torch.load({str(tmp_path / "expected.pt")!r})
+        target = {{"model": {{k: torch.zeros_like(v) for k, v in expected.items()}}}}
+        dcp.load(target, checkpoint_id={str(out)!r}, no_dist=True)
+        assert all(torch.equal(target["model"][k], v) for k, v in expected.items())
+        print("stock ok")
+    """)
+    torch.save(expected, tmp_path / "expected.pt")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert "stock ok" in proc.stdout, proc.stderr
+    proc = subprocess.run(
+        [sys.executable, "-m", "dcp_engine", "export", str(info.path), str(out), "--format", "dcp"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode != 0 and "exists" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_export_format_dcp_of_one_key(mgr, tmp_path):
+    app = {"teacher": torch.nn.Linear(3, 2), "student": torch.nn.Linear(3, 2)}
+    info = mgr.save(1, app).result()
+    out = export(info.path, tmp_path / "teacher", key="teacher", fmt="dcp")
+    target = {"teacher": {k: torch.zeros_like(v) for k, v in app["teacher"].state_dict().items()}}
+    dcp.load(target, checkpoint_id=str(out), no_dist=True)
+    toy.assert_equal(app["teacher"].state_dict(), target["teacher"])
+    with pytest.raises(dcp.api.CheckpointException, match="student"):
+        dcp.load({"student": {"weight": torch.zeros(2, 3)}}, checkpoint_id=str(out), no_dist=True)
+    with pytest.raises(de.CheckpointError, match="no key 'nope'"):
+        export(info.path, tmp_path / "nope", key="nope", fmt="dcp")
+
+
+def test_a_script_without_main_guard_works_in_process_mode(tmp_path):
+    """The writer process is its own interpreter: the training script is never imported
+    again (its top level runs once), and it needs no ``if __name__ == "__main__"``."""
+    script = tmp_path / "train.py"
+    script.write_text(textwrap.dedent(f"""
+        import torch, dcp_engine as de
+        print("top level ran")
+        cfg = de.CheckpointConfig(root_dir={str(tmp_path)!r}, experiment_name="x",
+                                  async_mode="process")
+        mgr = de.CheckpointManager(cfg)
+        model = torch.nn.Linear(8, 8)
+        for step in (1, 2):
+            mgr.save(step, {{"model": model}}).result()
+        mgr.close()
+        print("saved", [c.step for c in de.find_checkpoints({str(tmp_path / "x")!r})])
+    """))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=180, cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("top level ran") == 1
+    assert "saved [2, 1]" in proc.stdout or "saved [1, 2]" in proc.stdout
+
+
+@multirank(2)
+def cached_plans(rank: int, world_size: int, root: str, mode: str) -> dict:
+    """DDP (replicated tensors: DCP's global plan decides which rank writes each)."""
+    app = toy.make_app("ddp", seed=0)
+    cfg = de.CheckpointConfig(root_dir=root, experiment_name=f"plans_{mode}", async_mode=mode)
+    planned = []
+    with de.CheckpointManager(cfg) as mgr:
+        for step in (1, 2, 3, 4):
+            if step == 3:
+                app["ema"] = torch.full((4,), float(step))  # a new key: a new structure
+            toy.train(app, 1, rank)
+            handle = mgr.save(step, app)
+            handle.result()
+            assert handle.stats is not None
+            planned.append(handle.stats.planned)
+        expected = toy.full_state(app)
+        fresh = toy.make_app("ddp", seed=5)
+        assert mgr.load(fresh).step == 4
+        toy.assert_equal(expected, toy.full_state(fresh))
+        path = mgr.experiment_dir / "checkpoints" / "step_00000004"
+        raw = {p.name: p.stat().st_size for p in path.glob("*.raw")}
+        metadata = pickle.loads((path / ".metadata").read_bytes())
+    referenced = sum(s.length for s in metadata.storage_data.values())
+    return {"planned": planned, "raw": raw, "referenced": referenced}
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize("mode", ["off", "thread", "process"])
+def test_global_plan_runs_only_when_the_structure_changes(tmp_path, mode):
+    """After the first save, a save with the same structure runs no planning collective
+    (SaveStats.planned); a new optimizer state replans; replicated tensors are written
+    once among the ranks, from cached plans too."""
+    outcomes = cached_plans.run(str(tmp_path), mode)
+    for out in outcomes:
+        assert out["planned"] == [True, False, True, False], out
+    raw = outcomes[0]["raw"]
+    assert set(raw) == {"__0_0.raw", "__1_0.raw"}
+    # every byte written is an item of the metadata: no rank wrote a replicated tensor
+    # that another rank's item stands for
+    assert sum(raw.values()) == outcomes[0]["referenced"], raw
