@@ -1,35 +1,92 @@
-"""dcp-engine: sharded, committed, indexed checkpoints for PyTorch on top of DCP."""
+"""dcp-engine: sharded, committed, indexed checkpoints for PyTorch on top of DCP.
 
-from .callbacks import (
-    LOOP_KEY,
-    AsyncCheckpointCallback,
-    CheckpointCallback,
-    TrainStart,
-    loop_position,
-)
-from .config import KEY_ALIASES, CheckpointConfig
-from .errors import (
-    CheckpointError,
-    CheckpointNotFoundError,
-    ConfigError,
-    ExperimentLockedError,
-    IntegrityError,
-    NotACheckpointError,
-    StateMismatchError,
-    TimelineError,
-    UnknownKeyError,
-)
-from .index import CheckpointInfo
-from .manager import CheckpointManager
-from .native import storage_reader, storage_writer
-from .reader import CheckpointReader, open_checkpoint
-from .resolve import find_checkpoints
-from .retention import RetentionPolicy
-from .saving import SaveHandle, SaveStats
-from .storage import LocalStorage
-from .weights import LoadResult, load_weights
+The public names are imported on first use (PEP 562): ``import dcp_engine`` stays cheap
+for the writer process (``python -m dcp_engine.writer_process``) and the command line,
+which need only a few of its modules.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .callbacks import (
+        LOOP_KEY,
+        AsyncCheckpointCallback,
+        CheckpointCallback,
+        TrainStart,
+        loop_position,
+    )
+    from .config import KEY_ALIASES, CheckpointConfig
+    from .errors import (
+        CheckpointError,
+        CheckpointNotFoundError,
+        ConfigError,
+        ExperimentLockedError,
+        IntegrityError,
+        NotACheckpointError,
+        StateMismatchError,
+        TimelineError,
+        UnknownKeyError,
+    )
+    from .index import CheckpointInfo
+    from .manager import CheckpointManager
+    from .native import storage_reader, storage_writer
+    from .reader import CheckpointReader, open_checkpoint
+    from .resolve import find_checkpoints
+    from .retention import RetentionPolicy
+    from .saving import SaveHandle, SaveStats
+    from .storage import LocalStorage
+    from .weights import LoadResult, load_weights
 
 __version__ = "0.1.0"
+
+_WHERE = {
+    "AsyncCheckpointCallback": "callbacks",
+    "CheckpointCallback": "callbacks",
+    "LOOP_KEY": "callbacks",
+    "TrainStart": "callbacks",
+    "loop_position": "callbacks",
+    "CheckpointConfig": "config",
+    "KEY_ALIASES": "config",
+    "CheckpointError": "errors",
+    "CheckpointNotFoundError": "errors",
+    "ConfigError": "errors",
+    "ExperimentLockedError": "errors",
+    "IntegrityError": "errors",
+    "NotACheckpointError": "errors",
+    "StateMismatchError": "errors",
+    "TimelineError": "errors",
+    "UnknownKeyError": "errors",
+    "CheckpointInfo": "index",
+    "CheckpointManager": "manager",
+    "storage_reader": "native",
+    "storage_writer": "native",
+    "CheckpointReader": "reader",
+    "open_checkpoint": "reader",
+    "find_checkpoints": "resolve",
+    "RetentionPolicy": "retention",
+    "SaveHandle": "saving",
+    "SaveStats": "saving",
+    "LocalStorage": "storage",
+    "LoadResult": "weights",
+    "load_weights": "weights",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'dcp_engine' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_WHERE})
+
 
 __all__ = [
     "KEY_ALIASES",

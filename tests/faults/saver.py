@@ -23,5 +23,9 @@ if __name__ == "__main__":
             app["w"].copy_(fresh["w"])
             app["b"].copy_(fresh["b"])
             app["step"] = step
-            mgr.save(step, app)
+            handle = mgr.save(step, app)
+            if info is None and step == 1:
+                # A fresh experiment: the kills start once there is something to lose (the
+                # writer process may still be starting when the first save is staged).
+                handle.result()
             print(step, flush=True)
