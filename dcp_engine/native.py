@@ -117,7 +117,9 @@ def write_items(
     items: Iterable[WriteItem],
     resolve: Callable[[WriteItem], Any],
 ) -> list[WriteResult]:
-    """Write ``items`` into ``stream`` (at its current end) in order; their results."""
+    """Write ``items`` into ``stream`` (at its current end) in order; their results.
+    ``resolve`` gives a tensor's item its tensor, or the bytes of a staging buffer that
+    holds exactly its chunk (a ``memoryview``, made once per buffer)."""
     results = []
     offset = 0
     for item in items:
@@ -125,6 +127,12 @@ def write_items(
         if item.type == WriteItemType.BYTE_IO:
             view = data.getbuffer() if isinstance(data, io.BytesIO) else memoryview(data)
             info = ShardSlice(name, offset, len(view))
+        elif isinstance(data, memoryview):  # a staging buffer's bytes, as the plan says
+            td = item.tensor_data
+            assert td is not None
+            view = data
+            info = ShardSlice(name, offset, len(view), dtype_name(td.properties.dtype),
+                              tuple(td.chunk.sizes))  # fmt: skip
         else:
             if not isinstance(data, torch.Tensor):
                 raise TypeError(f"{item.index.fqn}: expected a tensor, got {type(data).__name__}")
@@ -158,24 +166,26 @@ def write_rank_file(
     return results, FileWritten(name, fs.digests[name])
 
 
-def write_metadata(
-    fs: HashingFileSystem,
-    directory: Path,
-    metadata: Metadata,
-    results: Iterable[WriteResult],
-    *,
-    checkpoint_id: str,
-    fsync: bool,
-) -> FileWritten:
-    """The coordinator's ``.metadata``: DCP's metadata with every item's ``ShardSlice``."""
-    metadata = dataclasses.replace(
-        metadata,
-        version=CURRENT_DCP_VERSION,
-        storage_data={r.index: r.storage_data for r in results},
-        storage_meta=StorageMeta(checkpoint_id=checkpoint_id),
+def metadata_bytes(
+    metadata: Metadata, results: Iterable[WriteResult], *, checkpoint_id: str | None = None
+) -> bytes:
+    """DCP's metadata with every item's ``ShardSlice``, pickled (as DCP's ``.metadata``)."""
+    return pickle.dumps(
+        dataclasses.replace(
+            metadata,
+            version=CURRENT_DCP_VERSION,
+            storage_data={r.index: r.storage_data for r in results},
+            storage_meta=None if checkpoint_id is None else StorageMeta(checkpoint_id),
+        )
     )
+
+
+def write_metadata(
+    fs: HashingFileSystem, directory: Path, data: bytes, *, fsync: bool
+) -> FileWritten:
+    """The coordinator's ``.metadata`` (``metadata_bytes``), hashed as it is written."""
     with fs.create_stream(directory / METADATA_FILE, "wb") as f:
-        pickle.dump(metadata, f)
+        f.write(data)
         f.flush()
         if fsync:
             os.fsync(f.fileno())
@@ -223,8 +233,8 @@ class NativeWriter(StorageWriter):
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         items, files = split_results(r for per_rank in results for r in per_rank)
         fs = HashingFileSystem(hashing=self._digests)
-        meta = write_metadata(fs, self.path, metadata, items, checkpoint_id=str(self.path),
-                              fsync=self.fsync)  # fmt: skip
+        data = metadata_bytes(metadata, items, checkpoint_id=str(self.path))
+        meta = write_metadata(fs, self.path, data, fsync=self.fsync)
         self.files = {f.name: f.digest for f in [*files, meta]}
 
     def storage_meta(self) -> StorageMeta | None:

@@ -36,7 +36,7 @@ from .marker import SHARDS_RAW, clean_extra, clean_metrics
 from .native import write_metadata
 from .overlap import OptimizerHooks
 from .shards import LocalPlan, PlanCache, live_plan, rank_write, staged_plan
-from .staging import StagedState, StagingPool, mutated_by_optimizers_only
+from .staging import StagedState, StagingPool, WriteItems, mutated_by_optimizers_only
 from .storage import LocalStorage
 from .worker import Worker
 from .writers import (
@@ -108,6 +108,7 @@ class SavePipeline:
         )
         self._opts = opts
         self._plans = PlanCache()
+        self._items = WriteItems()  # off mode's (the staging pool has its own)
         self._writer: ShardWriter
         if config.async_mode == "off":
             self._writer = LocalWriter(opts, storage)
@@ -230,7 +231,7 @@ class SavePipeline:
         shape = {k: v for k, v in saved.entries.items() if k != state.RNG_KEY}
         coordinator = self.rank == 0
         if self.pool is None:
-            local = live_plan(saved.state_dict, coordinator=coordinator)
+            local = live_plan(saved.state_dict, self._items, coordinator=coordinator)
         else:
             local = staged_plan(self._stage(saved, app_state), coordinator=coordinator)
         return _Built(shape, clean, marker_extra, saved, local)
@@ -366,15 +367,13 @@ class SavePipeline:
         """Rank 0, every rank's shards durable: DCP's ``.metadata``, the marker, the
         rename, the catalog (index, aliases, retention in the background)."""
         catalog = self._exp.catalog
-        assert catalog.committer is not None and self._plans.metadata is not None
+        assert catalog.committer is not None
         tmp = self._exp.layout.tmp_dir(job.step)
         digests = {f.name: f.digest for w in written for f in w.files}
         try:
-            meta = write_metadata(
-                self._storage.shard_filesystem(digests=self._opts.digests), tmp,
-                self._plans.metadata, [r for w in written for r in w.results],
-                checkpoint_id=str(self._exp.layout.step_dir(job.step)), fsync=self._opts.fsync,
-            )  # fmt: skip
+            data = self._plans.metadata_bytes([r for w in written for r in w.results])
+            fs = self._storage.shard_filesystem(digests=self._opts.digests)
+            meta = write_metadata(fs, tmp, data, fsync=self._opts.fsync)
         except BaseException:
             catalog.committer.abort(job.step)
             raise

@@ -28,7 +28,7 @@ def serve(conn: Connection) -> None:
     torch.set_num_threads(1)
     conn.send(("ready", os.getpid()))
     storage: LocalStorage = LocalStorage()
-    buffers: dict[str, torch.Tensor] = {}
+    buffers: dict[str, memoryview] = {}
     while True:
         try:
             msg: tuple[Any, ...] = conn.recv()
@@ -52,7 +52,7 @@ def serve(conn: Connection) -> None:
                 conn.send(("error", (None, f"{type(e).__name__}: {e}"[:4000])))
 
 
-def _lookup(buffers: dict[str, torch.Tensor]) -> Callable[[Any], torch.Tensor]:
+def _lookup(buffers: dict[str, memoryview]) -> Callable[[Any], memoryview]:
     return lambda item: buffers[item.index.fqn]  # one item per fqn: the buffer is the chunk
 
 

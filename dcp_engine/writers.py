@@ -82,7 +82,8 @@ class RankWritten:
     seconds: float
 
 
-TensorOf = Callable[[WriteItem], torch.Tensor]
+TensorOf = Callable[[WriteItem], torch.Tensor | memoryview]
+"""A tensor item's tensor, or the bytes of a staging buffer holding exactly its chunk."""
 
 
 @dataclass(frozen=True)
