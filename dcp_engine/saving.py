@@ -198,6 +198,8 @@ class SavePipeline:
         if staged is None:
             blocked = time.perf_counter() - start
             self._write_and_commit(job, self._comm, blocked)
+            if not handle.staged.done():  # written and committed: the state is free
+                handle.staged.set_result(None)
             return handle
         blocked = time.perf_counter() - start - waited
         if not staged.pending:

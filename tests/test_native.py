@@ -79,7 +79,9 @@ def test_stock_dcp_writes_and_reads_the_raw_format(tmp_path):
 def test_tensor_bytes_are_written_raw_not_per_item_torch_save(mgr):
     marker_bytes = torch.arange(1000, 1256, dtype=torch.int32)
     model = toy.make_app("plain", seed=0)["model"]
-    info = mgr.save(1, {"probe": marker_bytes, "model": model}).result()
+    handle = mgr.save(1, {"probe": marker_bytes, "model": model})
+    assert handle.staged.done() and handle.committed.done()  # async_mode="off"
+    info = handle.result()
     files = sorted(p.name for p in info.path.iterdir())
     assert files == [".metadata", "COMMITTED", "__0_0.raw"]
     raw = (info.path / "__0_0.raw").read_bytes()
