@@ -139,14 +139,20 @@ class ModuleCodec(Codec):
         return trees.empty_like(get_model_state_dict(slot.value))
 
     def apply(self, slot: Slot, value: Any) -> None:
-        set_model_state_dict(slot.value, value)
+        # The loaded values go in by exchange with the read targets, which keep the old
+        # ones (the snapshot, at no memory cost); then the module's own load path (its
+        # hooks: BatchNorm's, FSDP's) runs over values already in place.
+        live = get_model_state_dict(slot.value)
+        trees.swap_into(live, value, slot.aux)
+        set_model_state_dict(slot.value, live)
 
     def snapshot(self, slot: Slot) -> Any:
-        return trees.offload(get_model_state_dict(slot.value))
+        slot.aux = trees.Swaps()
+        return slot.aux
 
     def restore(self, slot: Slot, snap: Any) -> None:
-        # Plain tensors stay on the CPU (load_state_dict copies across devices).
-        set_model_state_dict(slot.value, trees.onload(snap, to_device=False))
+        snap.undo()
+        set_model_state_dict(slot.value, get_model_state_dict(slot.value))
 
 
 @dataclass(frozen=True)
@@ -159,7 +165,7 @@ class _OptimizerAux:
 class _OptimizerSnapshot:
     state: Any  # the live objects (a load replaces them)
     groups: list[dict[str, Any]]
-    contents: dict[Any, Any]  # offloaded
+    contents: dict[Any, Any]  # the per-parameter state dicts, by reference
     hyper: list[dict[str, Any]]
 
 
@@ -206,15 +212,17 @@ class OptimizerCodec(Codec):
         # The optimizer's own state, not get_optimizer_state_dict: a restore through
         # set_optimizer_state_dict would lose the state of parameters the load left
         # without any (the unstepped ones), and could not tell which had none.
+        # By reference: set_optimizer_state_dict replaces the state (the loaded tensors
+        # become it); it never writes into the tensors it had.
         optim = slot.value
-        contents = {p: trees.offload(s) for p, s in optim.state.items()}
+        contents = {p: dict(s) for p, s in optim.state.items()}
         hyper = [{k: v for k, v in g.items() if k != "params"} for g in optim.param_groups]
         groups = list(optim.param_groups)
         return _OptimizerSnapshot(optim.state, groups, contents, trees.offload(hyper))
 
     def restore(self, slot: Slot, snap: Any) -> None:
         snap.state.clear()
-        snap.state.update({p: trees.onload(s, to_device=True) for p, s in snap.contents.items()})
+        snap.state.update({p: dict(s) for p, s in snap.contents.items()})
         for group, hyper in zip(snap.groups, trees.onload(snap.hyper, to_device=True), strict=True):
             params = group["params"]
             group.clear()
@@ -273,13 +281,15 @@ class TensorTreeCodec(Codec):
         return trees.rebuild(slot.value, loaded, slot.key)
 
     def apply(self, slot: Slot, value: Any) -> None:
-        slot.app_state[slot.key] = trees.copy_into(slot.value, value)
+        slot.app_state[slot.key] = trees.swap_into(slot.value, value, slot.aux)
 
     def snapshot(self, slot: Slot) -> Any:
-        return trees.mirror(slot.value)
+        slot.aux = trees.Swaps(root=slot.value)  # the read targets keep the old values
+        return slot.aux
 
     def restore(self, slot: Slot, snap: Any) -> None:
-        slot.app_state[slot.key] = trees.put_back(snap)
+        snap.undo()
+        slot.app_state[slot.key] = snap.root
 
 
 class ObjectCodec(Codec):

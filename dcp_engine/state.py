@@ -12,10 +12,12 @@ anything fails, every value written so far, the failing one included, is put bac
 ``CheckpointError`` names the checkpoint and the key (invariant 10). ``rollback`` puts
 everything back after a successful ``apply`` too (when another rank's apply failed).
 
-Memory: the snapshots are one CPU copy of what is applied (module and optimizer state,
-the tensors of tensor trees and of Stateful state dicts; a plain value is kept as the
-object itself), held until the plan is dropped, on top of the read targets. A load thus
-needs host memory for this rank's shard of the state once more.
+Memory: the read targets are this rank's shard of the state once more, and they are the
+snapshots too: modules and tensor trees get the loaded values by exchange with them
+(``trees.swap_into``: the targets keep the values from before), an optimizer takes the
+loaded tensors as its state (its old state is kept by reference). Only the state dicts of
+Stateful objects are copied to the CPU (small: schedulers, samplers, scalers). A load thus
+needs the state's memory once more at its peak, and nothing after it.
 """
 
 from __future__ import annotations

@@ -1,7 +1,9 @@
 """Nested dicts/lists/tuples of tensors: what the codecs write, rebuild and snapshot.
 
-The snapshots (``offload``, ``mirror``) are one CPU copy of the tensors they hold; they
-exist so that a load can put back what it changed (invariant 10).
+A load puts back what it changed when it fails (invariant 10): modules and tensor trees
+by exchange (``swap_into``: the read targets keep the values from before, so the
+snapshot costs no memory), Stateful state dicts and hyperparameters from CPU copies
+(``offload``).
 """
 
 from __future__ import annotations
@@ -85,23 +87,80 @@ def _like(template: tuple | list, values: list[Any]) -> Any:
     return values
 
 
+# ---------------------------------------------------------------- swaps
+
+_SWAP_BYTES = 16 << 20  # the bounded buffer of an exchange
+
+
+class Swaps:
+    """What ``swap_into`` did, so that ``undo`` can put it back: tensor pairs whose
+    contents it exchanged (the read target of each now holds the caller's value from
+    before: the snapshot costs no memory), and container entries it replaced."""
+
+    def __init__(self, root: Any = None) -> None:
+        self.root = root
+        self.pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.replaced: list[tuple[Any, Any, Any]] = []
+
+    @torch.no_grad()
+    def undo(self) -> None:
+        while self.pairs:
+            swap(*self.pairs.pop())
+        while self.replaced:
+            container, key, old = self.replaced.pop()
+            container[key] = old
+
+
 @torch.no_grad()
-def copy_into(dst: Any, src: Any) -> Any:
-    """Tensors of ``dst`` updated by copy, containers in place, other leaves replaced.
-    ``src`` has ``dst``'s structure (``rebuild``)."""
+def swap(a: torch.Tensor, b: torch.Tensor) -> None:
+    """Exchange the contents of two tensors of one shape and dtype, in place, through a
+    buffer of at most 16 MiB (row blocks of the first dimension)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        raise StateMismatchError(
+            f"cannot exchange {tuple(a.shape)} {a.dtype} with {tuple(b.shape)} {b.dtype}"
+        )
+    if a.dim() == 0 or a.numel() * a.element_size() <= _SWAP_BYTES:
+        tmp = a.clone()
+        a.copy_(b)
+        b.copy_(tmp)
+        return
+    row = max(1, a[0].numel() * a.element_size())
+    step = max(1, _SWAP_BYTES // row)
+    tmp = torch.empty_like(a.narrow(0, 0, min(step, a.shape[0])))
+    for start in range(0, a.shape[0], step):
+        n = min(step, a.shape[0] - start)
+        x, y, t = a.narrow(0, start, n), b.narrow(0, start, n), tmp.narrow(0, 0, n)
+        t.copy_(x)
+        x.copy_(y)
+        y.copy_(t)
+
+
+def _alias(t: torch.Tensor) -> tuple[Any, ...]:
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride())
+
+
+@torch.no_grad()
+def swap_into(dst: Any, src: Any, record: Swaps, seen: set[Any] | None = None) -> Any:
+    """``src`` into ``dst`` by exchange: ``dst``'s tensors get ``src``'s contents and ``src``'s
+    tensors ``dst``'s old ones (a tensor aliased under two keys, tied weights, once);
+    other leaves replaced. ``record`` keeps what to undo."""
+    seen = set() if seen is None else seen
     if isinstance(dst, torch.Tensor):
-        dst.copy_(src)
+        a, b = _local(dst), _local(src)
+        if _alias(a) not in seen:
+            seen.add(_alias(a))
+            swap(a, b)
+            record.pairs.append((a, b))
         return dst
-    if isinstance(dst, dict):
-        for k in dst:
-            dst[k] = copy_into(dst[k], src[k])
-        return dst
-    if isinstance(dst, list):
-        for i in range(len(dst)):
-            dst[i] = copy_into(dst[i], src[i])
+    if isinstance(dst, (dict, list)):
+        for k in dst if isinstance(dst, dict) else range(len(dst)):
+            new = swap_into(dst[k], src[k], record, seen)
+            if new is not dst[k]:
+                record.replaced.append((dst, k, dst[k]))
+                dst[k] = new
         return dst
     if isinstance(dst, tuple):
-        return _like(dst, [copy_into(d, s) for d, s in zip(dst, src, strict=True)])
+        return _like(dst, [swap_into(d, s, record, seen) for d, s in zip(dst, src, strict=True)])
     return src
 
 
@@ -160,31 +219,3 @@ def onload(snapshot: Any, *, to_device: bool) -> Any:
     (a DTensor always, rebuilt from this rank's shard), else left on the CPU."""
     memo: dict[int, Any] = {id(r): r.back(to_device) for r in _tensors(snapshot)}
     return copy.deepcopy(snapshot, memo)
-
-
-def mirror(tree: Any) -> tuple[Any, Any]:
-    """The caller's objects and a CPU copy of their tensors, for ``put_back``."""
-    if isinstance(tree, torch.Tensor):
-        return tree, _OnCpu.of(tree)
-    if isinstance(tree, Mapping):
-        return tree, {k: mirror(v) for k, v in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return tree, [mirror(v) for v in tree]
-    return tree, None
-
-
-@torch.no_grad()
-def put_back(node: tuple[Any, Any]) -> Any:
-    """The objects ``mirror`` saw, in place again, their tensors bit for bit as then."""
-    obj, kept = node
-    if isinstance(obj, torch.Tensor):
-        _local(obj).copy_(kept.data)
-    elif isinstance(obj, dict):
-        for k, child in kept.items():
-            obj[k] = put_back(child)
-    elif isinstance(obj, list):
-        obj[:] = [put_back(child) for child in kept]
-    elif isinstance(obj, (Mapping, tuple)):
-        for child in kept.values() if isinstance(kept, dict) else kept:
-            put_back(child)
-    return obj
