@@ -2,14 +2,16 @@
 
 - *resolve*: rank 0 lists what ``which`` may be (newest or best first) and every rank
   hears the same list;
-- *verify*: every rank reads its share of a candidate's files against their digests; a
-  candidate that fails (or whose marker does not read) is skipped for ``latest``/
-  ``best`` and quarantined by the lease holder, so that ``latest``, retention and later
-  saves never see it again (invariant 5); a named step or path raises;
+- *verify*: every file against its digest, while the read below reads it (``raw/1``:
+  ``native.NativeReader``), or before it (DCP's stock format: every rank reads its share
+  of the files); a candidate that fails (or whose marker does not read) is skipped for
+  ``latest``/``best`` and quarantined by the lease holder, so that ``latest``, retention
+  and later saves never see it again (invariant 5); a named step or path raises;
 - *plan*: fresh targets for every key, checked key by key and shape by shape; the
   staging memory is prepared here too, so that a failure to get it (a small
   ``/dev/shm``) comes before anything of the caller's changed;
-- *read*: DCP fills the fresh targets;
+- *read*: DCP fills the fresh targets (nothing of the caller's: a file that fails its
+  digest here fails the candidate alone);
 - *apply*: every rank writes into the caller's objects; if any rank fails, every rank
   rolls back (invariant 10).
 
@@ -35,8 +37,8 @@ from .config import CheckpointConfig
 from .errors import CheckpointError, IntegrityError
 from .experiment import Experiment
 from .index import CheckpointInfo, Which
-from .marker import Marker
-from .native import NativeReader
+from .marker import SHARDS_RAW, Marker
+from .native import DigestMismatch, NativeReader
 from .resolve import Candidate
 from .writers import fmt_bytes, summary
 
@@ -59,6 +61,21 @@ class Loader:
     def load(
         self, app_state: dict[str, Any], which: Which, *, optional: Collection[str], verify: bool
     ) -> CheckpointInfo | None:
+        while True:  # a candidate found corrupt while reading is quarantined: the next one
+            try:
+                return self._load(app_state, which, optional=optional, verify=verify)
+            except _CorruptInRead as e:
+                if which not in ("latest", "best"):
+                    raise IntegrityError(f"{e.candidate.path} is corrupt: {e.problem}") from e
+                if self.rank == 0:
+                    log.warning("skipping %s for which=%r: %s", e.candidate.path.name, which,
+                                e.problem)  # fmt: skip
+                # Rank 0 moves it away before it lists the candidates again (resolve).
+                self._quarantine([(e.candidate, e.problem)], which)
+
+    def _load(
+        self, app_state: dict[str, Any], which: Which, *, optional: Collection[str], verify: bool
+    ) -> CheckpointInfo | None:
         found = self.resolve(which, verify)
         if found is None:
             log.info(
@@ -70,6 +87,8 @@ class Loader:
             return None
         path, marker = found
         info = CheckpointInfo.from_marker(path, marker)
+        in_read = verify and marker.shards == SHARDS_RAW  # digests checked while reading
+        digests = _digests(marker) if in_read else None
         start = time.perf_counter()
         what = f"load of {path}"
 
@@ -99,12 +118,15 @@ class Loader:
             with self._comm.dcp_call():
                 dcp.load(
                     plan.read,
-                    storage_reader=NativeReader(path),
+                    storage_reader=NativeReader(path, digests=digests),
                     process_group=self._comm.group,
                     no_dist=not self._comm.distributed,
                 )
         except (Exception, CheckpointException) as e:  # DCP's is a BaseException
-            plan.rollback()
+            plan.rollback()  # what was read went into the plan's targets only
+            corrupt = _corruption(e) if in_read else None
+            if corrupt is not None:  # every rank has DCP's failures of every rank
+                raise _CorruptInRead(Candidate(path, info.step, marker), corrupt) from e
             raise CheckpointError(f"reading checkpoint {path} failed: {summary(e)}") from e
         try:
             self._comm.everywhere(plan.apply, f"restoring {path}")
@@ -140,7 +162,8 @@ class Loader:
         bad: list[tuple[Candidate, str]] = []
         for c in candidates:
             problem = c.problem
-            if problem is None and c.marker is not None and verify:
+            in_read = c.marker is not None and c.marker.shards == SHARDS_RAW
+            if problem is None and c.marker is not None and verify and not in_read:
                 problems = self.file_problems(c.path, c.marker, what)
                 problem = "; ".join(problems) if problems else None
             if problem is None and c.marker is not None:
@@ -194,6 +217,29 @@ class Loader:
             where=str(path),
             optional=optional,
         )
+
+
+class _CorruptInRead(Exception):
+    """A file failed its digest while the load read it."""
+
+    def __init__(self, candidate: Candidate, problem: str) -> None:
+        super().__init__(problem)
+        self.candidate, self.problem = candidate, problem
+
+
+def _digests(marker: Marker) -> dict[str, tuple[int, str | None]]:
+    return {name: (f.size, f.crc32) for name, f in marker.files.items()}
+
+
+def _corruption(e: BaseException) -> str | None:
+    """The digest mismatches among a failed read's errors (of every rank), if any."""
+    failures = e.failures.values() if isinstance(e, CheckpointException) else [e]
+    found = []
+    for failure in failures:
+        f = failure[0] if isinstance(failure, tuple) and failure else failure
+        if isinstance(f, DigestMismatch):
+            found.append(str(f))
+    return "; ".join(sorted(set(found))) or None
 
 
 __all__ = ["Loader"]

@@ -31,7 +31,8 @@ import dataclasses
 import io
 import os
 import pickle
-from collections.abc import Callable, Iterable
+import zlib
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -52,7 +53,7 @@ from torch.distributed.checkpoint.planner import (
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
-from .digests import HashingFileSystem
+from .digests import ALGORITHM, HashingFileSystem, file_digest, hexdigest
 from .errors import IntegrityError
 from .marker import SHARDS_RAW as FORMAT
 
@@ -266,7 +267,22 @@ def split_results(results: Iterable[WriteResult]) -> tuple[list[WriteResult], li
 
 class NativeReader(FileSystemReader):
     """DCP ``StorageReader`` for the engine's checkpoints: ``raw/1`` items read raw,
-    items in DCP's stock format (older checkpoints) as DCP reads them."""
+    items in DCP's stock format (older checkpoints) as DCP reads them.
+
+    With ``digests`` (file name -> size and ``crc32``, from the marker) every ``raw/1``
+    file is checked before its content is handed on as loaded: in the same pass when
+    this rank reads all of it in order (the usual case: its own file), else by a read of
+    its own first. A mismatch raises ``DigestMismatch`` naming the file (wrapped by DCP
+    in a ``CheckpointException``); what was read went into the planner's targets only."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        digests: Mapping[str, tuple[int, str | None]] | None = None,
+    ) -> None:
+        super().__init__(path)
+        self.digests = digests
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
         raw: list[Any] = []
@@ -281,21 +297,62 @@ class NativeReader(FileSystemReader):
             per_file.setdefault(info.relative_path, []).append((info, req))
         for name, reqs in per_file.items():
             path = Path(self.path) / name
+            ordered = sorted(reqs, key=lambda p: p[0].offset)
+            size, expected = (self.digests or {}).get(name, (0, None))
+            in_pass = expected is not None and _covers([i for i, _ in ordered], size)
+            if expected is not None and not in_pass:
+                _check_digest(path, file_digest(path), expected)
+            crc = 0
+            values: list[tuple[Any, bytearray]] = []  # unpickled once the file checks out
             with open(path, "rb", buffering=0) as f:
-                for info, req in sorted(reqs, key=lambda p: p[0].offset):
-                    _read_item(f, path, info, req, planner)
+                for info, req in ordered:
+                    view = _read_item(f, path, info, req, planner, values)
+                    if in_pass:
+                        crc = zlib.crc32(view, crc)
+            if in_pass and expected is not None:
+                _check_digest(path, hexdigest(crc), expected)
+            for req, data in values:
+                planner.load_bytes(req, io.BytesIO(data))
         fut: Future[None] = Future()
         fut.set_result(None)
         return fut
 
 
-def _read_item(f: Any, path: Path, info: ShardSlice, req: Any, planner: LoadPlanner) -> None:
+def _covers(infos: list[ShardSlice], size: int) -> bool:
+    """Whether these slices, in order, are the whole file, each byte once."""
+    pos = 0
+    for info in infos:
+        if info.offset != pos:
+            return False
+        pos += info.length
+    return pos == size
+
+
+class DigestMismatch(IntegrityError):
+    """A file read for a load is not what was written."""
+
+
+def _check_digest(path: Path, actual: str, expected: str) -> None:
+    if actual != expected:
+        raise DigestMismatch(f"{path}: {ALGORITHM} {actual}, the marker says {expected}")
+
+
+def _read_item(
+    f: Any,
+    path: Path,
+    info: ShardSlice,
+    req: Any,
+    planner: LoadPlanner,
+    values: list[tuple[Any, bytearray]],
+) -> memoryview:
+    """Read one item: a tensor into its target, a serialised value into ``values``; the
+    bytes read (for the digest)."""
     f.seek(info.offset)
     if req.type == LoadItemType.BYTE_IO:
         data = bytearray(info.length)
         _read_into(f, memoryview(data), path, info)
-        planner.load_bytes(req, io.BytesIO(data))
-        return
+        values.append((req, data))
+        return memoryview(data)
     dtype = to_dtype(info.dtype, f"{path}: {req.storage_index.fqn}")
     target = planner.resolve_tensor(req).detach()
     whole = all(o == 0 for o in req.storage_offsets) and tuple(req.lengths) == info.shape
@@ -306,10 +363,12 @@ def _read_item(f: Any, path: Path, info: ShardSlice, req: Any, planner: LoadPlan
         and target.is_contiguous()
         and tuple(target.shape) == info.shape
     ):
-        _read_into(f, tensor_view(target), path, info)  # straight into the destination
+        view = tensor_view(target)
+        _read_into(f, view, path, info)  # straight into the destination
     else:
         scratch = torch.empty(info.shape, dtype=dtype)
-        _read_into(f, tensor_view(scratch), path, info)
+        view = tensor_view(scratch)
+        _read_into(f, view, path, info)
         for dim, (start, length) in enumerate(zip(req.storage_offsets, req.lengths, strict=True)):
             scratch = scratch.narrow(dim, start, length)
         if tuple(target.shape) != tuple(scratch.shape):
@@ -319,6 +378,7 @@ def _read_item(f: Any, path: Path, info: ShardSlice, req: Any, planner: LoadPlan
             )
         target.copy_(scratch)
     planner.commit_tensor(req, target)
+    return view
 
 
 def _read_into(f: Any, view: memoryview, path: Path, info: ShardSlice) -> None:
