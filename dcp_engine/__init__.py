@@ -32,7 +32,8 @@ if TYPE_CHECKING:
     )
     from .index import CheckpointInfo
     from .manager import CheckpointManager
-    from .native import storage_reader, storage_writer
+    from .native import storage_writer
+    from .native_reader import storage_reader
     from .reader import CheckpointReader, open_checkpoint
     from .resolve import find_checkpoints
     from .retention import RetentionPolicy
@@ -61,7 +62,7 @@ _WHERE = {
     "UnknownKeyError": "errors",
     "CheckpointInfo": "index",
     "CheckpointManager": "manager",
-    "storage_reader": "native",
+    "storage_reader": "native_reader",
     "storage_writer": "native",
     "CheckpointReader": "reader",
     "open_checkpoint": "reader",

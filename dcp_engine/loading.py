@@ -38,7 +38,7 @@ from .errors import CheckpointError, IntegrityError
 from .experiment import Experiment
 from .index import CheckpointInfo, Which
 from .marker import SHARDS_RAW, Marker
-from .native import DigestMismatch, NativeReader
+from .native_reader import DigestMismatch, NativeReader
 from .resolve import Candidate
 from .writers import fmt_bytes, summary
 

@@ -5,24 +5,20 @@ DCP's ``FileSystemWriter`` wraps every tensor in its own ``torch.save`` archive 
 writer and a pickler per item, about 1 ms each): two thirds of a save's CPU time. Here a
 rank's write items go into ONE file ``__<rank>_0.raw`` in plan order, each tensor as its
 bytes (row-major, native byte order, the dtype the plan says), each non-tensor value as
-the bytes DCP's planner serialised; every byte passes through the storage's hashing
+its serialised bytes; every byte passes through the storage's hashing
 stream, so the file's digest costs no second pass. DCP's ``.metadata`` (written by the
-coordinator in ``finish``) maps every item to a ``ShardSlice``: file, offset, length,
+coordinator) maps every item to a ``ShardSlice``: file, offset, length,
 dtype and shape.
 
-``NativeWriter``/``NativeReader`` are DCP ``StorageWriter``/``StorageReader``s, so stock
-DCP reads and writes this format too::
+``NativeWriter`` (here) and ``native_reader.NativeReader`` are DCP's ``StorageWriter``
+and ``StorageReader`` for it, so stock DCP reads and writes this format too::
 
     dcp.load(state, storage_reader=dcp_engine.storage_reader(path))
 
-``NativeReader`` also reads checkpoints in DCP's stock format (``torch.save`` per item),
-which the engine wrote before ``raw/1``; ``dcp-engine export --format dcp`` converts to
-it for readers without dcp_engine.
-
-The reader reads each tensor straight into its destination when the destination is a
-contiguous CPU tensor of the stored dtype and the whole stored chunk is wanted (no
-intermediate copy); otherwise (resharding, a dtype change, a device tensor) through one
-scratch buffer of that chunk.
+``dcp-engine export --format dcp`` converts a checkpoint to DCP's stock format for
+readers without dcp_engine. Non-tensor values are serialised here by DCP's planner
+(``torch.save`` into the item); the engine's own saves use torch's format without a zip
+archive (``shards.rank_write``), which the same ``torch.load`` reads.
 """
 
 from __future__ import annotations
@@ -31,20 +27,15 @@ import dataclasses
 import io
 import os
 import pickle
-import zlib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 import torch
-from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.filesystem import CURRENT_DCP_VERSION
 from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, StorageMeta
 from torch.distributed.checkpoint.planner import (
-    LoadItemType,
-    LoadPlan,
-    LoadPlanner,
     SavePlan,
     SavePlanner,
     WriteItem,
@@ -53,7 +44,7 @@ from torch.distributed.checkpoint.planner import (
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
-from .digests import ALGORITHM, HashingFileSystem, file_digest, hexdigest
+from .digests import HashingFileSystem
 from .errors import IntegrityError
 from .marker import SHARDS_RAW as FORMAT
 
@@ -112,59 +103,86 @@ def tensor_view(t: torch.Tensor) -> memoryview:
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
 
 
+Entry = tuple[str, str, tuple[int, ...]]
+"""A write item as a writer needs it: its fqn, its stored dtype (``""``: a serialised
+value) and its chunk's shape. Plain tuples: they cross the pipe to a writer process."""
+Place = tuple[str, int, int]
+"""Where a written item is: file, offset, length."""
+
+
+def entries_of(items: Iterable[WriteItem]) -> list[Entry]:
+    out: list[Entry] = []
+    for item in items:
+        td = item.tensor_data
+        if item.type == WriteItemType.BYTE_IO or td is None:
+            out.append((item.index.fqn, "", ()))
+        else:
+            out.append((item.index.fqn, dtype_name(td.properties.dtype), tuple(td.chunk.sizes)))
+    return out
+
+
 def write_items(
     stream: IO[bytes],
     name: str,
-    items: Iterable[WriteItem],
-    resolve: Callable[[WriteItem], Any],
-) -> list[WriteResult]:
-    """Write ``items`` into ``stream`` (at its current end) in order; their results.
-    ``resolve`` gives a tensor's item its tensor, or the bytes of a staging buffer that
-    holds exactly its chunk (a ``memoryview``, made once per buffer)."""
-    results = []
+    positions: Iterable[int],
+    entries: list[Entry],
+    data_of: Callable[[int], Any],
+) -> list[tuple[int, Place]]:
+    """Write the entries at ``positions`` into ``stream`` in that order; where each went.
+    ``data_of(position)``: a serialised value's bytes, a tensor, or the bytes of a staging
+    buffer that holds exactly the entry's chunk (a ``memoryview``, made once per buffer)."""
+    placed = []
     offset = 0
-    for item in items:
-        data = resolve(item)
-        if item.type == WriteItemType.BYTE_IO:
-            view = data.getbuffer() if isinstance(data, io.BytesIO) else memoryview(data)
-            info = ShardSlice(name, offset, len(view))
-        elif isinstance(data, memoryview):  # a staging buffer's bytes, as the plan says
-            td = item.tensor_data
-            assert td is not None
-            view = data
-            info = ShardSlice(name, offset, len(view), dtype_name(td.properties.dtype),
-                              tuple(td.chunk.sizes))  # fmt: skip
-        else:
-            if not isinstance(data, torch.Tensor):
-                raise TypeError(f"{item.index.fqn}: expected a tensor, got {type(data).__name__}")
+    for pos in positions:
+        fqn, dtype, shape = entries[pos]
+        data = data_of(pos)
+        if isinstance(data, torch.Tensor):
             if data.device.type != "cpu":
                 data = data.cpu()
+            if dtype_name(data.dtype) != dtype or tuple(data.shape) != shape:
+                raise TypeError(f"{fqn}: planned as {dtype} {shape}, the tensor is "
+                                f"{dtype_name(data.dtype)} {tuple(data.shape)}")  # fmt: skip
             view = tensor_view(data)
-            info = ShardSlice(name, offset, len(view), dtype_name(data.dtype), tuple(data.shape))
+        elif isinstance(data, io.BytesIO):
+            view = data.getbuffer()
+        else:
+            view = memoryview(data)
         if len(view):
             stream.write(view)
+        placed.append((pos, (name, offset, len(view))))
         offset += len(view)
-        results.append(WriteResult(index=item.index, size_in_bytes=len(view), storage_data=info))
-    return results
+    return placed
 
 
 def write_rank_file(
     fs: HashingFileSystem,
     directory: Path,
     name: str,
-    items: list[WriteItem],
-    resolve: Callable[[WriteItem], Any],
+    positions: list[int],
+    entries: list[Entry],
+    data_of: Callable[[int], Any],
     *,
     fsync: bool,
-) -> tuple[list[WriteResult], FileWritten]:
-    """One rank's file: every item, then fsync; the results and the file's digest."""
+) -> tuple[list[tuple[int, Place]], FileWritten]:
+    """One rank's file: its entries, then fsync; where each went and the file's digest."""
     path = directory / name
     with fs.create_stream(path, "wb") as stream:
-        results = write_items(stream, name, items, resolve)
+        placed = write_items(stream, name, positions, entries, data_of)
         stream.flush()
         if fsync:
             os.fsync(stream.fileno())
-    return results, FileWritten(name, fs.digests[name])
+    return placed, FileWritten(name, fs.digests[name])
+
+
+def results_of(
+    items: list[WriteItem], entries: list[Entry], places: list[Place]
+) -> list[WriteResult]:
+    """DCP's write results of a rank's items, from where its writer put them."""
+    return [
+        WriteResult(index=item.index, size_in_bytes=place[2],
+                    storage_data=ShardSlice(place[0], place[1], place[2], entry[1], entry[2]))
+        for item, entry, place in zip(items, entries, places, strict=True)
+    ]  # fmt: skip
 
 
 def metadata_bytes(
@@ -225,8 +243,12 @@ class NativeWriter(StorageWriter):
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         fs = HashingFileSystem(hashing=self._digests)
-        results, written = write_rank_file(fs, self.path, shard_name(self.rank), plan.items,
-                                           planner.resolve_data, fsync=self.fsync)  # fmt: skip
+        entries = entries_of(plan.items)
+        placed, written = write_rank_file(
+            fs, self.path, shard_name(self.rank), list(range(len(entries))), entries,
+            lambda pos: planner.resolve_data(plan.items[pos]), fsync=self.fsync,
+        )  # fmt: skip
+        results = results_of(plan.items, entries, [place for _, place in placed])
         fut: Future[list[WriteResult]] = Future()
         fut.set_result([*results, file_result(written)])
         return fut
@@ -265,157 +287,14 @@ def split_results(results: Iterable[WriteResult]) -> tuple[list[WriteResult], li
     return items, files
 
 
-class NativeReader(FileSystemReader):
-    """DCP ``StorageReader`` for the engine's checkpoints: ``raw/1`` items read raw,
-    items in DCP's stock format (older checkpoints) as DCP reads them.
-
-    With ``digests`` (file name -> size and ``crc32``, from the marker) every ``raw/1``
-    file is checked before its content is handed on as loaded: in the same pass when
-    this rank reads all of it in order (the usual case: its own file), else by a read of
-    its own first. A mismatch raises ``DigestMismatch`` naming the file (wrapped by DCP
-    in a ``CheckpointException``); what was read went into the planner's targets only."""
-
-    def __init__(
-        self,
-        path: str | os.PathLike[str],
-        *,
-        digests: Mapping[str, tuple[int, str | None]] | None = None,
-    ) -> None:
-        super().__init__(path)
-        self.digests = digests
-
-    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
-        raw: list[Any] = []
-        stock: list[Any] = []
-        for r in plan.items:
-            (raw if isinstance(self.storage_data[r.storage_index], ShardSlice) else stock).append(r)
-        if stock:  # DCP's format (or a mix)
-            super().read_data(dataclasses.replace(plan, items=stock), planner).wait()
-        per_file: dict[str, list[tuple[ShardSlice, Any]]] = {}
-        for req in raw:
-            info: ShardSlice = self.storage_data[req.storage_index]
-            per_file.setdefault(info.relative_path, []).append((info, req))
-        for name, reqs in per_file.items():
-            path = Path(self.path) / name
-            ordered = sorted(reqs, key=lambda p: p[0].offset)
-            size, expected = (self.digests or {}).get(name, (0, None))
-            in_pass = expected is not None and _covers([i for i, _ in ordered], size)
-            if expected is not None and not in_pass:
-                _check_digest(path, file_digest(path), expected)
-            crc = 0
-            values: list[tuple[Any, bytearray]] = []  # unpickled once the file checks out
-            with open(path, "rb", buffering=0) as f:
-                for info, req in ordered:
-                    view = _read_item(f, path, info, req, planner, values)
-                    if in_pass:
-                        crc = zlib.crc32(view, crc)
-            if in_pass and expected is not None:
-                _check_digest(path, hexdigest(crc), expected)
-            for req, data in values:
-                planner.load_bytes(req, io.BytesIO(data))
-        fut: Future[None] = Future()
-        fut.set_result(None)
-        return fut
-
-
-def _covers(infos: list[ShardSlice], size: int) -> bool:
-    """Whether these slices, in order, are the whole file, each byte once."""
-    pos = 0
-    for info in infos:
-        if info.offset != pos:
-            return False
-        pos += info.length
-    return pos == size
-
-
-class DigestMismatch(IntegrityError):
-    """A file read for a load is not what was written."""
-
-
-def _check_digest(path: Path, actual: str, expected: str) -> None:
-    if actual != expected:
-        raise DigestMismatch(f"{path}: {ALGORITHM} {actual}, the marker says {expected}")
-
-
-def _read_item(
-    f: Any,
-    path: Path,
-    info: ShardSlice,
-    req: Any,
-    planner: LoadPlanner,
-    values: list[tuple[Any, bytearray]],
-) -> memoryview:
-    """Read one item: a tensor into its target, a serialised value into ``values``; the
-    bytes read (for the digest)."""
-    f.seek(info.offset)
-    if req.type == LoadItemType.BYTE_IO:
-        data = bytearray(info.length)
-        _read_into(f, memoryview(data), path, info)
-        values.append((req, data))
-        return memoryview(data)
-    dtype = to_dtype(info.dtype, f"{path}: {req.storage_index.fqn}")
-    target = planner.resolve_tensor(req).detach()
-    whole = all(o == 0 for o in req.storage_offsets) and tuple(req.lengths) == info.shape
-    if (
-        whole
-        and target.device.type == "cpu"
-        and target.dtype == dtype
-        and target.is_contiguous()
-        and tuple(target.shape) == info.shape
-    ):
-        view = tensor_view(target)
-        _read_into(f, view, path, info)  # straight into the destination
-    else:
-        scratch = torch.empty(info.shape, dtype=dtype)
-        view = tensor_view(scratch)
-        _read_into(f, view, path, info)
-        for dim, (start, length) in enumerate(zip(req.storage_offsets, req.lengths, strict=True)):
-            scratch = scratch.narrow(dim, start, length)
-        if tuple(target.shape) != tuple(scratch.shape):
-            fqn = req.storage_index.fqn
-            raise IntegrityError(
-                f"{path}: {fqn} has shape {tuple(scratch.shape)}, its target {tuple(target.shape)}"
-            )
-        target.copy_(scratch)
-    planner.commit_tensor(req, target)
-    return view
-
-
-def _read_into(f: Any, view: memoryview, path: Path, info: ShardSlice) -> None:
-    view = view.cast("B") if view.format != "B" else view
-    if len(view) != info.length:
-        raise IntegrityError(
-            f"{path}: item at offset {info.offset} holds {info.length} bytes, its target "
-            f"{len(view)}"
-        )
-    done = 0
-    while done < len(view):
-        n = f.readinto(view[done:])
-        if not n:
-            raise IntegrityError(
-                f"{path} is truncated: {info.length} bytes expected at offset {info.offset}, "
-                f"the file ends after {done}"
-            )
-        done += n
-
-
 def storage_writer(path: str | os.PathLike[str], *, fsync: bool = True) -> NativeWriter:
     """A DCP ``StorageWriter`` writing the engine's ``raw/1`` format (``dcp.save``)."""
     return NativeWriter(path, fsync=fsync)
 
 
-def storage_reader(path: str | os.PathLike[str]) -> NativeReader:
-    """A DCP ``StorageReader`` for a checkpoint of the engine (either shard format):
-    ``dcp.load(state, storage_reader=dcp_engine.storage_reader(path))``. Reads only; it
-    does not check digests (``open_checkpoint`` and the manager do)."""
-    return NativeReader(path)
-
-
 __all__ = [
     "FORMAT",
-    "NativeReader",
     "NativeWriter",
     "ShardSlice",
-    "storage_reader",
     "storage_writer",
 ]

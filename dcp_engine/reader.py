@@ -34,7 +34,7 @@ from .comm import quiet_dcp
 from .errors import CheckpointError, CheckpointNotFoundError, IntegrityError
 from .index import CheckpointInfo, Which
 from .marker import Marker
-from .native import NativeReader
+from .native_reader import NativeReader
 
 log = logging.getLogger(__name__)
 

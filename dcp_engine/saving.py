@@ -35,7 +35,7 @@ from .index import CheckpointInfo
 from .marker import SHARDS_RAW, clean_extra, clean_metrics
 from .native import write_metadata
 from .overlap import OptimizerHooks
-from .shards import LocalPlan, PlanCache, live_plan, rank_write, staged_plan
+from .shards import BlobCache, LocalPlan, PlanCache, live_plan, rank_write, staged_plan
 from .staging import StagedState, StagingPool, WriteItems, mutated_by_optimizers_only
 from .storage import LocalStorage
 from .worker import Worker
@@ -109,6 +109,7 @@ class SavePipeline:
         self._opts = opts
         self._plans = PlanCache()
         self._items = WriteItems()  # off mode's (the staging pool has its own)
+        self._blobs = BlobCache()
         self._writer: ShardWriter
         if config.async_mode == "off":
             self._writer = LocalWriter(opts, storage)
@@ -328,7 +329,7 @@ class SavePipeline:
                 if not job.handle.staged.done():
                     job.handle.staged.set_result(None)
             central = self._plans.central(job.local, comm, job.replan, what)
-            rank_job, source = rank_write(job.local, central, tmp, self.rank)
+            rank_job, source = rank_write(job.local, central, tmp, self.rank, self._blobs)
             written = self._writer.write(rank_job, source)
             self._hook("written", step)
         except Exception as e:
@@ -373,7 +374,7 @@ class SavePipeline:
         tmp = self._exp.layout.tmp_dir(job.step)
         digests = {f.name: f.digest for w in written for f in w.files}
         try:
-            data = self._plans.metadata_bytes([r for w in written for r in w.results])
+            data = self._plans.metadata_bytes([w.places for w in written])
             fs = self._storage.shard_filesystem(digests=self._opts.digests)
             meta = write_metadata(fs, tmp, data, fsync=self._opts.fsync)
         except BaseException:

@@ -5,12 +5,14 @@ process over the socket ``FD``. Messages in: ``("storage", storage)`` once, ``("
 shared)`` at every new staging layout (``staging.SharedArena.handle``: the shared-memory
 name and every tensor's offset, dtype and shape), ``("write", RankWrite, WriteOptions)``
 per save, ``("stop",)``. Out: ``("ready", pid)``, then per write ``("done",
-RankWritten)`` or ``("error", (errno or None, text))``. It exits when the training
+RankWritten)`` or ``("error", (errno or None, text))``, and ``("stopped", None)`` once
+the staging segment is unmapped after a stop. It exits when the training
 process closes the socket (or dies).
 """
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 from collections.abc import Callable
@@ -21,7 +23,7 @@ import torch
 
 from .staging import attach_shared
 from .storage import LocalStorage
-from .writers import RankWritten, write_rank
+from .writers import RankWrite, RankWritten, write_rank
 
 
 def serve(conn: Connection) -> None:
@@ -36,6 +38,12 @@ def serve(conn: Connection) -> None:
             return
         kind = msg[0]
         if kind == "stop":
+            # Unmap the staging segment before saying so: the training process may kill
+            # this one while its interpreter tears down, and a segment still mapped by a
+            # killed process would outlive the job's close.
+            buffers.clear()
+            gc.collect()
+            conn.send(("stopped", None))
             return
         if kind == "storage":
             storage = msg[1]
@@ -44,7 +52,7 @@ def serve(conn: Connection) -> None:
         elif kind == "write":
             _, job, opts = msg
             try:
-                written: RankWritten = write_rank(job, _lookup(buffers), storage, opts)
+                written: RankWritten = write_rank(job, _lookup(buffers, job), storage, opts)
                 conn.send(("done", written))
             except OSError as e:
                 conn.send(("error", (e.errno, e.strerror or str(e))))
@@ -52,8 +60,9 @@ def serve(conn: Connection) -> None:
                 conn.send(("error", (None, f"{type(e).__name__}: {e}"[:4000])))
 
 
-def _lookup(buffers: dict[str, memoryview]) -> Callable[[Any], memoryview]:
-    return lambda item: buffers[item.index.fqn]  # one item per fqn: the buffer is the chunk
+def _lookup(buffers: dict[str, memoryview], job: RankWrite) -> Callable[[int], memoryview]:
+    # one item per fqn: the buffer is the chunk
+    return lambda pos: buffers[job.entries[pos][0]]
 
 
 def main() -> None:

@@ -1,10 +1,9 @@
 """Where the shard bytes are written: one rank's share of a save into its file(s).
 
-A writer takes a ``RankWrite`` (the rank's final DCP write items, its serialised
-non-tensor values and the ``.tmp`` directory) and returns once the rank's files are
-written and fsynced, with every item's place (``native.ShardSlice``) and every file's
-digest. It neither plans nor commits: ``shards.py`` plans and gathers, ``saving.py``
-commits.
+A writer takes a ``RankWrite`` (the rank's final DCP write items as plain entries, its
+serialised non-tensor values and the ``.tmp`` directory) and returns once the rank's
+files are written and fsynced, with every item's place and every file's digest. It
+neither plans nor commits: ``shards.py`` plans and gathers, ``saving.py`` commits.
 
 - ``LocalWriter`` (``async_mode="off"`` and ``"thread"``): on the calling thread (the
   caller's, or the manager's background thread), from the live tensors or the staging
@@ -38,12 +37,10 @@ from typing import Any, Protocol
 
 import torch
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.planner import WriteItem, WriteItemType
-from torch.distributed.checkpoint.storage import WriteResult
 
 from . import native
 from .errors import CheckpointError
-from .native import FileWritten
+from .native import Entry, FileWritten, Place, to_dtype
 from .storage import LocalStorage
 
 log = logging.getLogger(__name__)
@@ -61,29 +58,29 @@ class WriteOptions:
 
 @dataclass(frozen=True)
 class RankWrite:
-    """One rank's share of a save."""
+    """One rank's share of a save (plain data: it crosses the pipe to a writer process)."""
 
     directory: Path
     rank: int
-    items: list[WriteItem]
-    """The rank's final write items (after DCP's global planning)."""
-    blobs: dict[Any, bytes]
-    """``MetadataIndex`` -> the serialised bytes of each non-tensor item."""
+    entries: list[Entry]
+    """The rank's final write items (after DCP's global planning), as ``native.Entry``."""
+    blobs: dict[int, bytes]
+    """Position in ``entries`` -> the serialised bytes of each non-tensor item."""
     needed: int
     """The bytes this rank writes (for a full disk's message)."""
 
 
 @dataclass(frozen=True)
 class RankWritten:
-    results: list[WriteResult]
-    """Every item's place (``native.ShardSlice``)."""
+    places: list[Place]
+    """Where each entry went (``native.Place``), in the order of ``RankWrite.entries``."""
     files: list[FileWritten]
     """Every file this rank wrote, with its size and digest."""
     seconds: float
 
 
-TensorOf = Callable[[WriteItem], torch.Tensor | memoryview]
-"""A tensor item's tensor, or the bytes of a staging buffer holding exactly its chunk."""
+TensorOf = Callable[[int], torch.Tensor | memoryview]
+"""An entry's tensor, or the bytes of a staging buffer holding exactly its chunk."""
 
 
 @dataclass(frozen=True)
@@ -105,19 +102,20 @@ class ShardWriter(Protocol):
     def close(self) -> None: ...
 
 
-def split(items: list[WriteItem], n: int) -> list[list[WriteItem]]:
-    """Items among ``n`` files, balanced by size (non-tensor items round robin)."""
-    if n <= 1 or len(items) <= 1:
-        return [items]
-    buckets: list[list[WriteItem]] = [[] for _ in range(n)]
+def split(entries: list[Entry], n: int) -> list[list[int]]:
+    """Positions of the entries among ``n`` files, balanced by size (serialised values
+    round robin)."""
+    if n <= 1 or len(entries) <= 1:
+        return [list(range(len(entries)))]
+    buckets: list[list[int]] = [[] for _ in range(n)]
     sizes = [0] * n
-    for i, item in enumerate(items):
-        if item.type == WriteItemType.BYTE_IO or item.tensor_data is None:
-            buckets[i % n].append(item)
+    for pos, (_, dtype, shape) in enumerate(entries):
+        if not dtype:
+            buckets[pos % n].append(pos)
             continue
         k = sizes.index(min(sizes))
-        buckets[k].append(item)
-        sizes[k] += item.tensor_data.size.numel() * item.tensor_data.properties.dtype.itemsize
+        buckets[k].append(pos)
+        sizes[k] += torch.Size(shape).numel() * to_dtype(dtype).itemsize
     return [b for b in buckets if b]
 
 
@@ -128,14 +126,16 @@ def write_rank(
     start = time.perf_counter()
     fs = storage.shard_filesystem(digests=opts.digests)
 
-    def resolve(item: WriteItem) -> Any:
-        return job.blobs[item.index] if item.type == WriteItemType.BYTE_IO else tensor_of(item)
+    def data_of(pos: int) -> Any:
+        blob = job.blobs.get(pos)
+        return blob if blob is not None else tensor_of(pos)
 
-    def one(k: int, bucket: list[WriteItem]) -> tuple[list[WriteResult], FileWritten]:
+    def one(k: int, positions: list[int]) -> tuple[list[tuple[int, Place]], FileWritten]:
         name = native.shard_name(job.rank, k)
-        return native.write_rank_file(fs, job.directory, name, bucket, resolve, fsync=opts.fsync)
+        return native.write_rank_file(fs, job.directory, name, positions, job.entries, data_of,
+                                      fsync=opts.fsync)  # fmt: skip
 
-    buckets = split(job.items, opts.threads)
+    buckets = split(job.entries, opts.threads)
     try:
         if len(buckets) == 1:
             done = [one(0, buckets[0])]
@@ -144,8 +144,11 @@ def write_rank(
                 done = list(ex.map(one, range(len(buckets)), buckets))
     except OSError as e:
         raise root_cause(e, storage, job) from e
-    results = [r for rs, _ in done for r in rs]
-    return RankWritten(results, [f for _, f in done], time.perf_counter() - start)
+    places: list[Place] = [("", 0, 0)] * len(job.entries)
+    for placed, _ in done:
+        for pos, place in placed:
+            places[pos] = place
+    return RankWritten(places, [f for _, f in done], time.perf_counter() - start)
 
 
 def root_cause(e: OSError, storage: LocalStorage, job: RankWrite) -> OSError:
@@ -290,6 +293,12 @@ class ProcessWriter:
         raises."""
         with contextlib.suppress(Exception):
             self._conn.send(("stop",))
+            # It unmaps the staging segment, says so, then tears its interpreter down:
+            # only the first part is waited for.
+            deadline = time.monotonic() + 1.0
+            while self._proc.poll() is None and time.monotonic() < deadline:
+                if self._conn.poll(0.02) and self._conn.recv()[0] == "stopped":
+                    break
         with contextlib.suppress(Exception):
             self._conn.close()
         if self._proc.poll() is None:

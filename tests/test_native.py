@@ -253,7 +253,7 @@ def test_a_file_is_checked_before_its_content_counts_as_loaded(mgr, keys):
     """The whole file read in order: checked in the same pass, and the serialised values
     are not even unpickled before it checks out; a file read in part (here: one key of
     three): checked whole first. Either way a flipped byte anywhere fails the load."""
-    from dcp_engine.native import DigestMismatch, NativeReader
+    from dcp_engine.native_reader import DigestMismatch, NativeReader
 
     state = {"a": torch.arange(64.0), "b": torch.ones(1000), "note": "hello"}
     info = mgr.save(1, state).result()
@@ -275,3 +275,37 @@ def test_a_file_is_checked_before_its_content_counts_as_loaded(mgr, keys):
     dcp.load(target, storage_reader=NativeReader(info.path, digests=_digests_of(info.path)),
              no_dist=True)  # fmt: skip
     assert torch.equal(target["a"], state["a"])
+
+
+@multirank(2)
+def one_rank_file_flipped(rank: int, world_size: int, root: str) -> dict:
+    import torch.distributed as dist
+
+    app = toy.make_app("fsdp", seed=0)
+    toy.train(app, 1, rank)
+    cfg = de.CheckpointConfig(root_dir=root, experiment_name="flip", async_mode="off")
+    with de.CheckpointManager(cfg) as mgr:
+        mgr.save(1, app).result()
+        expected = toy.full_state(app)
+        toy.train(app, 1, rank, start=1)
+        path = mgr.save(2, app).result().path
+    dist.barrier()
+    if rank == 1:  # a byte of rank 1's file: only rank 1 reads it whole
+        shard = path / "__1_0.raw"
+        data = bytearray(shard.read_bytes())
+        data[len(data) // 2] ^= 0x10
+        shard.write_bytes(bytes(data))
+    dist.barrier()
+    with de.CheckpointManager(cfg) as mgr:
+        fresh = toy.make_app("fsdp", seed=5)
+        info = mgr.load(fresh)
+        toy.assert_equal(expected, toy.full_state(fresh))
+    return {"step": info.step, "quarantined": (path.parent / "step_00000002.corrupt").is_dir()}
+
+
+@pytest.mark.multirank
+def test_a_file_that_fails_its_digest_on_one_rank_fails_the_candidate_on_every_rank(tmp_path):
+    """Rank 1's file checked in rank 1's read pass: both ranks skip step 2 (quarantined)
+    and resume from step 1, bit for bit."""
+    for out in one_rank_file_flipped.run(str(tmp_path)):
+        assert out == {"step": 1, "quarantined": True}
