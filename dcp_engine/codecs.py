@@ -143,6 +143,7 @@ class ModuleCodec(Codec):
         # ones (the snapshot, at no memory cost); then the module's own load path (its
         # hooks: BatchNorm's, FSDP's) runs over values already in place.
         live = get_model_state_dict(slot.value)
+        slot.aux.root = live
         trees.swap_into(live, value, slot.aux)
         set_model_state_dict(slot.value, live)
 
@@ -151,8 +152,9 @@ class ModuleCodec(Codec):
         return slot.aux
 
     def restore(self, slot: Slot, snap: Any) -> None:
-        snap.undo()
-        set_model_state_dict(slot.value, get_model_state_dict(slot.value))
+        snap.undo()  # the old values back in the tensors the load wrote
+        if snap.root is not None:  # through the module's load path (a state_dict of copies)
+            set_model_state_dict(slot.value, snap.root)
 
 
 @dataclass(frozen=True)

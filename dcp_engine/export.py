@@ -122,37 +122,54 @@ def export_dcp(ckpt: CheckpointReader, out: Path, *, key: str | None = None) -> 
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    try:
+        storage_data = _write_stock(ckpt.path, per_file, tmp)
+        stock_metadata = dataclasses.replace(
+            metadata,
+            state_dict_metadata={
+                k: v for k, v in metadata.state_dict_metadata.items() if k in keep
+            },
+            planner_data={k: v for k, v in (metadata.planner_data or {}).items() if k in keep},
+            storage_data=storage_data,
+            storage_meta=None,
+        )
+        with open(tmp / METADATA_FILE, "wb") as f:
+            pickle.dump(stock_metadata, f)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # no half-written export left behind
+        raise
+    return out
+
+
+def _write_stock(
+    source: Path, per_file: Mapping[str, list[tuple[Any, Any]]], tmp: Path
+) -> dict[Any, _StorageInfo]:
+    """Every item in DCP's stock format (``torch.save`` per tensor), file by file."""
     storage_data: dict[Any, _StorageInfo] = {}
     for name, items in sorted(per_file.items()):
         stock = Path(name).with_suffix(".distcp").name
-        with open(ckpt.path / name, "rb") as src, open(tmp / stock, "wb") as dst:
+        with open(source / name, "rb") as src, open(tmp / stock, "wb") as dst:
             for index, where in sorted(items, key=lambda p: p[1].offset):
                 src.seek(where.offset)
                 data = src.read(where.length)
                 offset = dst.tell()
                 if isinstance(where, ShardSlice) and where.dtype:
-                    chunk = torch.frombuffer(
-                        bytearray(data), dtype=to_dtype(where.dtype, f"{name}: {index.fqn}")
-                    )
-                    torch.save(chunk.reshape(where.shape), dst)
+                    dtype = to_dtype(where.dtype, f"{source / name}: {index.fqn}")
+                    chunk = torch.empty(where.shape, dtype=dtype)
+                    if data:
+                        chunk.view(-1).view(torch.uint8).copy_(
+                            torch.frombuffer(bytearray(data), dtype=torch.uint8)
+                        )
+                    torch.save(chunk, dst)
                 else:  # serialised values (and items already in DCP's format) as they are
                     dst.write(data)
                 storage_data[index] = _StorageInfo(stock, offset, dst.tell() - offset)
             dst.flush()
             os.fsync(dst.fileno())
-    stock_metadata = dataclasses.replace(
-        metadata,
-        state_dict_metadata={k: v for k, v in metadata.state_dict_metadata.items() if k in keep},
-        planner_data={k: v for k, v in (metadata.planner_data or {}).items() if k in keep},
-        storage_data=storage_data,
-        storage_meta=None,
-    )
-    with open(tmp / METADATA_FILE, "wb") as f:
-        pickle.dump(stock_metadata, f)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.rename(out)
-    return out
+    return storage_data
 
 
 def average(

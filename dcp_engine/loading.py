@@ -38,6 +38,7 @@ from .errors import CheckpointError, IntegrityError
 from .experiment import Experiment
 from .index import CheckpointInfo, Which
 from .marker import SHARDS_RAW, Marker
+from .native import METADATA_FILE
 from .native_reader import DigestMismatch, NativeReader
 from .resolve import Candidate
 from .writers import fmt_bytes, summary
@@ -61,22 +62,32 @@ class Loader:
     def load(
         self, app_state: dict[str, Any], which: Which, *, optional: Collection[str], verify: bool
     ) -> CheckpointInfo | None:
-        while True:  # a candidate found corrupt while reading is quarantined: the next one
+        # A candidate found corrupt while reading is quarantined and skipped (by name too,
+        # should the quarantine fail): then the next one. Each candidate fails once at most.
+        skipped: dict[Path, str] = {}
+        while True:
             try:
-                return self._load(app_state, which, optional=optional, verify=verify)
+                return self._load(app_state, which, optional=optional, verify=verify,
+                                  skipped=skipped)  # fmt: skip
             except _CorruptInRead as e:
                 if which not in ("latest", "best"):
                     raise IntegrityError(f"{e.candidate.path} is corrupt: {e.problem}") from e
                 if self.rank == 0:
                     log.warning("skipping %s for which=%r: %s", e.candidate.path.name, which,
                                 e.problem)  # fmt: skip
-                # Rank 0 moves it away before it lists the candidates again (resolve).
+                skipped[e.candidate.path] = e.problem
                 self._quarantine([(e.candidate, e.problem)], which)
 
     def _load(
-        self, app_state: dict[str, Any], which: Which, *, optional: Collection[str], verify: bool
+        self,
+        app_state: dict[str, Any],
+        which: Which,
+        *,
+        optional: Collection[str],
+        verify: bool,
+        skipped: Mapping[Path, str],
     ) -> CheckpointInfo | None:
-        found = self.resolve(which, verify)
+        found = self.resolve(which, verify, skipped)
         if found is None:
             log.info(
                 "[rank=%d] no committed checkpoint in %s: starting fresh",
@@ -145,9 +156,14 @@ class Loader:
             )
         return info
 
-    def resolve(self, which: Which, verify: bool) -> tuple[Path, Marker] | None:
-        """The checkpoint ``which`` names, verified on every rank (each reads its share of
-        the files); None in an experiment that never had a committed checkpoint."""
+    def resolve(
+        self, which: Which, verify: bool, skipped: Mapping[Path, str] | None = None
+    ) -> tuple[Path, Marker] | None:
+        """The checkpoint ``which`` names, verified on every rank as far as it can be
+        before the read (DCP's stock format: every file, each rank its share; ``raw/1``:
+        ``.metadata``, its shard files being checked while read); None in an experiment
+        that never had a committed checkpoint. ``skipped``: candidates that failed in a
+        read, with why."""
         what = f"load of {which!r}"
         cfg = self.config
         exp = self._exp.layout
@@ -161,11 +177,15 @@ class Loader:
         candidates, quarantined = listed
         bad: list[tuple[Candidate, str]] = []
         for c in candidates:
-            problem = c.problem
-            in_read = c.marker is not None and c.marker.shards == SHARDS_RAW
-            if problem is None and c.marker is not None and verify and not in_read:
-                problems = self.file_problems(c.path, c.marker, what)
-                problem = "; ".join(problems) if problems else None
+            problem = c.problem or (skipped or {}).get(c.path)
+            if problem is None and c.marker is not None and verify:
+                # raw/1: the shard files are checked while they are read, .metadata (which
+                # says where each item is) before
+                in_read = c.marker.shards == SHARDS_RAW
+                only = [METADATA_FILE] if in_read and METADATA_FILE in c.marker.files else None
+                if not in_read or only:
+                    problems = self.file_problems(c.path, c.marker, what, only=only)
+                    problem = "; ".join(problems) if problems else None
             if problem is None and c.marker is not None:
                 self._quarantine(bad, which)
                 return c.path, c.marker
@@ -198,9 +218,12 @@ class Loader:
             except (OSError, CheckpointError) as e:  # rank 0 alone: never fail the load here
                 log.error("could not quarantine %s (%s); it stays skipped by name", c.path, e)
 
-    def file_problems(self, path: Path, marker: Marker, what: str) -> list[str]:
-        """Every rank checks every world_size-th file; all ranks get all the problems."""
-        names = sorted(marker.files)[self.rank :: self.world_size]
+    def file_problems(
+        self, path: Path, marker: Marker, what: str, *, only: list[str] | None = None
+    ) -> list[str]:
+        """Every rank checks every world_size-th file (of ``only``: all of them); all ranks
+        get all the problems."""
+        names = sorted(marker.files if only is None else only)[self.rank :: self.world_size]
         mine = resolve.file_problems(path, marker, digests=True, names=names)
         return [p for ps in self._comm.all_gather(mine, what) for p in ps]
 

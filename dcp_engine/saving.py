@@ -123,7 +123,9 @@ class SavePipeline:
         if config.async_mode == "thread":
             self._writer = LocalWriter(opts, storage)
         else:  # started in the background: the first save waits for it only if need be
-            self._writer = ProcessWriter(opts, storage, timeout_s=config.timeout_s)
+            writer = ProcessWriter(opts, storage, timeout_s=config.timeout_s)
+            self.pool.before_rebuild = writer.unmap
+            self._writer = writer
 
     # ------------------------------------------------------------------ foreground
 
@@ -319,20 +321,25 @@ class SavePipeline:
         tmp = self._exp.layout.tmp_dir(step)
         written: RankWritten | None = None
         error: str | None = None
+        staged = job.local.staged
         try:
-            staged = job.local.staged
+            # Planning first: it is collective when replanning, so every rank must reach
+            # it whatever fails on it alone (a deferred copy, below).
+            central = self._plans.central(job.local, comm, job.replan, what)
             if staged is not None:  # overlapped staging: the deferred copies
                 try:
                     staged.finish_copies()
                 finally:
                     self.hooks.done()
+                    staged = None
                 if not job.handle.staged.done():
                     job.handle.staged.set_result(None)
-            central = self._plans.central(job.local, comm, job.replan, what)
             rank_job, source = rank_write(job.local, central, tmp, self.rank, self._blobs)
             written = self._writer.write(rank_job, source)
             self._hook("written", step)
         except Exception as e:
+            if staged is not None:  # the planning failed before the copies: none will run
+                self.hooks.done()
             if comm.broken:  # the planning collective failed: no gather would work either
                 self._abort(step, began=self.rank == 0)
                 raise

@@ -91,6 +91,8 @@ class StagingPool:
         self.arena: SharedArena | None = None
         """Process mode: the shared segment holding every buffer."""
         self.write_items = WriteItems()
+        self.before_rebuild: Callable[[], None] | None = None
+        """Process mode: make the writer process unmap the arena before a new one."""
         self.views: dict[str, memoryview] = {}
         """Each buffer's bytes (what a writer writes), made once per layout."""
 
@@ -144,13 +146,17 @@ class StagingPool:
             specs = {**self._specs, **specs}
         if specs == self._specs:
             return
-        # Rebuild: a buffer whose (shape, dtype, origin) still matches is kept (e.g. a
-        # fresh run's pool prepared before the optimizer had state only gains the moments).
+        # Rebuild: in process memory a buffer whose (shape, dtype, origin) still matches is
+        # kept (e.g. a fresh run's pool prepared before the optimizer had state only gains
+        # the moments); shared memory is one arena, rebuilt whole.
         start = time.perf_counter()
         rebuilt = bool(self._specs)
         if self.shared:  # one arena for all: a writer process maps it by one name
-            self.arena = None  # released before the new one is counted and allocated
-            self.buffers = {}
+            # The old one goes first (here and in the writer process, which unmaps it when
+            # asked), so that the new one needs no more shared memory than it holds.
+            self.release()
+            if self.before_rebuild is not None:
+                self.before_rebuild()
             check_shared_memory(sum(_spec_bytes(sp) for sp in specs.values()))
             kept: dict[str, torch.Tensor] = {}
             self.arena = SharedArena({k: (sp[0], sp[1]) for k, sp in specs.items()})

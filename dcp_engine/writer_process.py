@@ -1,13 +1,17 @@
 """The writer process of ``async_mode="process"``: ``python -m dcp_engine.writer_process FD``.
 
 Its own interpreter (never the training script's ``__main__``), talking to its training
-process over the socket ``FD``. Messages in: ``("storage", storage)`` once, ``("buffers",
-shared)`` at every new staging layout (``staging.SharedArena.handle``: the shared-memory
-name and every tensor's offset, dtype and shape), ``("write", RankWrite, WriteOptions)``
-per save, ``("stop",)``. Out: ``("ready", pid)``, then per write ``("done",
-RankWritten)`` or ``("error", (errno or None, text))``, and ``("stopped", None)`` once
-the staging segment is unmapped after a stop. It exits when the training
-process closes the socket (or dies).
+process over the socket ``FD``. Messages in:
+
+- ``("storage", storage)`` once;
+- ``("buffers", shared)`` at every new staging layout (``staging.SharedArena.handle``:
+  the shared-memory name and every tensor's offset, dtype and shape);
+- ``("write", RankWrite, WriteOptions)`` per save;
+- ``("unmap",)`` before the pool is rebuilt, ``("stop",)`` at the end.
+
+Out: ``("ready", pid)``; per write ``("done", RankWritten)`` or ``("error", (errno or
+None, text))``; ``("unmapped", None)`` and ``("stopped", None)`` once the staging
+segment is unmapped. It exits when the training process closes the socket (or dies).
 """
 
 from __future__ import annotations
@@ -49,6 +53,10 @@ def serve(conn: Connection) -> None:
             storage = msg[1]
         elif kind == "buffers":
             buffers = attach_shared(msg[1])
+        elif kind == "unmap":
+            buffers = {}
+            gc.collect()
+            conn.send(("unmapped", None))
         elif kind == "write":
             _, job, opts = msg
             try:

@@ -253,6 +253,15 @@ class ProcessWriter:
         written: RankWritten = self._expect("done", f"writing {job.directory}")
         return written
 
+    def unmap(self) -> None:
+        """Make the writer drop its mapping of the staging segment (before the pool is
+        rebuilt: the old and the new segment never take shared memory together)."""
+        if self._sent_generation < 0:
+            return  # it maps nothing
+        self._send(("unmap",))
+        self._expect("unmapped", "unmapping the staging segment")
+        self._sent_generation = -1
+
     def _send(self, msg: tuple[Any, ...]) -> None:
         try:
             self._conn.send(msg)
@@ -267,7 +276,7 @@ class ProcessWriter:
                 raise CheckpointError(f"the writer process died while {doing} ({self._describe()})")
             if time.monotonic() > deadline:
                 raise CheckpointError(f"the writer process did not answer within "
-                                      f"{self._timeout_s:.0f} s while {doing}")  # fmt: skip
+                                      f"{self._timeout_s + 30:.0f} s while {doing}")  # fmt: skip
         try:
             kind, payload = self._conn.recv()
         except (EOFError, ConnectionResetError, OSError) as e:
@@ -288,8 +297,10 @@ class ProcessWriter:
         return f"pid {self._proc.pid}, " + ("alive" if code is None else f"exit code {code}")
 
     def close(self) -> None:
-        """Stop the writer without waiting for its interpreter to tear down (it exits on
-        the closed pipe; a writer in a write finishes that file, then exits). Never
+        """Stop the writer without waiting for its interpreter to tear down: it unmaps the
+        staging segment and says so (waited for 1 s at most), then it is killed if it
+        has not exited. A writer stuck in a write (``renew`` after a failure) is killed
+        in it; its mapping of the segment then lasts until this process exits. Never
         raises."""
         with contextlib.suppress(Exception):
             self._conn.send(("stop",))
@@ -305,7 +316,7 @@ class ProcessWriter:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self._proc.wait(timeout=0.05)
         if self._proc.poll() is None:
-            self._proc.kill()  # nothing of ours is left in it: the save was committed
+            self._proc.kill()  # past its unmapping (or stuck): nothing it holds is needed
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self._proc.wait(timeout=5)
 

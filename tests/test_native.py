@@ -309,3 +309,67 @@ def test_a_file_that_fails_its_digest_on_one_rank_fails_the_candidate_on_every_r
     and resume from step 1, bit for bit."""
     for out in one_rank_file_flipped.run(str(tmp_path)):
         assert out == {"step": 1, "quarantined": True}
+
+
+def test_a_flipped_byte_in_metadata_fails_its_candidate_before_the_read(mgr):
+    """.metadata says where every item is: checked against its digest before the read,
+    so a flip that still unpickles never sends the read to wrong offsets."""
+    mgr.save(1, {"w": torch.arange(10.0)}).result()
+    info = mgr.save(2, {"w": torch.arange(10.0) + 1}).result()
+    meta = info.path / ".metadata"
+    data = bytearray(meta.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    meta.write_bytes(bytes(data))
+    target = {"w": torch.zeros(10)}
+    with pytest.raises(de.IntegrityError, match=r"\.metadata: crc32 \w{8}, the marker says"):
+        mgr.load(target, 2)
+    assert mgr.load(target).step == 1 and torch.equal(target["w"], torch.arange(10.0))
+    assert (info.path.parent / "step_00000002.corrupt").is_dir()
+
+
+def test_export_format_dcp_carries_empty_tensors(mgr, tmp_path):
+    state = {"e": torch.empty(0, 3), "w": torch.arange(6.0).reshape(2, 3)}
+    info = mgr.save(1, state).result()
+    out = export(info.path, tmp_path / "stock", fmt="dcp")
+    target = {"e": torch.ones(0, 3), "w": torch.zeros(2, 3)}
+    dcp.load(target, checkpoint_id=str(out), no_dist=True)
+    assert target["e"].shape == (0, 3) and torch.equal(target["w"], state["w"])
+    assert not (tmp_path / ".stock.tmp").exists()
+
+
+def test_a_grown_state_is_staged_in_one_segment_the_writer_maps_alone(tmp_path, monkeypatch):
+    """Process mode: when the staging pool is rebuilt (a new key), the writer unmaps the
+    old segment first, so the old and the new never take shared memory together."""
+    import os
+
+    from dcp_engine import staging
+
+    mapped_at_check: list[set[str]] = []
+    check = staging.check_shared_memory
+
+    def spy(needed: int, **kw: object) -> None:  # when the new segment is sized
+        if writer_pid:
+            mapped_at_check.append(segments(writer_pid[0]) | segments(os.getpid()))
+        check(needed, **kw)  # type: ignore[arg-type]
+
+    writer_pid: list[int] = []
+    monkeypatch.setattr(staging, "check_shared_memory", spy)
+
+    def segments(pid: int) -> set[str]:
+        with open(f"/proc/{pid}/maps") as f:
+            return {line.split()[-1] for line in f if "/torch_" in line}
+
+    cfg = de.CheckpointConfig(root_dir=str(tmp_path), experiment_name="grow",
+                              async_mode="process")  # fmt: skip
+    with de.CheckpointManager(cfg) as mgr:
+        app = {"w": torch.ones(1 << 16)}
+        mgr.save(1, app).result()
+        writer = mgr._saves._writer.pid  # type: ignore[attr-defined]
+        writer_pid.append(writer)
+        first = segments(writer)
+        app["m"] = torch.zeros(1 << 16)  # a new key: the pool is rebuilt
+        mgr.save(2, app).result()
+        second = segments(writer)
+        assert len(first) == 1 and len(second) == 1 and first != second
+        assert segments(os.getpid()) == second  # the trainer's old one is gone too
+        assert mapped_at_check == [set()]  # nobody mapped the old one any more
