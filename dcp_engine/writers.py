@@ -298,7 +298,7 @@ class ProcessWriter:
 
     def close(self) -> None:
         """Stop the writer without waiting for its interpreter to tear down: it unmaps the
-        staging segment and says so (waited for 1 s at most), then it is killed if it
+        staging segment and says so (waited for 5 s at most), then it is killed if it
         has not exited. A writer stuck in a write (``renew`` after a failure) is killed
         in it; its mapping of the segment then lasts until this process exits. Never
         raises."""
@@ -306,7 +306,7 @@ class ProcessWriter:
             self._conn.send(("stop",))
             # It unmaps the staging segment, says so, then tears its interpreter down:
             # only the first part is waited for.
-            deadline = time.monotonic() + 1.0
+            deadline = time.monotonic() + 5.0  # milliseconds, unless the machine is swamped
             while self._proc.poll() is None and time.monotonic() < deadline:
                 if self._conn.poll(0.02) and self._conn.recv()[0] == "stopped":
                     break
