@@ -1,17 +1,18 @@
 """What checkpointing costs DINO training: the tiny DINO of ``launch/train_dino.py`` on 2
 ranks (FSDP2, gloo, CPU), saved every ``--every`` steps synchronously (``off``), by a
-thread, by writer processes (``process``, the default), and not at all (``none``: the
-same run with every save trigger off). Runs the modes in turn, ``--reps`` times, in one
-invocation, so that they share the machine's state.
+thread, by writer processes (``process``, the default), by a thread with overlapped
+staging (``overlap``: ``async_mode=thread, staging=overlap``), and not at all (``none``:
+the same run with every save trigger off: the 1.0 reference). Runs the modes in turn,
+``--reps`` times, in one invocation, so that they share the machine's state.
 
-    python -m benchmarks.dino_overhead [--steps 40] [--every 4] [--reps 3]
+    python -m benchmarks.dino_overhead [--steps 40] [--every 4] [--reps 3] [--modes ...]
 
 Per mode, from each run's ``train_log.jsonl`` (a time stamp per step), over all runs: the
 mean step (wall time between consecutive steps, the first 4 steps left out: what the
 saves cost training overall), the median step, and the median of the steps that contain
 a save (the step after each save's trigger: the save's blocking part and whatever the
 background write takes from training); each with its ratio to ``none``. Results:
-``benchmarks/results/dino_overhead.json`` and ``.md``. Speed is measured, not asserted.
+``benchmarks/results/dino_overhead.json``, ``.md`` and ``.png``. Speed is measured, not asserted.
 """
 
 from __future__ import annotations
@@ -19,21 +20,38 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
+from typing import Any
 
-import torch
+from . import plots
+from .measure import describe, machine, write
 
-REPO = Path(__file__).resolve().parents[1]
-MODES = ("none", "off", "thread", "process")
+REPO = Path(__file__).absolute().parents[1]
+MODES = ("none", "off", "thread", "process", "overlap")
+ENGINE_ARGS = {
+    "off": ["--checkpoint.async_mode", "off"],
+    "thread": ["--checkpoint.async_mode", "thread"],
+    "process": ["--checkpoint.async_mode", "process"],
+    "overlap": ["--checkpoint.async_mode", "thread", "--checkpoint.staging", "overlap"],
+}
+SETTINGS = {
+    "none": "no saves",
+    "off": "async_mode=off (sync)",
+    "thread": "async_mode=thread",
+    "process": "async_mode=process",
+    "overlap": "async_mode=thread, staging=overlap",
+}
 
 
-def run(mode: str, root: Path, steps: int, every: int) -> list[tuple[int, float]]:
+def run(mode: str, root: Path, steps: int, every: int) -> tuple[list[tuple[int, float]], int]:
+    """One training run; (step, seconds since the previous step) and the bytes of its
+    newest checkpoint (0 without saves)."""
     saves = (
         [
             "--checkpoint.save_every_n_steps",
@@ -44,7 +62,7 @@ def run(mode: str, root: Path, steps: int, every: int) -> list[tuple[int, float]
             "false",
         ]
         if mode == "none"
-        else ["--checkpoint.save_every_n_steps", str(every), "--checkpoint.async_mode", mode]
+        else ["--checkpoint.save_every_n_steps", str(every), *ENGINE_ARGS[mode]]
     )
     cmd = [
         sys.executable,
@@ -68,7 +86,9 @@ def run(mode: str, root: Path, steps: int, every: int) -> list[tuple[int, float]
         raise RuntimeError(f"{mode}: {(proc.stdout + proc.stderr)[-3000:]}")
     rows = [json.loads(line) for line in (root / mode / "train_log.jsonl").open()]
     times = [(r["step"], r["time"]) for r in rows]
-    return [(s, t - t0) for (s, t), (_, t0) in zip(times[1:], times[:-1], strict=True)]
+    ckpts = sorted((root / mode / "checkpoints").glob("step_*"), key=lambda c: c.stat().st_mtime)
+    size = sum(f.stat().st_size for f in ckpts[-1].rglob("*") if f.is_file()) if ckpts else 0
+    return [(s, t - t0) for (s, t), (_, t0) in zip(times[1:], times[:-1], strict=True)], size
 
 
 def main() -> None:
@@ -76,14 +96,22 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--every", type=int, default=4)
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--modes", default=",".join(MODES), help="comma-separated; 'none' first")
+    p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     args = p.parse_args()
-    steps: dict[str, list[float]] = {m: [] for m in MODES}
-    after_save: dict[str, list[float]] = {m: [] for m in MODES}
+    modes = ["none", *(m for m in args.modes.split(",") if m != "none")]
+    if unknown := [m for m in modes if m not in MODES]:
+        p.error(f"unknown modes {unknown}")
+    steps: dict[str, list[float]] = {m: [] for m in modes}
+    after_save: dict[str, list[float]] = {m: [] for m in modes}
+    sizes: dict[str, int] = {}
+    started = time.perf_counter()
     for rep in range(args.reps):
-        for mode in MODES:
+        for mode in modes:
             root = Path(tempfile.mkdtemp(prefix="dino_overhead_"))
             try:
-                for step, dt in run(mode, root, args.steps, args.every):
+                timeline, sizes[mode] = run(mode, root, args.steps, args.every)
+                for step, dt in timeline:
                     if step <= 4:
                         continue
                     steps[mode].append(dt)
@@ -97,17 +125,18 @@ def main() -> None:
                 flush=True,
             )
     base = statistics.median(steps["none"])
-    result = {
-        "machine": {
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-            "torch": torch.__version__,
-        },
+    mean_base = statistics.fmean(steps["none"])
+    result: dict[str, Any] = {
+        "benchmark": "dino_overhead",
+        "machine": machine(),
         "args": vars(args),
+        "wall_s": time.perf_counter() - started,
+        "checkpoint_bytes": sizes,
         "modes": {
             m: {
+                "engine_args": ENGINE_ARGS.get(m, []),
                 "mean_step_ms": statistics.fmean(steps[m]) * 1e3,
-                "mean_step_ratio": statistics.fmean(steps[m]) / statistics.fmean(steps["none"]),
+                "mean_step_ratio": statistics.fmean(steps[m]) / mean_base,
                 "median_step_ms": statistics.median(steps[m]) * 1e3,
                 "median_step_with_save_ms": statistics.median(after_save[m]) * 1e3
                 if after_save[m]
@@ -117,20 +146,20 @@ def main() -> None:
                 if after_save[m]
                 else None,
             }
-            for m in MODES
+            for m in modes
         },
     }
-    out = REPO / "benchmarks" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "dino_overhead.json").write_text(json.dumps(result, indent=1))
+    size = max(sizes.values(), default=0)
     lines = [
         f"# DINO training with checkpoints every {args.every} steps (2 ranks, FSDP2, CPU)",
         "",
-        f"{args.reps} runs of {args.steps} steps per mode; medians; ratios to `none`.",
+        f"{args.reps} runs of {args.steps} steps per mode, modes interleaved; a checkpoint "
+        f"is {size / 2**20:.1f} MiB. Ratios to `none` (the same run without saves: 1.000). "
+        f"{describe(result)}. Measured, not asserted.",
         "",
-        "| mode | mean step (ms) | ratio | median step (ms) | ratio "
+        "| mode | engine settings | mean step (ms) | ratio | median step (ms) | ratio "
         "| step with a save (ms) | ratio |",
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for m, r in result["modes"].items():
         with_save = r["median_step_with_save_ms"]
@@ -139,12 +168,20 @@ def main() -> None:
             if with_save is None
             else (f"{with_save:.1f}", f"{r['step_with_save_ratio']:.3f}")
         )
+        settings = SETTINGS[m]
         lines.append(
-            f"| {m} | {r['mean_step_ms']:.1f} | {r['mean_step_ratio']:.3f} "
+            f"| {m} | {settings} | {r['mean_step_ms']:.1f} | {r['mean_step_ratio']:.3f} "
             f"| {r['median_step_ms']:.1f} | {r['step_ratio']:.3f} | {cells[0]} | {cells[1]} |"
         )
-    (out / "dino_overhead.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    lines += [
+        "",
+        "Mean step: the wall time between consecutive steps after step 4, over all runs (what "
+        "the saves cost training overall); step with a save: the median of the steps whose "
+        "end triggered a save (for `none`, the same steps without one).",
+    ]
+    out = Path(args.out)
+    write(out, "dino_overhead", result, lines)
+    plots.plot_file(out / "dino_overhead.json")
 
 
 if __name__ == "__main__":
