@@ -373,3 +373,18 @@ def test_a_grown_state_is_staged_in_one_segment_the_writer_maps_alone(tmp_path, 
         assert len(first) == 1 and len(second) == 1 and first != second
         assert segments(os.getpid()) == second  # the trainer's old one is gone too
         assert mapped_at_check == [set()]  # nobody mapped the old one any more
+
+
+@pytest.mark.parametrize("mode", ["off", "thread"])
+def test_write_threads_split_a_rank_into_files_that_load_back(tmp_path, mode):
+    cfg = de.CheckpointConfig(root_dir=str(tmp_path), experiment_name=f"wt_{mode}",
+                              async_mode=mode, write_threads=3)  # fmt: skip
+    state = {f"t{i}": torch.full((1000 * (i + 1),), float(i)) for i in range(7)}
+    with de.CheckpointManager(cfg) as mgr:
+        info = mgr.save(1, {**state, "note": "x"}).result()
+        assert sorted(p.name for p in info.path.glob("*.raw")) == [
+            "__0_0.raw", "__0_1.raw", "__0_2.raw"
+        ]
+        target = {k: torch.zeros_like(v) for k, v in state.items()} | {"note": None}
+        mgr.load(target)
+    assert all(torch.equal(target[k], v) for k, v in state.items()) and target["note"] == "x"
