@@ -159,9 +159,12 @@ def clean_close(rank: int, world_size: int, root: str, fail: bool) -> dict[str, 
 
     gc.collect()
     shm_after, mapped_after = shm_state()
+    mine = f"torch_{os.getpid()}_"
     return {
         "writer_alive": writer_pid in alive,
-        "new_shm": sorted(shm_after - shm_before),
+        # Ours only: named segments carry their creator's pid (torch_<pid>_...), and other
+        # tests' jobs may be staging in process mode on this machine at the same time.
+        "new_shm": sorted(n for n in shm_after - shm_before if n.startswith(mine)),
         "mapped": (mapped_before, mapped_after),
     }
 
