@@ -39,7 +39,7 @@ from .index import CheckpointInfo
 from .manager import CheckpointManager
 from .marker import clean_metrics
 from .saving import SaveHandle
-from .storage import LocalStorage
+from .storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ class CheckpointCallback:
         run_config: Mapping[str, Any] | None = None,
         extra: Mapping[str, Any] | None = None,
         clock: Callable[[], float] = time.monotonic,
-        storage: LocalStorage | None = None,
+        storage: Storage | None = None,
     ) -> None:
         if not isinstance(config, CheckpointConfig):
             raise TypeError(f"config must be a CheckpointConfig, got {type(config).__name__}")

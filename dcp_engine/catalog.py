@@ -14,17 +14,16 @@ then each directory is retired (rename to ``.tmp``, fsync, delete).
 from __future__ import annotations
 
 import logging
-import os
 import threading
-from pathlib import Path
 
 from . import index, layout, resolve, retention
 from .committer import Committer
 from .errors import ExperimentLockedError
 from .index import CheckpointInfo
+from .location import Location
 from .marker import Marker
 from .retention import RetentionPolicy
-from .storage import LocalStorage
+from .storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +37,7 @@ class Catalog:
         policy: RetentionPolicy,
         *,
         committer: Committer | None,
-        storage: LocalStorage,
+        storage: Storage,
         fsync: bool = True,
         aliases: tuple[bool, bool] = (True, True),
     ) -> None:
@@ -121,7 +120,7 @@ class Catalog:
         self._poke()
         return new
 
-    def quarantine(self, path: Path, why: str) -> Path | None:
+    def quarantine(self, path: Location, why: str) -> Location | None:
         """A committed-looking checkpoint that does not verify leaves the owned names; the
         entries, the index and the aliases stop seeing it."""
         assert self.committer is not None
@@ -175,23 +174,25 @@ class Catalog:
             "latest": self._entries[-1].path.name if self._entries and self._latest_alias else None,
             "best": top.path.name if top is not None and self._best_alias else None,
         }
+        storage = self._storage
         for alias, target in targets.items():
             link = self.exp.alias_path(alias)
             try:
-                current = os.readlink(link) if link.is_symlink() else None
-            except OSError:
-                current = None
-            if target == current:
-                continue
-            if link.exists() and not link.is_symlink():
-                log.warning("%s exists and is not a symlink; not moving the %r alias", link, alias)
-                continue
-            try:
-                if target is None:
-                    if current is not None and not (self.exp.checkpoints_dir / current).is_dir():
-                        self._storage.remove_file(link)  # it pointed at a removed checkpoint
+                current = storage.read_alias(link)
+                if target == current:
                     continue
-                self._storage.symlink_atomic(link, target, fsync=self._fsync)
+                if current is None and storage.exists(link):
+                    log.warning(
+                        "%s exists and is not an alias; not moving the %r alias", link, alias
+                    )
+                    continue
+                if target is None:
+                    if current is not None and not storage.is_dir(
+                        self.exp.checkpoints_dir / current
+                    ):
+                        storage.remove_file(link)  # it pointed at a removed checkpoint
+                    continue
+                storage.write_alias(link, target, fsync=self._fsync)
             except OSError as e:  # after the commit: never a failed save
                 log.warning("cannot point %r at %s (%s); the index is the truth", alias, target, e)
 

@@ -11,10 +11,8 @@ import argparse
 import datetime as dt
 import json
 import math
-import os
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from . import export, layout, resolve
@@ -24,8 +22,9 @@ from .config import CheckpointConfig
 from .errors import CheckpointError, CheckpointNotFoundError, ConfigError
 from .index import CheckpointInfo
 from .lease import Lease
+from .location import Location, as_location
 from .reader import open_checkpoint
-from .storage import LocalStorage
+from .storage import storage_of
 from .writers import fmt_bytes
 
 
@@ -50,31 +49,31 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     ls = sub.add_parser("ls", help="committed checkpoints of an experiment or a root of them")
-    ls.add_argument("path", type=Path)
+    ls.add_argument("path", type=_location)
     ls.add_argument("--json", action="store_true", help="one JSON document")
     ls.set_defaults(run=cmd_ls)
 
     ins = sub.add_parser("inspect", help="keys, tensors, bytes, dtypes of a checkpoint")
-    ins.add_argument("checkpoint", type=Path, help="a checkpoint, an alias or an experiment")
+    ins.add_argument("checkpoint", type=_location, help="a checkpoint, an alias or an experiment")
     ins.add_argument("--tensors", action="store_true", help="every tensor, shape and dtype")
     ins.set_defaults(run=cmd_inspect)
 
     ver = sub.add_parser("verify", help="every file against its size and digest (exit 1: bad)")
-    ver.add_argument("path", type=Path, help="a checkpoint or an experiment")
+    ver.add_argument("path", type=_location, help="a checkpoint or an experiment")
     ver.set_defaults(run=cmd_verify)
 
     exp = sub.add_parser(
         "export", help="one torch.load-able file, a safetensors file, or a stock DCP directory"
     )
-    exp.add_argument("checkpoint", type=Path)
-    exp.add_argument("out", type=Path)
+    exp.add_argument("checkpoint", type=_location)
+    exp.add_argument("out", type=_location)
     exp.add_argument("--key", help="one entry only, e.g. teacher")
     exp.add_argument("--dtype", choices=sorted(export.DTYPES), help="cast floating tensors")
     exp.add_argument("--format", choices=["torch", "safetensors", "dcp"], default="torch")
     exp.set_defaults(run=cmd_export)
 
     gc = sub.add_parser("gc", help="apply retention policies to an experiment")
-    gc.add_argument("experiment", type=Path)
+    gc.add_argument("experiment", type=_location)
     gc.add_argument("--keep-top-k", type=int)
     gc.add_argument("--monitor", help="default: checkpoint.monitor of config.yaml")
     gc.add_argument("--mode", choices=["min", "max"])
@@ -85,8 +84,8 @@ def _parser() -> argparse.ArgumentParser:
     gc.set_defaults(run=cmd_gc)
 
     avg = sub.add_parser("average", help="mean weights of the top-k checkpoints")
-    avg.add_argument("experiment", type=Path)
-    avg.add_argument("out", type=Path)
+    avg.add_argument("experiment", type=_location)
+    avg.add_argument("out", type=_location)
     avg.add_argument("--top-k", type=int, default=10)
     avg.add_argument("--key", help="one entry only, e.g. teacher")
     avg.add_argument("--monitor", help="default: checkpoint.monitor of config.yaml")
@@ -98,12 +97,25 @@ def _parser() -> argparse.ArgumentParser:
 # ----------------------------------------------------------------------------- ls
 
 
-def _experiments(path: Path) -> list[Path]:
-    if not path.is_dir():
+def _location(text: str) -> Location:
+    """A path or a URL argument (``s3://...``); a URL fsspec cannot serve is a usage error."""
+    try:
+        return as_location(text)
+    except CheckpointError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _experiments(path: Location) -> list[Location]:
+    storage = storage_of(path)
+    if not storage.is_dir(path):
         raise CheckpointNotFoundError(f"{path} is not a directory")
-    if (path / layout.CHECKPOINTS_DIR).is_dir():
+    if storage.is_dir(path / layout.CHECKPOINTS_DIR):
         return [path]
-    found = sorted(p for p in path.iterdir() if (p / layout.CHECKPOINTS_DIR).is_dir())
+    found = [
+        path / c.name
+        for c in storage.children(path)
+        if c.kind == "dir" and storage.is_dir(path / c.name / layout.CHECKPOINTS_DIR)
+    ]
     if not found:
         raise _Fail(f"{path} is neither an experiment nor a directory of experiments")
     return found
@@ -112,14 +124,15 @@ def _experiments(path: Path) -> list[Path]:
 def _aliases(exp: layout.ExperimentLayout) -> dict[str, list[str]]:
     """Checkpoint directory name -> the aliases pointing at it."""
     out: dict[str, list[str]] = {}
+    storage = storage_of(exp.root)
     for alias in layout.ALIASES:
-        link = exp.alias_path(alias)
-        if link.is_symlink():
-            out.setdefault(os.readlink(link), []).append(alias)
+        target = storage.read_alias(exp.alias_path(alias))
+        if target is not None:
+            out.setdefault(target, []).append(alias)
     return out
 
 
-def _rows(exp_dir: Path) -> list[dict[str, Any]]:
+def _rows(exp_dir: Location) -> list[dict[str, Any]]:
     exp = layout.ExperimentLayout(exp_dir)
     found = resolve.scan(exp)
     aliases = _aliases(exp)
@@ -156,7 +169,7 @@ def _rows(exp_dir: Path) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: (r["step"] is None, r["step"] or 0))
 
 
-def _row(exp_dir: Path, c: CheckpointInfo, aliases: list[str]) -> dict[str, Any]:
+def _row(exp_dir: Location, c: CheckpointInfo, aliases: list[str]) -> dict[str, Any]:
     return {
         "experiment": str(exp_dir),
         "step": c.step,
@@ -242,11 +255,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    path: Path = args.path
-    if not path.exists():
-        raise CheckpointNotFoundError(f"{path} does not exist")
+    path = resolve.follow(args.path)
     bad: list[str] = []
-    if (path / layout.CHECKPOINTS_DIR).is_dir():
+    if storage_of(path).is_dir(path / layout.CHECKPOINTS_DIR):
         found = resolve.scan(layout.ExperimentLayout(path))
         targets = [c.path for c in found.committed]
         for torn, why in found.torn:
@@ -258,7 +269,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         if not targets and not found.corrupt:
             raise _Fail(f"experiment {path} has no committed checkpoint")
     else:
-        targets = [resolve.inspect_checkpoint_dir(path.resolve())[0].path]
+        targets = [resolve.inspect_checkpoint_dir(path)[0].path]
     for line in bad:
         print(line)
     for target in targets:
@@ -285,7 +296,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     out = export.export(args.checkpoint, args.out, key=args.key, dtype=args.dtype, fmt=args.format)
-    size = sum(p.stat().st_size for p in out.iterdir()) if out.is_dir() else out.stat().st_size
+    storage = storage_of(out)
+    if storage.is_dir(out):
+        size = sum(storage.file_sizes(out, exclude="").values())
+    else:
+        size = storage.size(out)
     print(f"wrote {out} ({_size(size)})")
     return 0
 
@@ -294,10 +309,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
-    exp_dir: Path = args.experiment
-    if not (exp_dir / layout.CHECKPOINTS_DIR).is_dir():
+    exp_dir: Location = args.experiment
+    storage = storage_of(exp_dir)
+    if not storage.is_dir(exp_dir / layout.CHECKPOINTS_DIR):
         raise CheckpointNotFoundError(f"{exp_dir} is not an experiment (no checkpoints/)")
-    exp = layout.ExperimentLayout(exp_dir.resolve())
+    exp = layout.ExperimentLayout(storage.resolve(exp_dir))
     monitor, mode = args.monitor, args.mode
     if monitor is None:
         monitor, saved_mode = resolve.monitor_of(exp)
@@ -318,7 +334,6 @@ def cmd_gc(args: argparse.Namespace) -> int:
             f"{[c.step for c in found.committed if c.step not in doomed]}"
         )
         return 0
-    storage = LocalStorage()
     # Deleting writes the experiment: only as its lease holder (refused while a job runs).
     lease = Lease.acquire(exp.owner_path, storage, stale_after_s=30.0)
     try:

@@ -2,7 +2,9 @@
 
 Only rank 0's ``Committer`` (the lease holder's) changes what exists in ``checkpoints/``.
 A checkpoint exists only once committed (invariant 1). The order, after every rank has
-written and fsynced its shards and DCP has written ``.metadata``:
+written and made durable its shards and rank 0 has written ``.metadata``:
+
+On a file system (``storage.renames``):
 
 1. ``COMMITTED`` (every file with its size and digest, and a digest of its own) into
    ``step_X.tmp/`` by temp file + fsync + rename, then fsync of ``step_X.tmp/``;
@@ -11,29 +13,37 @@ written and fsynced its shards and DCP has written ``.metadata``:
 A crash before 2 leaves a ``.tmp`` directory, never loaded and swept by the next holder;
 a crash after 2 leaves a committed checkpoint that the catalog finds from its marker.
 Deletion is the reverse: rename back to ``.tmp`` (it stops existing at once), then
-remove. ``hook(phase, step)`` runs between the steps: the seam the fault tests kill at.
+remove.
+
+On an object store (no rename): the shards are written under the final ``step_X/``
+prefix, and step 1 alone, the ``COMMITTED`` object written in one PUT, is the commit. A
+crash before it leaves a prefix without a marker: never loaded, swept by the next
+holder. Deletion deletes the marker first, then the rest.
+
+``hook(phase, step)`` runs between the steps: the seam the fault tests kill at.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any
 
 from . import layout
 from .errors import CheckpointError, IntegrityError, TimelineError
 from .lease import Lease
+from .location import Location
 from .marker import FileEntry, Marker
-from .storage import LocalStorage
+from .storage import Storage
 from .writers import fmt_bytes
 
 log = logging.getLogger(__name__)
 
 PhaseHook = Callable[[str, int], None]
 """``hook(phase, step)``. Phases: ``written`` (every rank: its shards are durable),
-``marker`` (rank 0: marker written, not renamed), ``committed`` (renamed, the index not
-written yet), ``indexed`` (index written, aliases not moved)."""
+``marker`` (rank 0: marker written, not renamed; on an object store this is already
+the commit), ``committed`` (renamed, the index not written yet), ``indexed`` (index
+written, aliases not moved)."""
 
 
 def no_hook(phase: str, step: int) -> None:
@@ -46,7 +56,7 @@ class Committer:
     def __init__(
         self,
         exp: layout.ExperimentLayout,
-        storage: LocalStorage,
+        storage: Storage,
         lease: Lease,
         *,
         fsync: bool = True,
@@ -55,7 +65,10 @@ class Committer:
         self.exp, self.storage, self.lease = exp, storage, lease
         self.fsync, self.hook = fsync, hook
 
-    def begin(self, step: int, newest: int | None, *, last_bytes: int = 0) -> Path:
+    def staging_dir(self, step: int) -> Location:
+        return self.exp.staging_dir(step, renames=self.storage.renames)
+
+    def begin(self, step: int, newest: int | None, *, last_bytes: int = 0) -> Location:
         """A new ``step_X.tmp/`` for a save of ``step``; refused unless ``step`` is above
         ``newest`` (the newest committed step: invariant 9), and, before anything is
         written, unless the disk has room for another ``last_bytes`` (the last save's)."""
@@ -68,7 +81,8 @@ class Committer:
                 f"free at least {fmt_bytes(last_bytes - free)} (or keep fewer checkpoints)"
             )
         final = self.exp.step_dir(step)
-        if final.exists() or final.is_symlink():
+        done = layout.marker_path(final) if not self.storage.renames else final
+        if self.storage.exists(done):
             raise TimelineError(
                 f"save of step {step} refused: step {step} is already committed at {final}; "
                 "a committed checkpoint is never overwritten"
@@ -80,8 +94,8 @@ class Committer:
                 f"branch: resume='{self.exp.step_dir(newest)}' (or an earlier checkpoint) "
                 "with a new experiment_name"
             )
-        tmp = self.exp.tmp_dir(step)
-        if tmp.exists():
+        tmp = self.staging_dir(step)
+        if self.storage.exists(tmp):
             # Ours by name, and no save of ours is in flight (one at a time): torn.
             log.warning("removing torn %s from an earlier attempt at step %d", tmp, step)
             self.storage.remove_tree(tmp)
@@ -99,11 +113,11 @@ class Committer:
         digests: Mapping[str, Mapping[str, Any]],
         world_size: int,
         shards: str,
-    ) -> tuple[Path, Marker]:
+    ) -> tuple[Location, Marker]:
         """Steps 1 and 2: the checkpoint exists when this returns."""
         self.lease.check()
-        tmp, final = self.exp.tmp_dir(step), self.exp.step_dir(step)
-        if not layout.dcp_metadata_path(tmp).is_file():
+        tmp, final = self.staging_dir(step), self.exp.step_dir(step)
+        if not self.storage.is_file(layout.dcp_metadata_path(tmp)):
             raise CheckpointError(
                 f"save of step {step}: DCP wrote no {layout.DCP_METADATA_FILE} in {tmp}"
             )
@@ -135,11 +149,12 @@ class Committer:
         )
         self._write_marker(tmp, marker)
         self.hook("marker", step)
-        self.storage.publish(tmp, final, fsync=self.fsync)
+        if self.storage.renames:
+            self.storage.publish(tmp, final, fsync=self.fsync)
         self.hook("committed", step)
         return final, marker
 
-    def amend(self, path: Path, marker: Marker) -> None:
+    def amend(self, path: Location, marker: Marker) -> None:
         """Rewrite a committed checkpoint's marker (metrics that came after the save);
         atomic: readers see the old marker or the new one."""
         self.lease.check()
@@ -148,12 +163,13 @@ class Committer:
     def abort(self, step: int) -> None:
         """After a failed save that every rank agreed on: its ``.tmp`` goes (not if the
         lease went to another job meanwhile: that ``.tmp`` may be its)."""
+        tmp = self.staging_dir(step)
         if self.lease.lost:
-            log.error("[step=%d] not removing %s: %s", step, self.exp.tmp_dir(step),
-                      self.lease.lost)  # fmt: skip
+            log.error("[step=%d] not removing %s: %s", step, tmp, self.lease.lost)
             return
-        tmp = self.exp.tmp_dir(step)
-        if tmp.exists():
+        if not self.storage.renames and self.storage.exists(layout.marker_path(tmp)):
+            return  # committed before the failure (under its final name): it stays
+        if self.storage.exists(tmp):
             self.storage.remove_tree(tmp)
             log.info("[step=%d] removed %s after the failed save", step, tmp)
 
@@ -163,10 +179,19 @@ class Committer:
         own canonical name is touched. False if it was already gone."""
         self.lease.check()
         final, tmp = self.exp.step_dir(step), self.exp.tmp_dir(step)
-        if final.is_symlink() or (final.exists() and not final.is_dir()):
+        if not self.storage.renames:  # the marker first: it stops existing at once
+            if not self.storage.exists(layout.marker_path(final)):
+                return False
+            self.storage.remove_file(layout.marker_path(final))
+            self.storage.remove_tree(final)
+            return True
+        kind = next(
+            (c.kind for c in self.storage.children(final.parent) if c.name == final.name), None
+        )
+        if kind in ("link", "file"):
             log.warning("%s is not a checkpoint directory of ours; not deleting it", final)
             return False
-        if tmp.exists():  # a leftover of an earlier retire that crashed: ours by name
+        if self.storage.exists(tmp):  # a leftover of an earlier retire that crashed: ours
             self.storage.remove_tree(tmp)
         try:
             self.storage.publish(final, tmp, fsync=self.fsync)
@@ -175,7 +200,7 @@ class Committer:
         self.storage.remove_tree(tmp)
         return True
 
-    def quarantine(self, path: Path, why: str) -> Path | None:
+    def quarantine(self, path: Location, why: str) -> Location | None:
         """Move a committed-looking checkpoint that cannot be loaded out of the owned
         names (``step_X.corrupt``), so that ``latest``, retention and later saves never
         see it. Returns where it went (None: not ours by name, or gone)."""
@@ -183,7 +208,7 @@ class Committer:
         step = layout.parse_step_dirname(path.name)
         if step is None or path.parent != self.exp.checkpoints_dir:
             return None
-        dest = self.exp.quarantine_dir(step)
+        dest = self.exp.quarantine_dir(step, self.storage.exists)
         try:
             self.storage.publish(path, dest, fsync=self.fsync)
         except FileNotFoundError:
@@ -191,26 +216,32 @@ class Committer:
         log.error("quarantined %s as %s: %s", path, dest.name, why)
         return dest
 
-    def sweep(self) -> list[Path]:
-        """Remove the ``step_X.tmp`` directories that crashed saves and retirements left.
-        Only the lease holder calls it, and only at start (none of its saves in flight)."""
+    def sweep(self) -> list[Location]:
+        """Remove the ``step_X.tmp`` directories that crashed saves and retirements left
+        (on an object store: the ``step_X/`` prefixes without a marker). Only the lease
+        holder calls it, and only at start (none of its saves in flight)."""
         self.lease.check()
         swept = []
-        for child in sorted(self.exp.checkpoints_dir.iterdir()):
-            if layout.parse_tmp_dirname(child.name) is not None and not child.is_symlink():
-                log.warning("removing %s, left by a save or a deletion that did not finish", child)
-                self.storage.remove_tree(child)
-                swept.append(child)
+        checkpoints = self.exp.checkpoints_dir
+        for child in self.storage.children(checkpoints):
+            path = checkpoints / child.name
+            torn = child.kind == "dir" and layout.parse_tmp_dirname(child.name) is not None
+            if not self.storage.renames and layout.parse_step_dirname(child.name) is not None:
+                torn = not self.storage.exists(layout.marker_path(path))
+            if torn:
+                log.warning("removing %s, left by a save or a deletion that did not finish", path)
+                self.storage.remove_tree(path)
+                swept.append(path)
         # Temporaries of the index, the config, the aliases: ours by name, and none of
         # their writers runs while a new holder starts.
-        for directory in (self.exp.root, self.exp.checkpoints_dir):
-            for child in sorted(directory.iterdir()):
-                if layout.is_atomic_tmp(child.name) and not child.is_dir():
-                    self.storage.remove_file(child)
-                    swept.append(child)
+        for directory in (self.exp.root, checkpoints):
+            for child in self.storage.children(directory):
+                if layout.is_atomic_tmp(child.name) and child.kind != "dir":
+                    self.storage.remove_file(directory / child.name)
+                    swept.append(directory / child.name)
         return swept
 
-    def _write_marker(self, directory: Path, marker: Marker) -> None:
+    def _write_marker(self, directory: Location, marker: Marker) -> None:
         self.storage.write_atomic(
             layout.marker_path(directory), marker.to_bytes(), fsync=self.fsync
         )

@@ -10,7 +10,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, UnknownKeyError
+from .errors import CheckpointError, ConfigError, UnknownKeyError
+from .location import URL, Location, as_location, is_url
 from .retention import RetentionPolicy
 
 ASYNC_MODES = ("off", "thread", "process")
@@ -24,7 +25,13 @@ class CheckpointConfig:
     """Where and how checkpoints are written. Every field is checked in ``__post_init__``."""
 
     root_dir: str = "./experiments"
-    """Base directory; the experiment lives in ``<root_dir>/<experiment_name>/``."""
+    """Base directory, or a URL (``s3://bucket/prefix``, ``gs://...``, any fsspec
+    protocol); the experiment lives in ``<root_dir>/<experiment_name>/``."""
+
+    storage_options: Mapping[str, Any] | None = None
+    """For URL locations: the fsspec file system's options (``{"endpoint_url": ...}``,
+    credentials; fsspec's ``storage_options``). None: its defaults (for S3 the ``AWS_*``
+    environment). Never written to ``config.yaml``."""
 
     experiment_name: str = ""
     """Experiment directory name. Empty: ``{model_name}_{dataset_name}_{YYYYmmdd_HHMMSS}``,
@@ -146,6 +153,9 @@ class CheckpointConfig:
             object.__setattr__(self, "root_dir", os.fspath(self.root_dir))
         if not isinstance(self.root_dir, str) or not self.root_dir:
             raise ConfigError("root_dir", self.root_dir, "a non-empty path")
+        if self.storage_options is not None and not isinstance(self.storage_options, Mapping):
+            raise ConfigError("storage_options", self.storage_options, "None or a dict")
+        _check_location("root_dir", self.root_dir, writable=True)
         _check_name("experiment_name", self.experiment_name, allow_empty=True)
         _check_name("model_name", self.model_name, allow_empty=False)
         _check_name("dataset_name", self.dataset_name, allow_empty=False)
@@ -203,6 +213,8 @@ class CheckpointConfig:
             object.__setattr__(self, "resume", None)
         if self.resume is not None and not isinstance(self.resume, str):
             raise ConfigError("resume", self.resume, "None, 'latest', 'best' or a path")
+        if self.resume is not None:
+            _check_location("resume", self.resume, writable=False)
         _check_count("save_every_n_steps", self.save_every_n_steps, low=0)
         _check_count("save_every_n_epochs", self.save_every_n_epochs, low=0)
         seconds = self.save_every_n_seconds
@@ -297,11 +309,33 @@ class CheckpointConfig:
         return cls.from_dict(data, where=str(path))
 
     @property
-    def root_path(self) -> Path:
-        return Path(self.root_dir)
+    def root_path(self) -> Location:
+        """``root_dir`` as a location (a ``Path``, or a ``URL`` with ``storage_options``)."""
+        return self.location(self.root_dir)
+
+    def location(self, value: str | os.PathLike[str]) -> Location:
+        """A path or URL given with this config (``root_dir``, ``resume``), as a location;
+        a URL gets ``storage_options``."""
+        return as_location(value, self.storage_options if is_url(value) else None)
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        """The fields, without ``storage_options`` (it may hold credentials)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "storage_options"}
+
+
+def _check_location(field: str, value: str, *, writable: bool) -> None:
+    """A URL's protocol must have an installed fsspec implementation (the message names
+    the package); ``http(s)://`` is read-only."""
+    if not is_url(value):
+        return
+    try:
+        location = as_location(value)
+    except CheckpointError as e:
+        raise ConfigError(field, value, f"a location fsspec can serve ({e})") from None
+    if writable and isinstance(location, URL) and location.read_only:
+        raise ConfigError(
+            field, value, f"a writable location ({location.protocol}:// is read-only)"
+        )
 
 
 def _check_count(field: str, value: object, *, low: int) -> None:

@@ -5,24 +5,24 @@ core of the reference machine, and it releases the GIL on large buffers, so in t
 mode hashing does not hold training. It detects the flipped bytes, truncations and torn
 writes a checkpoint suffers; it is not a defence against deliberate tampering.
 
-``HashingFileSystem`` is DCP's ``FileSystem`` whose write streams hash what passes
-through them; the writers read its ``digests`` after ``dcp.save``.
+``HashingFileSystem`` is DCP's ``FileSystem`` over the storage seam whose write streams
+hash what passes through them; the writers read its ``digests`` after writing.
 """
 
 from __future__ import annotations
 
-import os
 import threading
 import zlib
 from collections.abc import Generator
 from contextlib import contextmanager
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torch.distributed.checkpoint.filesystem import FileSystem
+from torch.distributed.checkpoint.filesystem import FileSystemBase
+
+if TYPE_CHECKING:
+    from .storage import Storage
 
 ALGORITHM = "crc32"
-_CHUNK = 8 << 20
 
 
 def hexdigest(crc: int) -> str:
@@ -87,28 +87,38 @@ class HashingStream:
         return False
 
 
-class HashingFileSystem(FileSystem):
-    """DCP's local file system, hashing every file it writes (keyed by file name), and
-    keeping every OS error a write met (``errors``: the root cause of a failed save)."""
+class HashingFileSystem(FileSystemBase):
+    """DCP's ``FileSystem`` over a ``Storage``, hashing every file it writes (keyed by file
+    name) and keeping every OS error a write met (``errors``: the root cause of a failed
+    save). With ``fsync`` a file is durable once its stream closes."""
 
     stream_class: type[HashingStream] = HashingStream
 
-    def __init__(self, *, hashing: bool = True) -> None:
+    def __init__(
+        self, storage: Storage | None = None, *, hashing: bool = True, fsync: bool = True
+    ) -> None:
         super().__init__()
+        if storage is None:
+            from .storage import LocalStorage
+
+            storage = LocalStorage()
+        self.storage = storage
         self.hashing = hashing
         """False: sizes only (``CheckpointConfig.digests=False``)."""
+        self.fsync = fsync
         self.digests: dict[str, dict[str, Any]] = {}
         self.errors: list[OSError] = []
         self._lock = threading.Lock()  # DCP writes files from several threads
 
     @contextmanager
-    def create_stream(self, path: str | os.PathLike[str], mode: str) -> Generator[Any, None, None]:
+    def create_stream(self, path: Any, mode: str) -> Generator[Any, None, None]:
+        path = self.init_path(path)
         if "w" not in mode:
-            with super().create_stream(path, mode) as plain:
+            with self.storage.open_read(path) as plain:
                 yield plain
             return
         try:
-            with super().create_stream(path, mode) as raw:
+            with self.storage.open_write(path, fsync=self.fsync) as raw:
                 hashing = self.stream_class(raw, self.errors, hashing=self.hashing)
                 yield hashing
         except OSError as e:  # e.g. ENOSPC when the file is closed
@@ -119,19 +129,32 @@ class HashingFileSystem(FileSystem):
         if self.hashing:
             digest[ALGORITHM] = hexdigest(hashing.crc)
         with self._lock:
-            self.digests[Path(path).name] = digest
+            self.digests[path.name] = digest
 
-    def rename(self, path: str | os.PathLike[str], new_path: str | os.PathLike[str]) -> None:
-        super().rename(path, new_path)
+    def concat_path(self, path: Any, suffix: str) -> Any:
+        return self.init_path(path) / suffix
+
+    def init_path(self, path: Any) -> Any:
+        from .location import as_location
+
+        return as_location(path)
+
+    def rename(self, path: Any, new_path: Any) -> None:
+        self.storage.publish(self.init_path(path), self.init_path(new_path), fsync=self.fsync)
+        old, new = self.init_path(path).name, self.init_path(new_path).name
         with self._lock:
-            if Path(path).name in self.digests:
-                self.digests[Path(new_path).name] = self.digests.pop(Path(path).name)
+            if old in self.digests:
+                self.digests[new] = self.digests.pop(old)
 
+    def mkdir(self, path: Any) -> None:
+        self.storage.mkdir(self.init_path(path))
 
-def file_digest(path: Path) -> str:
-    """The digest of a file on disk (for verification)."""
-    crc = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            crc = zlib.crc32(chunk, crc)
-    return hexdigest(crc)
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: Any) -> bool:
+        return True
+
+    def exists(self, path: Any) -> bool:
+        return self.storage.exists(self.init_path(path))
+
+    def rm_file(self, path: Any) -> None:
+        self.storage.remove_file(self.init_path(path))

@@ -13,7 +13,6 @@ import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from . import layout, resolve
@@ -22,7 +21,8 @@ from .committer import Committer, PhaseHook
 from .config import CheckpointConfig
 from .errors import CheckpointError
 from .lease import Lease
-from .storage import LocalStorage
+from .location import Location
+from .storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ class Experiment:
         self,
         config: CheckpointConfig,
         plan: Plan,
-        storage: LocalStorage,
+        storage: Storage,
         catalog: Catalog,
         lease: Lease | None = None,
     ) -> None:
@@ -53,14 +53,14 @@ class Experiment:
         self.lease = lease
 
     @property
-    def root(self) -> Path:
+    def root(self) -> Location:
         return self.layout.root
 
     @classmethod
     def open(
         cls,
         config: CheckpointConfig,
-        storage: LocalStorage,
+        storage: Storage,
         *,
         run_config: Mapping[str, Any] | None = None,
         hook: PhaseHook,
@@ -92,7 +92,7 @@ class Experiment:
         return cls(config, plan, storage, catalog, lease)
 
     @classmethod
-    def follow(cls, config: CheckpointConfig, plan: Plan, storage: LocalStorage) -> Experiment:
+    def follow(cls, config: CheckpointConfig, plan: Plan, storage: Storage) -> Experiment:
         """Ranks other than 0: the experiment rank 0 opened; a read-only catalog mirror."""
         exp = layout.ExperimentLayout(config.root_path / plan.name)
         catalog = Catalog(exp, config.retention, committer=None, storage=storage)
@@ -107,7 +107,7 @@ class Experiment:
                 self.lease.release()
 
 
-def choose(config: CheckpointConfig, storage: LocalStorage) -> Plan:
+def choose(config: CheckpointConfig, storage: Storage) -> Plan:
     """Rank 0: the experiment directory's name, and the checkpoint a branch starts from.
 
     - fresh (``resume=None``): ``experiment_name``, or a new default name that no other
@@ -122,10 +122,10 @@ def choose(config: CheckpointConfig, storage: LocalStorage) -> Plan:
     if resume is None:
         return Plan(name or _new_default(config, storage), None)
     if resume in ("latest", "best"):
-        return Plan(name or _newest_run(config) or _new_default(config, storage), None)
-    source = resolve.checkpoint_dir_of(resume)
-    source_exp = layout.experiment_of(source).resolve()
-    if name and (config.root_path / name).resolve() != source_exp:
+        return Plan(name or _newest_run(config, storage) or _new_default(config, storage), None)
+    source = resolve.checkpoint_dir_of(config.location(resume))
+    source_exp = storage.resolve(layout.experiment_of(source))
+    if name and storage.resolve(config.root_path / name) != source_exp:
         own = resolve.scan(layout.ExperimentLayout(config.root_path / name))
         if own.committed or own.corrupt or own.quarantined:
             log.info(
@@ -137,13 +137,13 @@ def choose(config: CheckpointConfig, storage: LocalStorage) -> Plan:
             return Plan(name, None)
     if not name:
         name = _new_default(config, storage)
-    elif (config.root_path / name).resolve() == source_exp:
+    elif storage.resolve(config.root_path / name) == source_exp:
         name = f"{name}_branch_{time.strftime('%Y%m%d_%H%M%S')}"
     log.info("resume=%s: branching from %s into %s", resume, source, config.root_path / name)
     return Plan(name, str(source))
 
 
-def _new_default(config: CheckpointConfig, storage: LocalStorage) -> str:
+def _new_default(config: CheckpointConfig, storage: Storage) -> str:
     """A default name whose directory this call created (two jobs never get one name)."""
     when = time.time()
     storage.mkdir(config.root_path)
@@ -157,11 +157,8 @@ def _new_default(config: CheckpointConfig, storage: LocalStorage) -> str:
     raise CheckpointError(f"no free experiment name under {config.root_path} for {name}")
 
 
-def _newest_run(config: CheckpointConfig) -> str | None:
-    try:
-        names = [p.name for p in config.root_path.iterdir() if p.is_dir()]
-    except FileNotFoundError:
-        return None
+def _newest_run(config: CheckpointConfig, storage: Storage) -> str | None:
+    names = [c.name for c in storage.children(config.root_path) if c.kind == "dir"]
     for name in sorted(names, key=_run_order, reverse=True):
         ours = layout.is_default_experiment_name(name, config.model_name, config.dataset_name)
         if ours and resolve.scan(layout.ExperimentLayout(config.root_path / name)).committed:
@@ -177,13 +174,13 @@ def _run_order(name: str) -> tuple[str, int]:
 
 def _write_config(
     exp: layout.ExperimentLayout,
-    storage: LocalStorage,
+    storage: Storage,
     config: CheckpointConfig,
     run_config: Mapping[str, Any] | None,
 ) -> None:
     """``config.yaml``, once: the training config as given (default: this config)."""
     path = exp.config_path
-    if path.exists():
+    if storage.exists(path):
         return
     import yaml
 

@@ -10,10 +10,8 @@ import dataclasses
 import math
 import os
 import pickle
-import shutil
-from collections.abc import Iterator, Mapping
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping
+from typing import IO, Any
 
 import torch
 from torch.distributed.checkpoint.filesystem import _StorageInfo
@@ -21,8 +19,10 @@ from torch.distributed.checkpoint.filesystem import _StorageInfo
 from . import layout, resolve, retention
 from .errors import CheckpointError
 from .index import Which
+from .location import Location, as_location
 from .native import METADATA_FILE, ShardSlice, to_dtype
 from .reader import CheckpointReader, open_checkpoint
+from .storage import Storage, storage_of
 
 DTYPES = {
     "fp32": torch.float32,
@@ -60,14 +60,14 @@ def flat_tensors(tree: Any, prefix: str = "") -> Iterator[tuple[str, torch.Tenso
 
 
 def export(
-    source: str | os.PathLike[str],
-    out: str | os.PathLike[str],
+    source: str | os.PathLike[str] | Location,
+    out: str | os.PathLike[str] | Location,
     *,
     key: str | None = None,
     dtype: str | None = None,
     fmt: str = "torch",
     which: Which = "latest",
-) -> Path:
+) -> Location:
     """One consolidated file of a checkpoint (or of one key, e.g. the teacher) that
     ``torch.load`` opens (``fmt="torch"``) or ``safetensors`` reads (tensors only), or a
     directory in DCP's stock format (``fmt="dcp"``, ``export_dcp``).
@@ -78,35 +78,42 @@ def export(
     if fmt == "dcp":
         if dtype is not None:
             raise ValueError("--dtype applies to the torch and safetensors formats only")
-        return export_dcp(ckpt, Path(out), key=key)
+        return export_dcp(ckpt, as_location(out), key=key)
+    if fmt not in ("torch", "safetensors"):
+        raise ValueError(f"format {fmt!r} is not 'torch', 'safetensors' or 'dcp'")
     values = ckpt.load_entries([key] if key is not None else None)
     payload = values[key] if key is not None else values
     payload = cast_floats(payload, DTYPES[dtype] if dtype else None)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
+    out = as_location(out)
     if fmt == "torch":
-        torch.save(payload, tmp)
-    elif fmt == "safetensors":
-        try:
-            from safetensors.torch import save_file  # type: ignore[import-not-found,unused-ignore]
-        except ImportError:
-            raise CheckpointError("--format safetensors needs the safetensors package") from None
-        tensors = {name: t.contiguous() for name, t in flat_tensors(payload)}
-        if not tensors:
-            raise CheckpointError(f"{ckpt.path}: {key or 'the checkpoint'} holds no tensors")
-        save_file(tensors, str(tmp))
-    else:
-        raise ValueError(f"format {fmt!r} is not 'torch', 'safetensors' or 'dcp'")
-    tmp.replace(out)
+        write_file(out, lambda f: torch.save(payload, f))
+        return out
+    try:
+        from safetensors.torch import save  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:
+        raise CheckpointError("--format safetensors needs the safetensors package") from None
+    tensors = {name: t.contiguous() for name, t in flat_tensors(payload)}
+    if not tensors:
+        raise CheckpointError(f"{ckpt.path}: {key or 'the checkpoint'} holds no tensors")
+    write_file(out, lambda f: f.write(save(tensors)))
     return out
 
 
-def export_dcp(ckpt: CheckpointReader, out: Path, *, key: str | None = None) -> Path:
+def write_file(out: Location, write: Callable[[IO[bytes]], object]) -> None:
+    """A product file, written atomically: readers never see a half-written ``out``."""
+    storage = storage_of(out)
+    storage.mkdir(out.parent)
+    with storage.open_atomic(out) as f:
+        write(f)
+
+
+def export_dcp(ckpt: CheckpointReader, out: Location, *, key: str | None = None) -> Location:
     """The checkpoint (or one key) as a directory in DCP's stock format (``torch.save``
     per item, ``__<rank>_<k>.distcp``), shards and all, for readers without dcp_engine:
-    ``dcp.load(state, checkpoint_id=out)``. Streamed one item at a time."""
-    if out.exists():
+    ``dcp.load(state, checkpoint_id=out)``. Streamed one item at a time; ``.metadata``
+    last (on an object store the directory is not a checkpoint before it)."""
+    storage = storage_of(out)
+    if storage.exists(out):
         raise CheckpointError(f"{out} exists: export --format dcp writes a new directory")
     metadata = ckpt.metadata
     keep = {
@@ -119,11 +126,11 @@ def export_dcp(ckpt: CheckpointReader, out: Path, *, key: str | None = None) -> 
     for index, where in metadata.storage_data.items():
         if index.fqn in keep:
             per_file.setdefault(where.relative_path, []).append((index, where))
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = out.with_name(f".{out.name}.tmp") if storage.renames else out
+    storage.remove_tree(tmp)
+    storage.mkdir(tmp)
     try:
-        storage_data = _write_stock(ckpt.path, per_file, tmp)
+        storage_data = _write_stock(ckpt.path, per_file, tmp, storage)
         stock_metadata = dataclasses.replace(
             metadata,
             state_dict_metadata={
@@ -133,25 +140,28 @@ def export_dcp(ckpt: CheckpointReader, out: Path, *, key: str | None = None) -> 
             storage_data=storage_data,
             storage_meta=None,
         )
-        with open(tmp / METADATA_FILE, "wb") as f:
+        with storage.open_write(tmp / METADATA_FILE) as f:
             pickle.dump(stock_metadata, f)
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.rename(out)
+        if storage.renames:
+            storage.publish(tmp, out)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # no half-written export left behind
+        storage.remove_tree(tmp)  # no half-written export left behind
         raise
     return out
 
 
 def _write_stock(
-    source: Path, per_file: Mapping[str, list[tuple[Any, Any]]], tmp: Path
+    source: Location,
+    per_file: Mapping[str, list[tuple[Any, Any]]],
+    tmp: Location,
+    storage: Storage,
 ) -> dict[Any, _StorageInfo]:
     """Every item in DCP's stock format (``torch.save`` per tensor), file by file."""
     storage_data: dict[Any, _StorageInfo] = {}
+    reading = storage_of(source)
     for name, items in sorted(per_file.items()):
-        stock = Path(name).with_suffix(".distcp").name
-        with open(source / name, "rb") as src, open(tmp / stock, "wb") as dst:
+        stock = name.rsplit(".", 1)[0] + ".distcp"
+        with reading.open_read(source / name) as src, storage.open_write(tmp / stock) as dst:
             for index, where in sorted(items, key=lambda p: p[1].offset):
                 src.seek(where.offset)
                 data = src.read(where.length)
@@ -167,27 +177,26 @@ def _write_stock(
                 else:  # serialised values (and items already in DCP's format) as they are
                     dst.write(data)
                 storage_data[index] = _StorageInfo(stock, offset, dst.tell() - offset)
-            dst.flush()
-            os.fsync(dst.fileno())
     return storage_data
 
 
 def average(
-    experiment: str | os.PathLike[str],
-    out: str | os.PathLike[str],
+    experiment: str | os.PathLike[str] | Location,
+    out: str | os.PathLike[str] | Location,
     *,
     top_k: int = 10,
     key: str | None = None,
     monitor: str | None = None,
     mode: str | None = None,
-) -> tuple[Path, list[int]]:
+) -> tuple[Location, list[int]]:
     """The mean of the weights of the ``top_k`` best checkpoints by ``monitor`` (default:
     the experiment's ``config.yaml``), streamed tensor by tensor: memory stays near one
     copy of the result. Non-floating tensors (counters) are taken from the best one.
     Returns the file and the steps averaged."""
     if top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
-    monitor, mode = resolve.ranking(layout.ExperimentLayout(Path(experiment)), monitor, mode)
+    experiment = as_location(experiment)
+    monitor, mode = resolve.ranking(layout.ExperimentLayout(experiment), monitor, mode)
     ranked = resolve.find_checkpoints(experiment, "best", monitor=monitor, metric_mode=mode)
     chosen = [c for c in ranked if math.isfinite(retention.metric_of(c, monitor))][:top_k]
     if not chosen:
@@ -219,9 +228,6 @@ def average(
         for c in ckpts[1:]:
             acc += c.load_tensor(fqn).to(torch.float64)
         result[name] = (acc / len(ckpts)).to(meta.properties.dtype)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    torch.save(result, tmp)
-    tmp.replace(out)
+    out = as_location(out)
+    write_file(out, lambda f: torch.save(result, f))
     return out, [c.step for c in chosen]

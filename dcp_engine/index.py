@@ -14,12 +14,12 @@ import math
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from . import layout
+from .location import URL, Location
 from .marker import Marker
-from .storage import LocalStorage
+from .storage import Storage, storage_of
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ class CheckpointInfo:
     step: int
     epoch: int | None
     metrics: Mapping[str, float] = field(hash=False)
-    path: Path
+    path: Location
     bytes: int
     created: float
     extra: Mapping[str, Any] = field(default_factory=dict, hash=False, compare=False)
@@ -42,7 +42,7 @@ class CheckpointInfo:
     """Every file with its size and digest, as the marker lists them."""
 
     @classmethod
-    def from_marker(cls, path: Path, marker: Marker) -> CheckpointInfo:
+    def from_marker(cls, path: Location, marker: Marker) -> CheckpointInfo:
         return cls(
             step=marker.step,
             epoch=marker.epoch,
@@ -67,7 +67,7 @@ class CheckpointInfo:
         }
 
     @classmethod
-    def from_json(cls, experiment_dir: Path, d: Mapping[str, Any]) -> CheckpointInfo:
+    def from_json(cls, experiment_dir: Location, d: Mapping[str, Any]) -> CheckpointInfo:
         return cls(
             step=int(d["step"]),
             epoch=None if d["epoch"] is None else int(d["epoch"]),
@@ -83,7 +83,7 @@ class CheckpointInfo:
 def read_index(exp: layout.ExperimentLayout) -> list[CheckpointInfo] | None:
     """The entries of ``index.json``, or None if it is missing or unreadable."""
     try:
-        data = json.loads(exp.index_path.read_bytes())
+        data = json.loads(storage_of(exp.root).read_bytes(exp.index_path))
         if not isinstance(data, dict) or data.get("format") != INDEX_FORMAT:
             return None
         return [CheckpointInfo.from_json(exp.root, d) for d in data["checkpoints"]]
@@ -97,7 +97,7 @@ def read_index(exp: layout.ExperimentLayout) -> list[CheckpointInfo] | None:
 def write_index(
     exp: layout.ExperimentLayout,
     entries: Iterable[CheckpointInfo],
-    storage: LocalStorage,
+    storage: Storage,
     *,
     best: int | None = None,
     monitor: str | None = None,
@@ -122,7 +122,7 @@ def write_index(
 def recorded_monitor(exp: layout.ExperimentLayout) -> tuple[str | None, str | None]:
     """The ``monitor`` and ``mode`` the index recorded (None, None if it has none)."""
     try:
-        data = json.loads(exp.index_path.read_bytes())
+        data = json.loads(storage_of(exp.root).read_bytes(exp.index_path))
     except (OSError, ValueError):
         return None, None
     if not isinstance(data, dict) or not isinstance(data.get("monitor"), str):
@@ -143,4 +143,4 @@ def same_entries(a: list[CheckpointInfo], b: list[CheckpointInfo]) -> bool:
     return [key(c) for c in a] == [key(c) for c in b]
 
 
-Which = str | int | os.PathLike[str]
+Which = str | int | os.PathLike[str] | URL

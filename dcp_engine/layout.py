@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
+
+from .location import Location
 
 CHECKPOINTS_DIR = "checkpoints"
 INDEX_FILE = "index.json"
@@ -102,38 +104,44 @@ def parse_corrupt_dirname(name: str) -> int | None:
 class ExperimentLayout:
     """The paths of one experiment directory."""
 
-    root: Path
+    root: Location
 
     @property
-    def checkpoints_dir(self) -> Path:
+    def checkpoints_dir(self) -> Location:
         return self.root / CHECKPOINTS_DIR
 
     @property
-    def index_path(self) -> Path:
+    def index_path(self) -> Location:
         return self.root / INDEX_FILE
 
     @property
-    def config_path(self) -> Path:
+    def config_path(self) -> Location:
         return self.root / CONFIG_FILE
 
-    def step_dir(self, step: int) -> Path:
+    def step_dir(self, step: int) -> Location:
         return self.checkpoints_dir / step_dirname(step)
 
-    def tmp_dir(self, step: int) -> Path:
+    def tmp_dir(self, step: int) -> Location:
         return self.checkpoints_dir / tmp_dirname(step)
 
+    def staging_dir(self, step: int, *, renames: bool) -> Location:
+        """Where the shards of a save of ``step`` are written: ``step_X.tmp/``, renamed at
+        the commit; on a storage without rename (an object store) the final ``step_X/``,
+        where the marker written last is the commit."""
+        return self.tmp_dir(step) if renames else self.step_dir(step)
+
     @property
-    def owner_path(self) -> Path:
+    def owner_path(self) -> Location:
         return self.root / OWNER_FILE
 
-    def quarantine_dir(self, step: int) -> Path:
-        """The first free ``step_X.corrupt[-n]`` name for ``step``."""
+    def quarantine_dir(self, step: int, taken: Callable[[Location], bool]) -> Location:
+        """The first ``step_X.corrupt[-n]`` name for ``step`` that is not ``taken``."""
         attempt = 1
-        while (path := self.checkpoints_dir / corrupt_dirname(step, attempt)).exists():
+        while taken(path := self.checkpoints_dir / corrupt_dirname(step, attempt)):
             attempt += 1
         return path
 
-    def alias_path(self, alias: str) -> Path:
+    def alias_path(self, alias: str) -> Location:
         if alias not in ALIASES:
             raise ValueError(f"unknown alias {alias!r}; known: {ALIASES}")
         return self.checkpoints_dir / alias
@@ -155,14 +163,14 @@ def is_default_experiment_name(name: str, model: str, dataset: str) -> bool:
     return re.fullmatch(pattern, name) is not None
 
 
-def marker_path(checkpoint_dir: Path) -> Path:
+def marker_path(checkpoint_dir: Location) -> Location:
     return checkpoint_dir / MARKER_FILE
 
 
-def dcp_metadata_path(checkpoint_dir: Path) -> Path:
+def dcp_metadata_path(checkpoint_dir: Location) -> Location:
     return checkpoint_dir / DCP_METADATA_FILE
 
 
-def experiment_of(checkpoint_dir: Path) -> Path:
+def experiment_of(checkpoint_dir: Location) -> Location:
     """The experiment directory that holds ``checkpoint_dir`` (``<exp>/checkpoints/step_X``)."""
     return checkpoint_dir.parent.parent

@@ -1,11 +1,12 @@
 """The lease: one job writes an experiment (invariant 7).
 
 Rank 0 of the job that saves into an experiment holds ``<experiment>/OWNER``, created
-with ``O_EXCL`` (atomic on local disks and on NFSv3+), holding who it is: host, pid,
-the pid's start time, job id, when it started, and a random token. A heartbeat thread
-touches the file every ``stale_after_s / 4`` seconds and checks that it still holds the
-token. Only the holder sweeps, writes the index, moves aliases or deletes; a second
-writer gets ``ExperimentLockedError`` naming the holder.
+exclusively (``O_EXCL``, atomic on local disks and on NFSv3+; on an object store a
+conditional write, ``If-None-Match: *``), holding who it is: host, pid, the pid's start
+time, job id, when it started, and a random token. A heartbeat thread touches it every
+``stale_after_s / 4`` seconds (an object store: rewrites it with a beat counter) and
+checks that it still holds the token. Only the holder sweeps, writes the index, moves
+aliases or deletes; a second writer gets ``ExperimentLockedError`` naming the holder.
 
 A lease whose holder is gone is taken over with a warning: on the same host, a holder
 whose pid is dead (or is another process now) is gone at once; on another host (or a
@@ -17,7 +18,6 @@ time (NFS attribute caching: keep ``lease_timeout_s`` above ``acregmax``).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -26,12 +26,12 @@ import socket
 import threading
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import psutil
 
 from .errors import ExperimentLockedError
-from .storage import LocalStorage
+from .location import Location
+from .storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +64,10 @@ class Holder:
             stale_after_s=stale_after_s,
         )
 
-    def to_bytes(self) -> bytes:
-        return json.dumps(asdict(self), sort_keys=True).encode()
+    def to_bytes(self, beat: int = 0) -> bytes:
+        """``beat``: the heartbeat's count, so that each beat changes the content (an
+        object store's ``version`` of the lease)."""
+        return json.dumps({**asdict(self), "beat": beat}, sort_keys=True).encode()
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> Holder | None:
@@ -101,7 +103,7 @@ class Lease:
     """Rank 0's hold on an experiment; ``check()`` before every write of the catalog."""
 
     def __init__(
-        self, path: Path, holder: Holder, storage: LocalStorage, stale_after_s: float
+        self, path: Location, holder: Holder, storage: Storage, stale_after_s: float
     ) -> None:
         self.path, self.holder = path, holder
         self._storage, self._stale_after_s = storage, stale_after_s
@@ -114,7 +116,7 @@ class Lease:
 
     @classmethod
     def acquire(
-        cls, path: Path, storage: LocalStorage, *, stale_after_s: float, fsync: bool = True
+        cls, path: Location, storage: Storage, *, stale_after_s: float, fsync: bool = True
     ) -> Lease:
         """Take the lease of ``path`` (the experiment's ``OWNER``), taking over a stale one;
         ``ExperimentLockedError`` if a live job holds it."""
@@ -124,11 +126,11 @@ class Lease:
                 return cls(path, me, storage, stale_after_s)
             try:
                 raw = storage.read_bytes(path)
-                mtime = path.stat().st_mtime
+                seen = storage.version(path)
             except FileNotFoundError:
                 continue  # released meanwhile
             holder = Holder.from_bytes(raw)
-            why = _why_stale(path, holder, mtime, stale_after_s)
+            why = _why_stale(path, storage, holder, seen, stale_after_s)
             if why is None:
                 assert holder is not None
                 mine = holder.pid == os.getpid() and holder.host == me.host
@@ -141,7 +143,7 @@ class Lease:
                     f"experiment {path.parent} is held by {holder.describe()}; {hint} "
                     f"(lease file {path})"
                 )
-            _take_over(path, raw, storage)
+            storage.take_over(path, raw)
             log.warning("took over the lease of %s: %s", path.parent, why)
         raise ExperimentLockedError(f"could not take the lease {path}: it keeps changing hands")
 
@@ -174,18 +176,22 @@ class Lease:
         return holder is not None and holder.token == self.holder.token
 
     def _heartbeat(self) -> None:
+        beat = 0
         while not self._stop.wait(self._stale_after_s / 4):
             try:
                 if not self._holds():
                     self._lost = f"{self.path} was removed or taken over by another job"
                     log.error("lost the lease of %s: %s", self.path.parent, self._lost)
                     return
-                self._storage.touch(self.path)
+                beat += 1
+                self._storage.touch(self.path, self.holder.to_bytes(beat))
             except OSError as e:  # a hiccup of a shared file system: try again
                 log.warning("lease heartbeat on %s failed: %s", self.path, e)
 
 
-def _why_stale(path: Path, holder: Holder | None, mtime: float, stale_after_s: float) -> str | None:
+def _why_stale(
+    path: Location, storage: Storage, holder: Holder | None, seen: object, stale_after_s: float
+) -> str | None:
     """Why the lease in ``path`` is stale, or None while its holder lives."""
     if holder is not None:
         alive = holder.alive_here()
@@ -203,24 +209,11 @@ def _why_stale(path: Path, holder: Holder | None, mtime: float, stale_after_s: f
     while time.monotonic() < deadline:
         time.sleep(min(1.0, stale_after_s / 8))
         try:
-            if path.stat().st_mtime != mtime:
+            if storage.version(path) != seen:
                 return None  # it beat: alive
         except FileNotFoundError:
             return "released while watched"
     return f"{who}: no heartbeat for {stale_after_s:.0f} s"
-
-
-def _take_over(path: Path, stale: bytes, storage: LocalStorage) -> None:
-    """Move the stale ``OWNER`` aside; put it back if it changed hands meanwhile."""
-    aside = path.with_name(f".{path.name}.stale.{os.getpid()}.{secrets.token_hex(4)}")
-    try:
-        os.rename(path, aside)
-    except FileNotFoundError:
-        return
-    if storage.read_bytes(aside) != stale:  # another contender won meanwhile: its lease
-        with contextlib.suppress(FileExistsError):
-            os.link(aside, path)
-    storage.remove_file(aside)
 
 
 __all__ = ["Holder", "Lease"]

@@ -23,9 +23,9 @@ raises, naming them.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Collection, Mapping
-from pathlib import Path
 from typing import Any
 
 import torch.distributed.checkpoint as dcp
@@ -37,10 +37,12 @@ from .config import CheckpointConfig
 from .errors import CheckpointError, IntegrityError
 from .experiment import Experiment
 from .index import CheckpointInfo, Which
+from .location import Location
 from .marker import SHARDS_RAW, Marker
 from .native import METADATA_FILE
 from .native_reader import DigestMismatch, NativeReader
 from .resolve import Candidate
+from .storage import storage_of
 from .writers import fmt_bytes, summary
 
 log = logging.getLogger(__name__)
@@ -64,7 +66,7 @@ class Loader:
     ) -> CheckpointInfo | None:
         # A candidate found corrupt while reading is quarantined and skipped (by name too,
         # should the quarantine fail): then the next one. Each candidate fails once at most.
-        skipped: dict[Path, str] = {}
+        skipped: dict[Location, str] = {}
         while True:
             try:
                 return self._load(app_state, which, optional=optional, verify=verify,
@@ -85,7 +87,7 @@ class Loader:
         *,
         optional: Collection[str],
         verify: bool,
-        skipped: Mapping[Path, str],
+        skipped: Mapping[Location, str],
     ) -> CheckpointInfo | None:
         found = self.resolve(which, verify, skipped)
         if found is None:
@@ -144,7 +146,8 @@ class Loader:
         except BaseException:
             plan.rollback()
             raise
-        if path.parent.resolve() == self._exp.layout.checkpoints_dir.resolve():
+        storage = storage_of(path)
+        if storage.resolve(path.parent) == storage.resolve(self._exp.layout.checkpoints_dir):
             self._exp.catalog.protect(info.step)  # the run resumed from it: retention keeps it
         if self.rank == 0:
             log.info(
@@ -157,8 +160,8 @@ class Loader:
         return info
 
     def resolve(
-        self, which: Which, verify: bool, skipped: Mapping[Path, str] | None = None
-    ) -> tuple[Path, Marker] | None:
+        self, which: Which, verify: bool, skipped: Mapping[Location, str] | None = None
+    ) -> tuple[Location, Marker] | None:
         """The checkpoint ``which`` names, verified on every rank as far as it can be
         before the read (DCP's stock format: every file, each rank its share; ``raw/1``:
         ``.metadata``, its shard files being checked while read); None in an experiment
@@ -167,6 +170,8 @@ class Loader:
         what = f"load of {which!r}"
         cfg = self.config
         exp = self._exp.layout
+        if isinstance(which, (str, os.PathLike)) and which not in ("latest", "best"):
+            which = cfg.location(which)  # a URL gets the config's storage options
         listed = self._comm.decide(
             lambda: (
                 resolve.candidates(exp, which, monitor=cfg.monitor, mode=cfg.mode),
@@ -219,7 +224,7 @@ class Loader:
                 log.error("could not quarantine %s (%s); it stays skipped by name", c.path, e)
 
     def file_problems(
-        self, path: Path, marker: Marker, what: str, *, only: list[str] | None = None
+        self, path: Location, marker: Marker, what: str, *, only: list[str] | None = None
     ) -> list[str]:
         """Every rank checks every world_size-th file (of ``only``: all of them); all ranks
         get all the problems."""
@@ -228,7 +233,7 @@ class Loader:
         return [p for ps in self._comm.all_gather(mine, what) for p in ps]
 
     def _plan(
-        self, app_state: dict[str, Any], path: Path, marker: Marker, optional: Collection[str]
+        self, app_state: dict[str, Any], path: Location, marker: Marker, optional: Collection[str]
     ) -> state.LoadPlan:
         metadata = NativeReader(path).read_metadata()
         return state.build_load_plan(

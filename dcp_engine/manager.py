@@ -29,7 +29,7 @@ from .loading import Loader
 from .marker import clean_extra, clean_metrics
 from .resolve import read_marker
 from .saving import SaveHandle, SavePipeline, SaveStats
-from .storage import LocalStorage
+from .storage import Storage, storage_of
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ class CheckpointManager:
     The experiment directory follows ``config.resume`` (see ``CheckpointConfig.resume``);
     rank 0 takes its lease (``ExperimentLockedError`` while another job writes it) and
     writes ``run_config`` (default: this ``CheckpointConfig``) once as ``config.yaml``.
-    ``storage`` (default ``LocalStorage()``) and ``hook`` (``hook(phase, step)`` between
+    ``storage`` (default: the one ``root_dir`` names) and ``hook`` (``hook(phase, step)`` between
     the commit's steps) are seams for tests that inject faults.
     """
 
@@ -57,14 +57,20 @@ class CheckpointManager:
         process_group: dist.ProcessGroup | None = None,
         *,
         run_config: Mapping[str, Any] | None = None,
-        storage: LocalStorage | None = None,
+        storage: Storage | None = None,
         hook: PhaseHook = no_hook,
     ) -> None:
         if not isinstance(config, CheckpointConfig):
             raise TypeError(f"config must be a CheckpointConfig, got {type(config).__name__}")
         self.config = config
         self._closed = True  # until everything below exists
-        storage = storage or LocalStorage()
+        storage = storage_of(config.root_path, storage)
+        if storage.per_process and config.async_mode == "process":
+            raise CheckpointError(
+                f"root_dir={config.root_dir!r}: a writer process cannot reach a file system "
+                "that lives in this process; use async_mode='thread' or 'off'"
+            )
+        self._storage = storage
         self._comm = Comm.create(process_group, config.timeout_s)
         opened: list[Experiment] = []
 
@@ -102,7 +108,9 @@ class CheckpointManager:
         """Committed checkpoints, oldest (lowest step) first. Rank 0 holds the truth (its
         collector deletes); the other ranks leave out what is no longer on disk."""
         entries = self._exp.catalog.entries()
-        return entries if self.rank == 0 else [e for e in entries if e.path.is_dir()]
+        if self.rank == 0:
+            return entries
+        return [e for e in entries if self._storage.is_dir(e.path)]
 
     def stats(self) -> list[SaveStats]:
         """The figures of every save of this manager (committed or skipped), in order."""

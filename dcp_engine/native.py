@@ -29,7 +29,6 @@ import os
 import pickle
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import IO, Any
 
 import torch
@@ -46,7 +45,9 @@ from torch.futures import Future
 
 from .digests import HashingFileSystem
 from .errors import IntegrityError
+from .location import URL, Location, as_location
 from .marker import SHARDS_RAW as FORMAT
+from .storage import storage_of
 
 METADATA_FILE = ".metadata"
 _FILE_KEY = "__dcp_engine_file__/"
@@ -156,21 +157,17 @@ def write_items(
 
 def write_rank_file(
     fs: HashingFileSystem,
-    directory: Path,
+    directory: Location,
     name: str,
     positions: list[int],
     entries: list[Entry],
     data_of: Callable[[int], Any],
-    *,
-    fsync: bool,
 ) -> tuple[list[tuple[int, Place]], FileWritten]:
-    """One rank's file: its entries, then fsync; where each went and the file's digest."""
-    path = directory / name
-    with fs.create_stream(path, "wb") as stream:
+    """One rank's file: its entries, made durable (the file system's ``fsync``: an fsync
+    on disk, a completed upload on an object store); where each went and its digest."""
+    with fs.create_stream(directory / name, "wb") as stream:
         placed = write_items(stream, name, positions, entries, data_of)
         stream.flush()
-        if fsync:
-            os.fsync(stream.fileno())
     return placed, FileWritten(name, fs.digests[name])
 
 
@@ -199,15 +196,11 @@ def metadata_bytes(
     )
 
 
-def write_metadata(
-    fs: HashingFileSystem, directory: Path, data: bytes, *, fsync: bool
-) -> FileWritten:
+def write_metadata(fs: HashingFileSystem, directory: Location, data: bytes) -> FileWritten:
     """The coordinator's ``.metadata`` (``metadata_bytes``), hashed as it is written."""
     with fs.create_stream(directory / METADATA_FILE, "wb") as f:
         f.write(data)
         f.flush()
-        if fsync:
-            os.fsync(f.fileno())
     return FileWritten(METADATA_FILE, fs.digests[METADATA_FILE])
 
 
@@ -217,10 +210,10 @@ class NativeWriter(StorageWriter):
     coordinator, ``files`` holds every file's digest."""
 
     def __init__(
-        self, path: str | os.PathLike[str], *, fsync: bool = True, digests: bool = True
+        self, path: str | os.PathLike[str] | URL, *, fsync: bool = True, digests: bool = True
     ) -> None:
         super().__init__()
-        self.path = Path(path)
+        self.path = as_location(path)
         self.fsync = fsync
         self._digests = digests
         self.rank = 0
@@ -228,25 +221,28 @@ class NativeWriter(StorageWriter):
 
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
         if checkpoint_id:
-            self.path = Path(checkpoint_id)
+            self.path = as_location(checkpoint_id)
         self.files = {}
 
     def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
         self.rank = kwargs.get("rank") or 0
 
+    def _fs(self) -> HashingFileSystem:
+        return storage_of(self.path).shard_filesystem(digests=self._digests, fsync=self.fsync)
+
     def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
-        self.path.mkdir(parents=True, exist_ok=True)
+        storage_of(self.path).mkdir(self.path)
         return plan
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
         return plans
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
-        fs = HashingFileSystem(hashing=self._digests)
+        fs = self._fs()
         entries = entries_of(plan.items)
         placed, written = write_rank_file(
             fs, self.path, shard_name(self.rank), list(range(len(entries))), entries,
-            lambda pos: planner.resolve_data(plan.items[pos]), fsync=self.fsync,
+            lambda pos: planner.resolve_data(plan.items[pos]),
         )  # fmt: skip
         results = results_of(plan.items, entries, [place for _, place in placed])
         fut: Future[list[WriteResult]] = Future()
@@ -255,9 +251,8 @@ class NativeWriter(StorageWriter):
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         items, files = split_results(r for per_rank in results for r in per_rank)
-        fs = HashingFileSystem(hashing=self._digests)
         data = metadata_bytes(metadata, items, checkpoint_id=str(self.path))
-        meta = write_metadata(fs, self.path, data, fsync=self.fsync)
+        meta = write_metadata(self._fs(), self.path, data)
         self.files = {f.name: f.digest for f in [*files, meta]}
 
     def storage_meta(self) -> StorageMeta | None:
@@ -265,7 +260,7 @@ class NativeWriter(StorageWriter):
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
-        return isinstance(checkpoint_id, (str, os.PathLike))
+        return isinstance(checkpoint_id, (str, os.PathLike, URL))
 
 
 def file_result(written: FileWritten) -> WriteResult:
@@ -287,8 +282,9 @@ def split_results(results: Iterable[WriteResult]) -> tuple[list[WriteResult], li
     return items, files
 
 
-def storage_writer(path: str | os.PathLike[str], *, fsync: bool = True) -> NativeWriter:
-    """A DCP ``StorageWriter`` writing the engine's ``raw/1`` format (``dcp.save``)."""
+def storage_writer(path: str | os.PathLike[str] | URL, *, fsync: bool = True) -> NativeWriter:
+    """A DCP ``StorageWriter`` writing the engine's ``raw/1`` format (``dcp.save``), to a
+    local directory or a URL (``s3://...``)."""
     return NativeWriter(path, fsync=fsync)
 
 

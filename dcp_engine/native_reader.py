@@ -16,7 +16,6 @@ import os
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,9 +23,11 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner
 from torch.futures import Future
 
-from .digests import ALGORITHM, file_digest, hexdigest
+from .digests import ALGORITHM, HashingFileSystem, hexdigest
 from .errors import IntegrityError
+from .location import URL, Location, as_location
 from .native import ShardSlice, tensor_view, to_dtype
+from .storage import Storage, storage_of
 
 
 class NativeReader(FileSystemReader):
@@ -42,12 +43,25 @@ class NativeReader(FileSystemReader):
 
     def __init__(
         self,
-        path: str | os.PathLike[str],
+        path: str | os.PathLike[str] | URL,
         *,
         digests: Mapping[str, tuple[int, str | None]] | None = None,
+        storage: Storage | None = None,
     ) -> None:
-        super().__init__(path)
+        super().__init__(str(path))
+        self.location = as_location(path)
+        self.storage = storage_of(self.location, storage)
+        self.fs = HashingFileSystem(self.storage)  # type: ignore[assignment]
+        self.path = self.location  # type: ignore[assignment]
         self.digests = digests
+
+    def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
+        super().reset(None)
+        if checkpoint_id:
+            self.location = as_location(checkpoint_id)
+            self.storage = storage_of(self.location)
+            self.fs = HashingFileSystem(self.storage)  # type: ignore[assignment]
+            self.path = self.location  # type: ignore[assignment]
 
     def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
         """Coordinator: who checks which file. A file some rank reads whole, in order, is
@@ -94,15 +108,15 @@ class NativeReader(FileSystemReader):
             info: ShardSlice = self.storage_data[req.storage_index]
             per_file.setdefault(info.relative_path, []).append((info, req))
         for name, reqs in per_file.items():
-            path = Path(self.path) / name
+            path = self.location / name
             ordered = sorted(reqs, key=lambda p: p[0].offset)
             _, expected = (self.digests or {}).get(name, (0, None))
             in_pass = isinstance(checks, _Checks) and name in checks.in_pass
             if expected is not None and isinstance(checks, _Checks) and name in checks.whole:
-                _check_digest(path, file_digest(path), expected)
+                _check_digest(path, self.storage.digest(path), expected)
             crc = 0
             values: list[tuple[Any, bytearray]] = []  # unpickled once the file checks out
-            with open(path, "rb", buffering=0) as f:
+            with self.storage.open_read(path) as f:
                 for info, req in ordered:
                     view = _read_item(f, path, info, req, planner, values)
                     if in_pass:
@@ -140,14 +154,14 @@ class DigestMismatch(IntegrityError):
     """A file read for a load is not what was written."""
 
 
-def _check_digest(path: Path, actual: str, expected: str) -> None:
+def _check_digest(path: Location, actual: str, expected: str) -> None:
     if actual != expected:
         raise DigestMismatch(f"{path}: {ALGORITHM} {actual}, the marker says {expected}")
 
 
 def _read_item(
     f: Any,
-    path: Path,
+    path: Location,
     info: ShardSlice,
     req: Any,
     planner: LoadPlanner,
@@ -189,7 +203,7 @@ def _read_item(
     return view
 
 
-def _read_into(f: Any, view: memoryview, path: Path, info: ShardSlice) -> None:
+def _read_into(f: Any, view: memoryview, path: Location, info: ShardSlice) -> None:
     view = view.cast("B") if view.format != "B" else view
     if len(view) != info.length:
         raise IntegrityError(
@@ -207,7 +221,7 @@ def _read_into(f: Any, view: memoryview, path: Path, info: ShardSlice) -> None:
         done += n
 
 
-def storage_reader(path: str | os.PathLike[str]) -> NativeReader:
+def storage_reader(path: str | os.PathLike[str] | URL) -> NativeReader:
     """A DCP ``StorageReader`` for a checkpoint of the engine (either shard format):
     ``dcp.load(state, storage_reader=dcp_engine.storage_reader(path))``. Reads only; it
     does not check digests (``open_checkpoint`` and the manager do)."""

@@ -17,7 +17,6 @@ import logging
 import os
 import pickle
 from collections.abc import Collection, Sequence
-from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -33,8 +32,10 @@ from . import layout, resolve, state
 from .comm import quiet_dcp
 from .errors import CheckpointError, CheckpointNotFoundError, IntegrityError
 from .index import CheckpointInfo, Which
+from .location import Location
 from .marker import Marker
 from .native_reader import NativeReader
+from .storage import storage_of
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ log = logging.getLogger(__name__)
 class CheckpointReader:
     """One committed checkpoint, opened for reading (``open_checkpoint``)."""
 
-    def __init__(self, path: Path, marker: Marker, metadata: Metadata) -> None:
+    def __init__(self, path: Location, marker: Marker, metadata: Metadata) -> None:
         self.path, self.marker, self.metadata = path, marker, metadata
 
     @property
@@ -61,7 +62,7 @@ class CheckpointReader:
 
         path = layout.ExperimentLayout(layout.experiment_of(self.path)).config_path
         try:
-            data = yaml.safe_load(path.read_text())
+            data = yaml.safe_load(storage_of(path).read_bytes(path).decode())
         except FileNotFoundError:
             return None
         except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
@@ -195,24 +196,22 @@ class CheckpointReader:
 
 
 def open_checkpoint(
-    path: str | os.PathLike[str], which: Which = "latest", *, verify: bool = True
+    path: str | os.PathLike[str] | Location, which: Which = "latest", *, verify: bool = True
 ) -> CheckpointReader:
     """A committed checkpoint, read-only: ``path`` names a checkpoint directory, an
     alias (``.../checkpoints/best``), or an experiment, in which ``which`` picks one
     (``"latest"``, ``"best"`` by the experiment's monitor, or a step). With ``verify``
     every file is checked against its digest first: an experiment's ``latest``/``best``
     go past a corrupt checkpoint (logged), a named one raises ``IntegrityError``."""
-    p = Path(path)
-    if not p.exists():
-        raise CheckpointNotFoundError(f"{p} does not exist")
-    exp = layout.ExperimentLayout(p.resolve())
-    if exp.checkpoints_dir.is_dir():
+    p = resolve.follow(path)
+    exp = layout.ExperimentLayout(p)
+    if storage_of(p).is_dir(exp.checkpoints_dir):
         found = resolve.candidates(exp, which, monitor=None, mode="min")
         named = which not in ("latest", "best")
     elif which != "latest":
         raise ValueError(f"which={which!r} picks among an experiment's checkpoints; {p} is one")
     else:
-        info, marker = resolve.inspect_checkpoint_dir(p.resolve())
+        info, marker = resolve.inspect_checkpoint_dir(p)
         found, named = [resolve.Candidate(info.path, info.step, marker)], True
     bad = []
     for c in found:
@@ -255,7 +254,7 @@ def _agree(
     raise CheckpointError(f"{what} failed on rank {r}: {message}")
 
 
-def _metadata(path: Path) -> Metadata:
+def _metadata(path: Location) -> Metadata:
     try:
         return NativeReader(path).read_metadata()
     except Exception as e:

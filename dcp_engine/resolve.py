@@ -22,15 +22,15 @@ import math
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from torch.distributed.checkpoint import FileSystemReader
-
-from . import digests as digests_mod
 from . import index, layout, retention
+from .digests import ALGORITHM
 from .errors import CheckpointError, CheckpointNotFoundError, IntegrityError, NotACheckpointError
 from .index import CheckpointInfo, Which
+from .location import URL, Location, as_location
 from .marker import Marker, MarkerError
+from .native_reader import NativeReader
+from .storage import storage_of
 
 log = logging.getLogger(__name__)
 
@@ -39,29 +39,29 @@ log = logging.getLogger(__name__)
 class Scan:
     committed: list[CheckpointInfo]
     """Committed checkpoints, oldest (lowest step) first."""
-    corrupt: list[tuple[Path, str]] = field(default_factory=list)
+    corrupt: list[tuple[Location, str]] = field(default_factory=list)
     """Committed-looking directories that cannot be read, and why."""
-    torn: list[tuple[Path, str]] = field(default_factory=list)
+    torn: list[tuple[Location, str]] = field(default_factory=list)
     """``.tmp`` directories and marker-less step directories, and why."""
-    quarantined: list[Path] = field(default_factory=list)
+    quarantined: list[Location] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
 class Candidate:
     """A checkpoint ``which`` may resolve to: its marker, or why it cannot be used."""
 
-    path: Path
+    path: Location
     step: int
     marker: Marker | None
     problem: str | None = None
 
 
-def read_marker(checkpoint_dir: Path) -> Marker:
+def read_marker(checkpoint_dir: Location) -> Marker:
     """The marker of ``checkpoint_dir``: ``NotACheckpointError`` if it has none,
     ``MarkerError`` (an ``IntegrityError``) if it has one that does not read."""
     path = layout.marker_path(checkpoint_dir)
     try:
-        raw = path.read_bytes()
+        raw = storage_of(path).read_bytes(path)
     except FileNotFoundError:
         raise NotACheckpointError(
             f"{checkpoint_dir} is not a committed checkpoint (no {layout.MARKER_FILE} marker)"
@@ -71,10 +71,11 @@ def read_marker(checkpoint_dir: Path) -> Marker:
     return Marker.from_bytes(raw, str(path))
 
 
-def inspect_checkpoint_dir(path: Path) -> tuple[CheckpointInfo, Marker]:
+def inspect_checkpoint_dir(path: Location) -> tuple[CheckpointInfo, Marker]:
     """A committed checkpoint's info and marker; ``NotACheckpointError`` (not one) or
     ``IntegrityError`` (looks committed, cannot be read) saying why."""
-    if not path.is_dir():
+    storage = storage_of(path)
+    if not storage.is_dir(path):
         raise NotACheckpointError(f"{path} is not a directory")
     if layout.parse_tmp_dirname(path.name) is not None:
         raise NotACheckpointError(f"{path} is in flight or torn (.tmp), never loaded")
@@ -82,7 +83,7 @@ def inspect_checkpoint_dir(path: Path) -> tuple[CheckpointInfo, Marker]:
     step = layout.parse_step_dirname(path.name)
     if step is not None and step != marker.step:
         raise MarkerError(f"{path}: its marker says step {marker.step}")
-    if not layout.dcp_metadata_path(path).is_file():
+    if not storage.is_file(layout.dcp_metadata_path(path)):
         raise IntegrityError(f"{path} has a marker but no {layout.DCP_METADATA_FILE}")
     return CheckpointInfo.from_marker(path, marker), marker
 
@@ -90,13 +91,10 @@ def inspect_checkpoint_dir(path: Path) -> tuple[CheckpointInfo, Marker]:
 def scan(exp: layout.ExperimentLayout) -> Scan:
     """Every directory of ours under ``checkpoints/``, sorted into the kinds above."""
     found = Scan([])
-    try:
-        children = sorted(exp.checkpoints_dir.iterdir())
-    except (FileNotFoundError, NotADirectoryError):
-        return found
-    for child in children:
-        if child.is_symlink():
+    for entry in storage_of(exp.root).children(exp.checkpoints_dir):
+        if entry.kind == "link" or entry.name in layout.ALIASES:
             continue  # aliases
+        child = exp.checkpoints_dir / entry.name
         if layout.parse_tmp_dirname(child.name) is not None:
             found.torn.append((child, "in flight or torn (.tmp)"))
         elif layout.parse_corrupt_dirname(child.name) is not None:
@@ -113,7 +111,7 @@ def scan(exp: layout.ExperimentLayout) -> Scan:
 
 
 def file_problems(
-    checkpoint_dir: Path,
+    checkpoint_dir: Location,
     marker: Marker,
     *,
     digests: bool = True,
@@ -123,19 +121,18 @@ def file_problems(
     size or (``digests``) whose digest differs; empty if all match. Files without a
     recorded digest (saved with ``digests=False``) are checked by size."""
     problems = []
+    storage = storage_of(checkpoint_dir)
     for name in sorted(marker.files if names is None else names):
         meta, path = marker.files[name], checkpoint_dir / name
         try:
-            size = path.stat().st_size
+            size = storage.size(path)
             if size != meta.size:
                 problems.append(f"{path} is {size} bytes, the marker says {meta.size}")
                 continue
             if digests and meta.crc32 is not None:
-                actual = digests_mod.file_digest(path)
+                actual = storage.digest(path)
                 if actual != meta.crc32:
-                    problems.append(
-                        f"{path}: {digests_mod.ALGORITHM} {actual}, the marker says {meta.crc32}"
-                    )
+                    problems.append(f"{path}: {ALGORITHM} {actual}, the marker says {meta.crc32}")
         except FileNotFoundError:
             problems.append(f"{path} is missing (listed in the marker)")
         except OSError as e:  # unreadable is as bad as corrupt, and said alike on every rank
@@ -143,27 +140,43 @@ def file_problems(
     return problems
 
 
-def check_files(checkpoint_dir: Path, marker: Marker, *, digests: bool = False) -> None:
+def check_files(checkpoint_dir: Location, marker: Marker, *, digests: bool = False) -> None:
     """Every listed file has its size (with ``digests``: its digest; every byte is read),
     and DCP's metadata reads. ``IntegrityError`` naming the first bad file."""
     for problem in file_problems(checkpoint_dir, marker, digests=digests):
         raise IntegrityError(problem)
     try:
-        FileSystemReader(checkpoint_dir).read_metadata()
+        NativeReader(checkpoint_dir).read_metadata()
     except Exception as e:
         raise IntegrityError(
             f"{layout.dcp_metadata_path(checkpoint_dir)} is unreadable: {e}"
         ) from e
 
 
-def checkpoint_dir_of(path: str | os.PathLike[str]) -> Path:
+def follow(path: str | os.PathLike[str] | Location) -> Location:
+    """``path`` as a location, resolved, an alias (``.../checkpoints/latest``: a symlink
+    on disk, an object naming its checkpoint on an object store) followed;
+    ``CheckpointNotFoundError`` if nothing is there."""
+    p = as_location(path)
+    storage = storage_of(p)
+    if not storage.exists(p):
+        raise CheckpointNotFoundError(f"{p} does not exist")
+    p = storage.resolve(p)
+    if p.name in layout.ALIASES and not storage.is_dir(p):
+        target = storage.read_alias(p)
+        if target is None or layout.parse_step_dirname(target) is None:
+            raise CheckpointNotFoundError(f"alias {p} does not name a checkpoint")
+        p = p.parent / target
+        if not storage.exists(p):
+            raise CheckpointNotFoundError(f"alias {p.parent / p.name} names a missing {p}")
+    return p
+
+
+def checkpoint_dir_of(path: str | os.PathLike[str] | Location) -> Location:
     """The committed checkpoint a path names: a checkpoint directory, an alias to one, or
     an experiment directory (its latest). Raises saying why there is none."""
-    p = Path(path)
-    if not p.exists():
-        raise CheckpointNotFoundError(f"{p} does not exist")
-    p = p.resolve()
-    if (p / layout.CHECKPOINTS_DIR).is_dir():  # an experiment: its latest checkpoint
+    p = follow(path)
+    if storage_of(p).is_dir(p / layout.CHECKPOINTS_DIR):  # an experiment: its latest
         committed = scan(layout.ExperimentLayout(p)).committed
         if not committed:
             raise CheckpointNotFoundError(f"experiment {p} has no committed checkpoint")
@@ -193,20 +206,20 @@ def candidates(
         return sorted(out, key=lambda c: -c.step)
     if isinstance(which, int) and not isinstance(which, bool):
         path = exp.step_dir(which)
-        if not path.exists():
+        if not storage_of(path).exists(path):
             raise CheckpointNotFoundError(_missing_step_message(exp, which))
-    elif isinstance(which, (str, os.PathLike)):
-        path = Path(which)
-        if not path.exists():
-            raise CheckpointNotFoundError(f"checkpoint path {path} does not exist")
-        path = path.resolve()
+    elif isinstance(which, (str, os.PathLike, URL)):
+        try:
+            path = follow(which)
+        except CheckpointNotFoundError as e:
+            raise CheckpointNotFoundError(f"checkpoint path {e}") from None
     else:
         raise TypeError(f"which must be 'latest', 'best', a step or a path, got {which!r}")
     info, marker = inspect_checkpoint_dir(path)
     return [_candidate(info.path, info.step, marker)]
 
 
-def _candidate(path: Path, step: int, marker: Marker | None = None) -> Candidate:
+def _candidate(path: Location, step: int, marker: Marker | None = None) -> Candidate:
     """A candidate with its marker re-read and its files' sizes checked now."""
     try:
         marker = marker or read_marker(path)
@@ -236,7 +249,7 @@ def _by_metric(
 
 
 def find_checkpoints(
-    experiment_dir: str | os.PathLike[str],
+    experiment_dir: str | os.PathLike[str] | Location,
     mode: str = "latest",
     *,
     monitor: str | None = None,
@@ -246,8 +259,8 @@ def find_checkpoints(
     group, nothing written): ``mode="latest"``: newest first; ``mode="best"``: best first
     by ``monitor`` (default: the ``checkpoint.monitor``/``mode`` of the experiment's
     ``config.yaml``), checkpoints without a finite value last."""
-    exp = layout.ExperimentLayout(Path(experiment_dir))
-    if not exp.root.is_dir():
+    exp = layout.ExperimentLayout(as_location(experiment_dir))
+    if not storage_of(exp.root).is_dir(exp.root):
         raise CheckpointNotFoundError(f"experiment directory {exp.root} does not exist")
     committed = scan(exp).committed
     if mode == "latest":
@@ -280,7 +293,7 @@ def monitor_of(exp: layout.ExperimentLayout) -> tuple[str | None, str | None]:
     import yaml
 
     try:
-        data = yaml.safe_load(exp.config_path.read_text())
+        data = yaml.safe_load(storage_of(exp.root).read_bytes(exp.config_path).decode())
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
         data = None
     block = data.get("checkpoint") if isinstance(data, dict) else None
@@ -295,7 +308,7 @@ def _missing_step_message(exp: layout.ExperimentLayout, step: int) -> str:
     committed = [e.step for e in scan(exp).committed]
     tmp = exp.tmp_dir(step)
     latest = f"latest committed is step {committed[-1]}" if committed else "none is committed"
-    if tmp.exists():
+    if storage_of(tmp).exists(tmp):
         return f"checkpoint {tmp} is incomplete (no {layout.MARKER_FILE} marker); {latest}"
     return f"no checkpoint for step {step} in {exp.checkpoints_dir}; {latest}"
 
@@ -306,6 +319,7 @@ __all__ = [
     "candidates",
     "check_files",
     "checkpoint_dir_of",
+    "follow",
     "file_problems",
     "find_checkpoints",
     "inspect_checkpoint_dir",

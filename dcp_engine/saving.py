@@ -32,12 +32,13 @@ from .errors import CheckpointError
 from .experiment import Experiment
 from .handles import SaveHandle, SaveStats
 from .index import CheckpointInfo
+from .location import Location
 from .marker import SHARDS_RAW, clean_extra, clean_metrics
 from .native import write_metadata
 from .overlap import OptimizerHooks
 from .shards import BlobCache, LocalPlan, PlanCache, live_plan, rank_write, staged_plan
 from .staging import StagedState, StagingPool, WriteItems, mutated_by_optimizers_only
-from .storage import LocalStorage
+from .storage import Storage
 from .worker import Worker
 from .writers import (
     LocalWriter,
@@ -89,7 +90,7 @@ class SavePipeline:
         config: CheckpointConfig,
         comm: Comm,
         experiment: Experiment,
-        storage: LocalStorage,
+        storage: Storage,
         hook: PhaseHook,
         process_group: dist.ProcessGroup | None,
     ) -> None:
@@ -252,6 +253,9 @@ class SavePipeline:
             self.hooks.pending()
         return staged
 
+    def _staging_dir(self, step: int) -> Location:
+        return self._exp.layout.staging_dir(step, renames=self._storage.renames)
+
     def _begin(self, step: int) -> None:
         """Rank 0: the free space, the timeline, the ``.tmp``."""
         catalog = self._exp.catalog
@@ -318,7 +322,7 @@ class SavePipeline:
 
     def _write_then_commit(self, job: _Job, comm: Comm) -> tuple[CheckpointInfo, float, float]:
         step, what = job.step, f"save of step {job.step}"
-        tmp = self._exp.layout.tmp_dir(step)
+        tmp = self._staging_dir(step)
         written: RankWritten | None = None
         error: str | None = None
         staged = job.local.staged
@@ -378,12 +382,12 @@ class SavePipeline:
         rename, the catalog (index, aliases, retention in the background)."""
         catalog = self._exp.catalog
         assert catalog.committer is not None
-        tmp = self._exp.layout.tmp_dir(job.step)
+        tmp = self._staging_dir(job.step)
         digests = {f.name: f.digest for w in written for f in w.files}
         try:
             data = self._plans.metadata_bytes([w.places for w in written])
-            fs = self._storage.shard_filesystem(digests=self._opts.digests)
-            meta = write_metadata(fs, tmp, data, fsync=self._opts.fsync)
+            fs = self._storage.shard_filesystem(digests=self._opts.digests, fsync=self._opts.fsync)
+            meta = write_metadata(fs, tmp, data)
         except BaseException:
             catalog.committer.abort(job.step)
             raise

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,6 +23,7 @@ from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteIte
 from torch.distributed.checkpoint.utils import find_state_dict_object
 
 from .comm import Comm
+from .location import Location
 from .native import Entry, Place, entries_of, metadata_bytes, results_of
 from .staging import StagedSavePlanner, StagedState, WriteItems
 from .writers import RankWrite, Source
@@ -114,7 +114,7 @@ class PlanCache:
 
 
 def rank_write(
-    local: LocalPlan, central: SavePlan, directory: Path, rank: int, blobs: BlobCache
+    local: LocalPlan, central: SavePlan, directory: Location, rank: int, blobs: BlobCache
 ) -> tuple[RankWrite, Source]:
     """What this rank's writer writes: the final items as plain entries, the non-tensor
     values serialised here, and where the tensors are."""

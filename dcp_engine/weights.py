@@ -10,6 +10,7 @@ formats of the guides our users come from). Wrapper prefixes (``module.`` of DDP
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,9 +19,12 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from . import layout
 from .errors import CheckpointError, CheckpointNotFoundError, StateMismatchError
 from .export import flat_tensors
+from .location import Location, as_location
 from .reader import open_checkpoint
+from .storage import Storage, storage_of
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 STATE_DICT_KEYS = ("model", "state_dict", "model_state_dict", "net")
@@ -46,12 +50,16 @@ def strip_wrappers(name: str) -> str:
     return name
 
 
-def read_state_dict(source: str | Path, key: str | None = None) -> dict[str, torch.Tensor]:
-    """The flat state dict (name -> tensor) a source holds."""
-    path = Path(source)
-    if not path.exists():
+def read_state_dict(
+    source: str | os.PathLike[str] | Location, key: str | None = None
+) -> dict[str, torch.Tensor]:
+    """The flat state dict (name -> tensor) a source holds: a local path or a URL
+    (``s3://``, ``http(s)://``...) of a checkpoint, an alias, an experiment or a file."""
+    path = as_location(source)
+    storage = storage_of(path)
+    if not storage.exists(path):
         raise CheckpointNotFoundError(f"{path} does not exist")
-    if path.is_dir():
+    if _is_checkpoint_location(storage, path):
         ckpt = open_checkpoint(path)  # verified: a corrupt checkpoint raises here
         if key is None:
             modules = [k for k in ckpt.keys if ckpt.kind(k) == "module"]
@@ -61,7 +69,8 @@ def read_state_dict(source: str | Path, key: str | None = None) -> dict[str, tor
         tree = ckpt.load_entries([key])[key]
     else:
         try:
-            tree = torch.load(path, map_location="cpu", weights_only=True)
+            with storage.open_read(path) as f:
+                tree = torch.load(f, map_location="cpu", weights_only=True)
         except Exception as e:
             raise CheckpointError(f"{path} is not a loadable state dict file: {e}") from e
         if key is not None:
@@ -82,13 +91,23 @@ def read_state_dict(source: str | Path, key: str | None = None) -> dict[str, tor
     return flat
 
 
+def _is_checkpoint_location(storage: Storage, path: Location) -> bool:
+    """A checkpoint, an alias or an experiment of ours, rather than one file. (A web
+    server answers a directory's URL with a page, so "is it a file" cannot tell.)"""
+    if path.name in layout.ALIASES:
+        return True
+    if isinstance(path, Path):
+        return storage.is_dir(path)
+    return storage.exists(layout.marker_path(path)) or storage.exists(path / layout.INDEX_FILE)
+
+
 def _is_flat_tensors(tree: Mapping[str, Any]) -> bool:
     return bool(tree) and all(isinstance(v, torch.Tensor) for v in tree.values())
 
 
 def load_weights(
     model: nn.Module,
-    source: str | Path,
+    source: str | os.PathLike[str] | Location,
     *,
     key: str | None = None,
     strict: bool | Literal["shape"] = True,

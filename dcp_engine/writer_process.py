@@ -26,14 +26,14 @@ from typing import Any
 import torch
 
 from .staging import attach_shared
-from .storage import LocalStorage
+from .storage import LocalStorage, Storage
 from .writers import RankWrite, RankWritten, write_rank
 
 
 def serve(conn: Connection) -> None:
     torch.set_num_threads(1)
     conn.send(("ready", os.getpid()))
-    storage: LocalStorage = LocalStorage()
+    storage: Storage = LocalStorage()
     buffers: dict[str, memoryview] = {}
     while True:
         try:

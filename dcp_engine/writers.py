@@ -32,7 +32,6 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -40,8 +39,9 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from . import native
 from .errors import CheckpointError
+from .location import Location
 from .native import Entry, FileWritten, Place, to_dtype
-from .storage import LocalStorage
+from .storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class WriteOptions:
 class RankWrite:
     """One rank's share of a save (plain data: it crosses the pipe to a writer process)."""
 
-    directory: Path
+    directory: Location
     rank: int
     entries: list[Entry]
     """The rank's final write items (after DCP's global planning), as ``native.Entry``."""
@@ -120,11 +120,11 @@ def split(entries: list[Entry], n: int) -> list[list[int]]:
 
 
 def write_rank(
-    job: RankWrite, tensor_of: TensorOf, storage: LocalStorage, opts: WriteOptions
+    job: RankWrite, tensor_of: TensorOf, storage: Storage, opts: WriteOptions
 ) -> RankWritten:
     """Write one rank's share (on this thread, or ``opts.threads`` threads)."""
     start = time.perf_counter()
-    fs = storage.shard_filesystem(digests=opts.digests)
+    fs = storage.shard_filesystem(digests=opts.digests, fsync=opts.fsync)
 
     def data_of(pos: int) -> Any:
         blob = job.blobs.get(pos)
@@ -132,8 +132,7 @@ def write_rank(
 
     def one(k: int, positions: list[int]) -> tuple[list[tuple[int, Place]], FileWritten]:
         name = native.shard_name(job.rank, k)
-        return native.write_rank_file(fs, job.directory, name, positions, job.entries, data_of,
-                                      fsync=opts.fsync)  # fmt: skip
+        return native.write_rank_file(fs, job.directory, name, positions, job.entries, data_of)
 
     buckets = split(job.entries, opts.threads)
     try:
@@ -151,7 +150,7 @@ def write_rank(
     return RankWritten(places, [f for _, f in done], time.perf_counter() - start)
 
 
-def root_cause(e: OSError, storage: LocalStorage, job: RankWrite) -> OSError:
+def root_cause(e: OSError, storage: Storage, job: RankWrite) -> OSError:
     """The OS error of a failed write, naming the directory; a full disk with the space
     the rank needed and what is free."""
     text = e.strerror or str(e)
@@ -189,7 +188,7 @@ class LocalWriter:
     """Writes on the calling thread (the caller's in ``"off"``, the background's in
     ``"thread"``)."""
 
-    def __init__(self, opts: WriteOptions, storage: LocalStorage) -> None:
+    def __init__(self, opts: WriteOptions, storage: Storage) -> None:
         self._opts, self._storage = opts, storage
 
     def write(self, job: RankWrite, source: Source) -> RankWritten:
@@ -205,7 +204,7 @@ class LocalWriter:
 class ProcessWriter:
     """This rank's writer process, started in the background at construction."""
 
-    def __init__(self, opts: WriteOptions, storage: LocalStorage, *, timeout_s: float) -> None:
+    def __init__(self, opts: WriteOptions, storage: Storage, *, timeout_s: float) -> None:
         self._opts, self._storage, self._timeout_s = opts, storage, timeout_s
         self._start()
 

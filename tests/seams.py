@@ -76,8 +76,8 @@ class FaultyStorage(LocalStorage):
         self.fired = False
         self._written: dict[int | None, int] = {}
 
-    def shard_filesystem(self, *, digests: bool = True) -> HashingFileSystem:
-        return FaultyFileSystem(self, digests)
+    def shard_filesystem(self, *, digests: bool = True, fsync: bool = True) -> HashingFileSystem:
+        return FaultyFileSystem(self, digests, fsync)
 
     def free_bytes(self, path: Path) -> int:
         real = super().free_bytes(path)
@@ -112,9 +112,9 @@ class FaultyStream(HashingStream):
 class FaultyFileSystem(HashingFileSystem):
     stream_class = FaultyStream
 
-    def __init__(self, storage: FaultyStorage, digests: bool) -> None:
-        super().__init__(hashing=digests)
-        self.storage = storage
+    def __init__(self, storage: FaultyStorage, digests: bool, fsync: bool) -> None:
+        super().__init__(storage, hashing=digests, fsync=fsync)
+        self.storage: FaultyStorage = storage
 
     @contextmanager
     def create_stream(self, path: str | os.PathLike[str], mode: str) -> Generator[Any, None, None]:

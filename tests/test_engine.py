@@ -42,10 +42,10 @@ def test_save_commits_marker_shards_index_and_latest(mgr):
     index = json.loads((mgr.experiment_dir / "index.json").read_text())
     assert [c["step"] for c in index["checkpoints"]] == [7] and index["latest"] == 7
     # Every file's CRC-32, computed while writing, in the marker and the index.
-    from dcp_engine.digests import file_digest
+    from dcp_engine.storage import LocalStorage
 
     for name, meta in marker["files"].items():
-        assert meta["crc32"] == file_digest(info.path / name), name
+        assert meta["crc32"] == LocalStorage().digest(info.path / name), name
     assert index["checkpoints"][0]["files"] == marker["files"]
     assert not list(info.path.parent.glob("*.tmp"))
     assert mgr.stats()[-1].step == 7 and mgr.stats()[-1].bytes == info.bytes

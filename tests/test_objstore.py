@@ -1,0 +1,252 @@
+"""Locations that are URLs, and the commit protocol for stores without rename, on fsspec's
+``memory://`` file system (one process, no server): fast unit tests. The same protocol
+against a real S3 API server is in ``test_s3.py``."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import fsspec
+import pytest
+import torch
+
+import dcp_engine as de
+from dcp_engine import layout, resolve
+from dcp_engine.committer import Committer
+from dcp_engine.lease import Lease
+from dcp_engine.location import URL, as_location
+from dcp_engine.objstore import FsspecStorage
+
+
+@pytest.fixture
+def mem() -> str:
+    """A fresh prefix of the process-wide memory file system."""
+    root = f"memory://t{uuid.uuid4().hex[:10]}"
+    yield root
+    fs = fsspec.filesystem("memory")
+    if fs.exists(root):
+        fs.rm(root, recursive=True)
+
+
+def objects(root: str) -> list[str]:
+    fs = fsspec.filesystem("memory")
+    base = fs._strip_protocol(root)
+    return sorted(p[len(base) + 1 :] for p in fs.find(base))
+
+
+# ----------------------------------------------------------------------------- locations
+
+
+def test_a_url_is_never_turned_into_a_local_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    loc = as_location("s3://bucket/exp/run1")
+    assert isinstance(loc, URL) and str(loc) == "s3://bucket/exp/run1"
+    assert str(loc / "checkpoints" / "step_00000001") == "s3://bucket/exp/run1/checkpoints/step_00000001"
+    assert loc.parent.name == "exp" and loc.name == "run1"
+    assert str(as_location("http://127.0.0.1:8000/x/model.pt")) == "http://127.0.0.1:8000/x/model.pt"
+    assert as_location("file:///tmp/x") == Path("/tmp/x")
+    assert as_location("relative/dir") == Path("relative/dir")
+    cfg = de.CheckpointConfig(root_dir="memory://ckpts/experiments", experiment_name="e",
+                              async_mode="thread")  # fmt: skip
+    assert isinstance(cfg.root_path, URL)
+    with de.CheckpointManager(cfg) as mgr:
+        mgr.save(1, {"w": torch.ones(3)})
+    assert not any(tmp_path.iterdir()), "a URL root wrote into a local directory"
+    assert objects("memory://ckpts/experiments/e")
+
+
+def test_a_protocol_without_its_package_is_refused_at_construction_naming_the_package():
+    with pytest.raises(de.ConfigError, match=r"gcsfs"):
+        de.CheckpointConfig(root_dir="gs://bucket/exp")
+    with pytest.raises(de.ConfigError, match=r"no fsspec file system knows nosuch://"):
+        de.CheckpointConfig(root_dir="nosuch://bucket/exp")
+    with pytest.raises(de.ConfigError, match=r"read-only"):
+        de.CheckpointConfig(root_dir="http://127.0.0.1:1/exp")
+    with pytest.raises(de.ConfigError, match=r"gcsfs"):
+        de.CheckpointConfig(resume="gs://bucket/exp/checkpoints/step_00000001")
+    with pytest.raises(de.CheckpointError, match=r"gcsfs"):
+        de.open_checkpoint("gs://bucket/exp")
+
+
+def test_storage_options_reach_the_file_system_and_are_not_written_to_config_yaml(mem):
+    cfg = de.CheckpointConfig(
+        root_dir=mem, experiment_name="e", storage_options={"secret_token": "s3cr3t"},
+        async_mode="thread",
+    )  # fmt: skip
+    assert cfg.root_path.options == {"secret_token": "s3cr3t"}  # type: ignore[union-attr]
+    with de.CheckpointManager(cfg) as mgr:
+        mgr.save(1, {"w": torch.ones(3)})
+    config_yaml = fsspec.filesystem("memory").cat(f"{mem}/e/config.yaml").decode()
+    assert "s3cr3t" not in config_yaml and "root_dir" in config_yaml
+
+
+# ----------------------------------------------------------------------------- committer
+
+
+@pytest.fixture
+def committer(mem):
+    exp = layout.ExperimentLayout(as_location(mem) / "exp")
+    storage = FsspecStorage.of(exp.root)  # type: ignore[arg-type]
+    lease = Lease.acquire(exp.owner_path, storage, stale_after_s=30)
+    seen: list[tuple[str, list[str]]] = []
+
+    def hook(phase: str, step: int) -> None:
+        seen.append((phase, objects(f"{mem}/exp/checkpoints")))
+
+    c = Committer(exp, storage, lease, hook=hook)
+    c.seen = seen  # type: ignore[attr-defined]
+    yield c
+    lease.release()
+
+
+def write_shards(c: Committer, step: int) -> dict:
+    where = c.begin(step, None)
+    assert where == c.exp.step_dir(step), "shards go under the final prefix: no rename later"
+    fs = c.storage.fs  # type: ignore[attr-defined]
+    fs.pipe_file(f"{where}/__0_0.raw", b"x" * 10)
+    fs.pipe_file(f"{where}/.metadata", b"m")
+    return {"__0_0.raw": {"size": 10, "crc32": "00000000"}}
+
+
+def finalize(c: Committer, step: int, digests: dict):
+    entries = {"t": {"kind": "tensors", "encoding": "tree"}}
+    return c.finalize(step, epoch=0, metrics={"loss": 1.0}, extra={}, entries=entries,
+                      digests=digests, world_size=1, shards="raw/1")  # fmt: skip
+
+
+def test_the_marker_object_is_written_last_and_is_the_commit(committer):
+    digests = write_shards(committer, 5)
+    # Before the marker: a prefix without a marker is not a checkpoint.
+    exp = committer.exp
+    found = resolve.scan(exp)
+    assert not found.committed and [p.name for p, _ in found.torn] == ["step_00000005"]
+    path, marker = finalize(committer, 5, digests)
+    phases = [p for p, _ in committer.seen]
+    assert phases == ["marker", "committed"]
+    at_marker = committer.seen[0][1]
+    assert "step_00000005/COMMITTED" in at_marker and not any(".tmp" in k for k in at_marker)
+    assert path == exp.step_dir(5)
+    assert resolve.read_marker(path) == marker
+    assert [c.step for c in resolve.scan(exp).committed] == [5]
+
+
+def test_a_prefix_without_marker_is_swept_and_a_committed_step_is_never_overwritten(committer):
+    finalize(committer, 5, write_shards(committer, 5))
+    write_shards(committer, 6)  # a save that crashed before its marker
+    swept = committer.sweep()
+    assert [p.name for p in swept] == ["step_00000006"]
+    assert objects(str(committer.exp.checkpoints_dir)) == [
+        "step_00000005/.metadata", "step_00000005/COMMITTED", "step_00000005/__0_0.raw",
+    ]  # fmt: skip
+    with pytest.raises(de.TimelineError, match="already committed"):
+        committer.begin(5, None)
+
+
+def test_retire_deletes_the_marker_first_and_abort_keeps_a_committed_step(committer):
+    finalize(committer, 5, write_shards(committer, 5))
+    committer.abort(5)  # a failure after the marker: the checkpoint exists and stays
+    assert [c.step for c in resolve.scan(committer.exp).committed] == [5]
+    deleted: list[str] = []
+    fs = committer.storage.fs  # type: ignore[attr-defined]
+    real_rm_file = fs.rm_file
+
+    def rm_file(path, *a, **k):  # records the order of deletions (the fs is real)
+        deleted.append(path.rsplit("/", 1)[-1])
+        return real_rm_file(path, *a, **k)
+
+    fs.rm_file = rm_file
+    try:
+        assert committer.retire(5)
+    finally:
+        del fs.rm_file
+    assert deleted[0] == "COMMITTED"
+    assert objects(str(committer.exp.checkpoints_dir)) == []
+    assert not committer.retire(5)
+
+
+def test_quarantine_moves_a_corrupt_checkpoint_out_of_the_owned_names(committer):
+    finalize(committer, 5, write_shards(committer, 5))
+    dest = committer.quarantine(committer.exp.step_dir(5), "flipped byte")
+    assert dest is not None and dest.name == "step_00000005.corrupt"
+    found = resolve.scan(committer.exp)
+    assert not found.committed and [p.name for p in found.quarantined] == ["step_00000005.corrupt"]
+
+
+def test_a_second_writer_is_refused_by_the_lease_object(mem):
+    cfg = de.CheckpointConfig(root_dir=mem, experiment_name="e", async_mode="off")
+    with de.CheckpointManager(cfg), pytest.raises(de.ExperimentLockedError, match="held by"):
+        de.CheckpointManager(cfg)
+    with de.CheckpointManager(cfg):  # released at close: the next job gets it
+        pass
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.parametrize("mode", ["off", "thread"])
+def test_save_load_retention_and_aliases_on_an_object_store(mem, mode):
+    cfg = de.CheckpointConfig(root_dir=mem, experiment_name="e", async_mode=mode,
+                              monitor="loss", keep_top_k=2)  # fmt: skip
+    app = {"w": torch.arange(10.0), "n": 0}
+    with de.CheckpointManager(cfg) as mgr:
+        for step, loss in [(1, 3.0), (2, 1.0), (3, 2.0), (4, 5.0)]:
+            app["w"].add_(1)
+            app["n"] = step
+            mgr.save(step, app, metrics={"loss": loss})
+        mgr.wait()
+    ckpts = f"{mem}/e/checkpoints"
+    fs = fsspec.filesystem("memory")
+    names = sorted({k.split("/")[0] for k in objects(ckpts)})
+    # top-2 by loss (steps 2, 3) and the newest (4) are kept; step 1 went, marker and all
+    assert names == ["best", "latest", "step_00000002", "step_00000003", "step_00000004"], names
+    assert fs.cat(f"{ckpts}/latest").decode() == "step_00000004"
+    assert fs.cat(f"{ckpts}/best").decode() == "step_00000002"
+    fresh = {"w": torch.zeros(10), "n": -1}
+    with de.CheckpointManager(dataclass_replace(cfg, resume="best")) as mgr:
+        info = mgr.load(fresh, which="best")
+    assert info is not None and info.step == 2 and fresh["n"] == 2
+    assert torch.equal(fresh["w"], torch.arange(10.0) + 2)
+    with de.open_checkpoint(f"{ckpts}/latest") as ck:
+        assert ck.load_entries(["n"])["n"] == 4
+    assert de.find_checkpoints(f"{mem}/e")[0].step == 4
+
+
+def test_process_mode_on_memory_is_refused_naming_the_alternatives(mem):
+    cfg = de.CheckpointConfig(root_dir=mem, experiment_name="e", async_mode="process")
+    with pytest.raises(de.CheckpointError, match=r"memory://.*async_mode='thread'"):
+        de.CheckpointManager(cfg)
+
+
+def test_load_weights_and_stock_dcp_through_the_storage_reader_on_a_url(mem):
+    model = torch.nn.Linear(4, 3)
+    cfg = de.CheckpointConfig(root_dir=mem, experiment_name="e", async_mode="off")
+    with de.CheckpointManager(cfg) as mgr:
+        info = mgr.save(1, {"model": model}).result()
+    other = torch.nn.Linear(4, 3)
+    de.load_weights(other, str(info.path))
+    assert torch.equal(other.weight, model.weight)
+    import torch.distributed.checkpoint as dcp
+
+    target = {"model.weight": torch.zeros(3, 4)}
+    dcp.load(target, storage_reader=de.storage_reader(str(info.path)), no_dist=True)  # type: ignore[call-arg]
+    assert torch.equal(target["model.weight"], model.weight)
+    fs = fsspec.filesystem("memory")
+    fs.pipe_file(f"{mem}/plain.pt", _torch_bytes({"state_dict": model.state_dict()}))
+    third = torch.nn.Linear(4, 3)
+    de.load_weights(third, f"{mem}/plain.pt")
+    assert torch.equal(third.bias, model.bias)
+
+
+def _torch_bytes(obj) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def dataclass_replace(cfg, **kw):
+    import dataclasses
+
+    return dataclasses.replace(cfg, **kw)
