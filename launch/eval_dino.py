@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     try:
-        ckpt = _open(Path(args.source), args.which)
+        ckpt = _open(args.source, args.which)
         info = ckpt.info
         cfg = ckpt.run_config()
         if cfg is None:
@@ -69,12 +69,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _open(source: Path, which: str) -> de.CheckpointReader:
-    """For an experiment: its best (by the monitor it recorded), else its latest."""
-    if not (source / "checkpoints").is_dir():
-        return de.open_checkpoint(source)
+def _open(source: str, which: str) -> de.CheckpointReader:
+    """For an experiment: its best (by the monitor it recorded), else its latest. A
+    local path or a URL (``s3://...``, ``http://...``)."""
     try:
         return de.open_checkpoint(source, which)
+    except ValueError:  # a checkpoint, not an experiment: there is nothing to pick
+        return de.open_checkpoint(source)
     except de.CheckpointError:
         if which != "best":
             raise

@@ -157,7 +157,12 @@ def main() -> None:
                 "resumed from %s: step %d, epoch %d", start.resumed_from.path, step, start.epoch
             )
 
-    log_path = mgr.experiment_dir / "train_log.jsonl" if mgr is not None else None
+    log_path = None
+    if mgr is not None and isinstance(mgr.experiment_dir, Path):
+        log_path = mgr.experiment_dir / "train_log.jsonl"
+    elif mgr is not None:  # an object store cannot append: the log stays on this machine
+        log_path = Path(f"{mgr.experiment_dir.name}.train_log.jsonl")
+        log.info("experiment %s is remote: the train log goes to %s", mgr.experiment_dir, log_path)
     progress = Progress(rank == 0, max_steps, step, bar=not args.no_bar, log_path=log_path)
     autocast = (
         torch.autocast(

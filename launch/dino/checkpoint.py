@@ -21,7 +21,6 @@ from __future__ import annotations
 import datetime as dt
 import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,6 +28,7 @@ from torch import nn
 
 import dcp_engine as de
 from dcp_engine import LOOP_KEY, loop_position
+from dcp_engine.location import as_location
 
 CONFIG_KEY = "config"  # in the marker's extra
 
@@ -48,8 +48,8 @@ def save_checkpoint(
 ) -> de.CheckpointInfo:
     """Write and commit a checkpoint of the DINO state (plus any ``state`` entries:
     a scaler, a sampler) into experiment ``path``; returns it once committed."""
-    exp = Path(path)
-    cfg = de.CheckpointConfig(root_dir=exp.parent, experiment_name=exp.name, async_mode="off")
+    exp = as_location(path)  # a local path or a URL (s3://...)
+    cfg = de.CheckpointConfig(root_dir=str(exp.parent), experiment_name=exp.name, async_mode="off")
     app = {"student": student, "teacher": teacher, "optimizer": optimizer, "dino_loss": loss_fn}
     app.update(state)
     # the guide's epoch is the one completed: the training loop would go on with epoch + 1
