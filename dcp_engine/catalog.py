@@ -13,8 +13,10 @@ then each directory is retired (rename to ``.tmp``, fsync, delete).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
+from collections.abc import Callable
 
 from . import index, layout, resolve, retention
 from .committer import Committer
@@ -47,7 +49,11 @@ class Catalog:
         self._lock = threading.RLock()
         self._entries: list[CheckpointInfo] = []
         self._protected: set[int] = set()
+        self._held: set[int] = set()
         self.deleted: list[int] = []  # steps retention deleted, in order
+        self.on_add: list[Callable[[CheckpointInfo], None]] = []
+        """Called after each commit enters the catalog (the local tier's uploader)."""
+        self._tiers: Callable[[int], tuple[str, ...]] | None = None
         self._cond = threading.Condition()
         self._dirty = self._running = self._stopped = False
         self._thread: threading.Thread | None = None
@@ -98,12 +104,16 @@ class Catalog:
         """A checkpoint was committed: into the entries, the index and the aliases, then
         retention runs in the background. Never raises: the checkpoint exists already."""
         with self._lock:
+            if self._tiers is not None:
+                info = dataclasses.replace(info, tiers=self._tiers(info.step))
             self._entries = sorted([*self._entries, info], key=lambda c: c.step)
             try:
                 self._publish(info.step)
             except ExperimentLockedError as e:  # the next save is refused for it
                 log.error("[step=%d] committed, but the index is not updated: %s", info.step, e)
                 return
+        for listener in self.on_add:
+            listener(info)
         self._poke()
 
     def amend(self, info: CheckpointInfo, marker: Marker) -> CheckpointInfo | None:
@@ -134,6 +144,25 @@ class Catalog:
         """Retention never deletes ``step`` (the run resumed from it)."""
         with self._lock:
             self._protected.add(step)
+
+    def hold(self, step: int) -> None:
+        """Retention does not delete ``step`` until ``release`` (an upload of it)."""
+        with self._lock:
+            self._held.add(step)
+
+    def release(self, step: int) -> None:
+        """``step`` is retention's again (its upload finished); a collection follows."""
+        with self._lock:
+            self._held.discard(step)
+        self._poke()
+
+    def set_tiers(self, tiers: Callable[[int], tuple[str, ...]]) -> None:
+        """Where each entry is (the local tier): kept in the entries and the index."""
+        with self._lock:
+            self._tiers = tiers
+            self._entries = [dataclasses.replace(e, tiers=tiers(e.step)) for e in self._entries]
+            if self.committer is not None:
+                self._publish()
 
     def mirror(self, entries: list[CheckpointInfo]) -> None:
         """Ranks other than 0: rank 0's entries."""
@@ -202,7 +231,7 @@ class Catalog:
         """One collection now, in the caller's thread; the steps it deleted."""
         assert self.committer is not None
         with self._lock:
-            doomed = self.policy.to_delete(self._entries, self._protected)
+            doomed = self.policy.to_delete(self._entries, self._protected | self._held)
             if not doomed:
                 return []
             self._entries = [e for e in self._entries if e.step not in doomed]

@@ -43,7 +43,8 @@ PhaseHook = Callable[[str, int], None]
 """``hook(phase, step)``. Phases: ``written`` (every rank: its shards are durable),
 ``marker`` (rank 0: marker written, not renamed; on an object store this is already
 the commit), ``committed`` (renamed, the index not written yet), ``indexed`` (index
-written, aliases not moved)."""
+written, aliases not moved). With a local tier, the uploads to ``root_dir`` run the same
+phases prefixed ``upload:``, after ``upload:files`` (every file uploaded, no marker)."""
 
 
 def no_hook(phase: str, step: int) -> None:

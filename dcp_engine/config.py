@@ -28,6 +28,15 @@ class CheckpointConfig:
     """Base directory, or a URL (``s3://bucket/prefix``, ``gs://...``, any fsspec
     protocol); the experiment lives in ``<root_dir>/<experiment_name>/``."""
 
+    local_dir: str | None = None
+    """A local tier: checkpoints commit to ``<local_dir>/<experiment_name>/`` first (fast;
+    a job on the same node resumes from there) and rank 0 uploads each to ``root_dir`` in
+    the background (``docs/remote.md``). Every rank must see ``local_dir`` (one node)."""
+
+    local_keep_last_n: int = 2
+    """With ``local_dir``: the newest n checkpoints stay on local disk (never one whose
+    upload has not finished); ``root_dir`` keeps what the retention fields say."""
+
     storage_options: Mapping[str, Any] | None = None
     """For URL locations: the fsspec file system's options (``{"endpoint_url": ...}``,
     credentials; fsspec's ``storage_options``). None: its defaults (for S3 the ``AWS_*``
@@ -156,6 +165,20 @@ class CheckpointConfig:
         if self.storage_options is not None and not isinstance(self.storage_options, Mapping):
             raise ConfigError("storage_options", self.storage_options, "None or a dict")
         _check_location("root_dir", self.root_dir, writable=True)
+        if self.local_dir is not None:
+            if isinstance(self.local_dir, os.PathLike):
+                object.__setattr__(self, "local_dir", os.fspath(self.local_dir))
+            if not isinstance(self.local_dir, str) or not self.local_dir or is_url(self.local_dir):
+                raise ConfigError("local_dir", self.local_dir, "None or a local directory")
+            if os.path.abspath(self.local_dir) == os.path.abspath(self.root_dir):
+                raise ConfigError("local_dir", self.local_dir, "a directory other than root_dir")
+        _check_count("local_keep_last_n", self.local_keep_last_n, low=1)
+        tiered_resume = self.local_dir is not None and self.resume in ("latest", "best")
+        if tiered_resume and not self.experiment_name:
+            why = "each tier would look up its own newest run"
+            raise ConfigError(
+                "experiment_name", "", f"a name with local_dir and resume={self.resume!r} ({why})"
+            )
         _check_name("experiment_name", self.experiment_name, allow_empty=True)
         _check_name("model_name", self.model_name, allow_empty=False)
         _check_name("dataset_name", self.dataset_name, allow_empty=False)

@@ -40,6 +40,9 @@ class CheckpointInfo:
     """What the saver kept in the marker besides metrics (``save(extra=...)``)."""
     files: Mapping[str, Any] = field(default_factory=dict, hash=False, compare=False, repr=False)
     """Every file with its size and digest, as the marker lists them."""
+    tiers: tuple[str, ...] = field(default=(), compare=False)
+    """With a local tier (``local_dir``): where the checkpoint is, ``("local",)``,
+    ``("remote",)`` or both; empty without one."""
 
     @classmethod
     def from_marker(cls, path: Location, marker: Marker) -> CheckpointInfo:
@@ -64,6 +67,7 @@ class CheckpointInfo:
             "created": self.created,
             "extra": dict(self.extra),
             "files": dict(self.files),
+            **({"tiers": list(self.tiers)} if self.tiers else {}),
         }
 
     @classmethod
@@ -77,6 +81,7 @@ class CheckpointInfo:
             created=float(d["created"]),
             extra=dict(d.get("extra") or {}),
             files=dict(d.get("files") or {}),
+            tiers=tuple(str(t) for t in d.get("tiers") or ()),
         )
 
 

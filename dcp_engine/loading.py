@@ -31,7 +31,7 @@ from typing import Any
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
-from . import resolve, state
+from . import layout, resolve, state, tiers
 from .comm import Comm
 from .config import CheckpointConfig
 from .errors import CheckpointError, IntegrityError
@@ -57,8 +57,12 @@ class Loader:
         comm: Comm,
         experiment: Experiment,
         prepare: Callable[[Mapping[str, Any]], None],
+        *,
+        remote: layout.ExperimentLayout | None = None,
     ) -> None:
         self.config, self._comm, self._exp, self._prepare = config, comm, experiment, prepare
+        self._remote = remote
+        """The local tier's remote experiment: resume looks in both."""
         self.rank, self.world_size = comm.rank, comm.world_size
 
     def load(
@@ -174,7 +178,9 @@ class Loader:
             which = cfg.location(which)  # a URL gets the config's storage options
         listed = self._comm.decide(
             lambda: (
-                resolve.candidates(exp, which, monitor=cfg.monitor, mode=cfg.mode),
+                resolve.candidates(exp, which, monitor=cfg.monitor, mode=cfg.mode)
+                if self._remote is None
+                else tiers.candidates(exp, self._remote, which, monitor=cfg.monitor, mode=cfg.mode),
                 [p.name for p in resolve.scan(exp).quarantined],
             ),
             what,

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from . import state
+from . import layout, state, tiers
 from .comm import Comm
 from .committer import PhaseHook, no_hook
 from .config import CheckpointConfig
@@ -64,7 +64,9 @@ class CheckpointManager:
             raise TypeError(f"config must be a CheckpointConfig, got {type(config).__name__}")
         self.config = config
         self._closed = True  # until everything below exists
-        storage = storage_of(config.root_path, storage)
+        # With a local tier, saves commit to local_dir and rank 0 uploads to root_dir.
+        here = tiers.local_config(config) if config.local_dir is not None else config
+        storage = storage_of(here.root_path, storage)
         if storage.per_process and config.async_mode == "process":
             raise CheckpointError(
                 f"root_dir={config.root_dir!r}: a writer process cannot reach a file system "
@@ -73,24 +75,35 @@ class CheckpointManager:
         self._storage = storage
         self._comm = Comm.create(process_group, config.timeout_s)
         opened: list[Experiment] = []
+        self._remote: tiers.RemoteTier | None = None
 
         def open_experiment() -> Plan:
-            exp = Experiment.open(config, storage, run_config=run_config, hook=hook)
+            exp = Experiment.open(here, storage, run_config=run_config, hook=hook)
             opened.append(exp)
+            if here is not config:
+                try:
+                    self._remote = tiers.RemoteTier.open(config, exp, hook)
+                except BaseException:
+                    exp.close(config.timeout_s)
+                    raise
             return exp.plan
 
         plan = self._comm.decide(open_experiment, "opening the experiment")
-        self._exp = opened[0] if opened else Experiment.follow(config, plan, storage)
+        self._exp = opened[0] if opened else Experiment.follow(here, plan, storage)
         self.experiment_dir = self._exp.root
+        """Where saves commit (with ``local_dir``: the local experiment)."""
+        self.remote_dir = config.root_path / plan.name if here is not config else None
+        """With ``local_dir``: the experiment in ``root_dir`` that rank 0 uploads to."""
         try:  # from here on a failure gives the lease back
             entries = self._comm.broadcast(self._exp.catalog.entries(), "reading the catalog")
             if self.rank != 0:
                 self._exp.catalog.mirror(entries)
-            self._saves = SavePipeline(config, self._comm, self._exp, storage, hook, process_group)
+            self._saves = SavePipeline(here, self._comm, self._exp, storage, hook, process_group)
         except BaseException:
-            self._exp.close(config.timeout_s)
+            self._close_experiments()
             raise
-        self._loader = Loader(config, self._comm, self._exp, self._prepare)
+        remote = None if self.remote_dir is None else layout.ExperimentLayout(self.remote_dir)
+        self._loader = Loader(config, self._comm, self._exp, self._prepare, remote=remote)
         self._closed = False
         atexit.register(_close_at_exit, weakref.ref(self))
 
@@ -107,6 +120,8 @@ class CheckpointManager:
     def checkpoints(self) -> list[CheckpointInfo]:
         """Committed checkpoints, oldest (lowest step) first. Rank 0 holds the truth (its
         collector deletes); the other ranks leave out what is no longer on disk."""
+        if self._remote is not None:
+            return self._remote.entries()
         entries = self._exp.catalog.entries()
         if self.rank == 0:
             return entries
@@ -292,8 +307,21 @@ class CheckpointManager:
         finally:
             self._closed = True
             self._saves.close()
-            self._exp.close(self.config.timeout_s)
+            self._close_experiments()
             self._comm.release()
+
+    def wait_uploads(self, timeout: float | None = None) -> bool:
+        """With ``local_dir`` (rank 0): block until every upload to ``root_dir`` queued so
+        far finished; False if ``timeout`` ran out. Elsewhere: True at once."""
+        return self._remote is None or self._remote.wait(timeout)
+
+    def _close_experiments(self) -> None:
+        """The uploads finish (bounded by ``timeout_s``), then both leases go back."""
+        try:
+            if self._remote is not None:
+                self._remote.close(self.config.timeout_s)
+        finally:
+            self._exp.close(self.config.timeout_s)
 
     def _flush(self) -> None:
         self._saves.flush()

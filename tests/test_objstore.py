@@ -250,3 +250,54 @@ def dataclass_replace(cfg, **kw):
     import dataclasses
 
     return dataclasses.replace(cfg, **kw)
+
+
+# ----------------------------------------------------------------------------- local tier
+
+
+def test_local_tier_keeps_the_newest_locally_uploads_all_and_resumes_from_either(mem, tmp_path):
+    local = tmp_path / "local"
+    cfg = de.CheckpointConfig(root_dir=mem, local_dir=str(local), experiment_name="e",
+                              async_mode="thread", local_keep_last_n=2)  # fmt: skip
+    with de.CheckpointManager(cfg) as mgr:
+        for step in (1, 2, 3):
+            mgr.save(step, {"w": torch.full((4,), float(step)), "step": step})
+        mgr.wait()
+        assert mgr.wait_uploads(60)
+        assert mgr.remote_dir is not None and str(mgr.remote_dir) == f"{mem}/e"
+        assert isinstance(mgr.experiment_dir, Path) and mgr.experiment_dir == local / "e"
+    where = {c.step: c.tiers for c in _entries(cfg)}
+    assert where == {1: ("remote",), 2: ("local", "remote"), 3: ("local", "remote")}, where
+    on_disk = sorted(p.name for p in (local / "e" / "checkpoints").iterdir())
+    assert on_disk == ["latest", "step_00000002", "step_00000003"]
+    import json
+
+    index = json.loads((local / "e" / "index.json").read_text())
+    assert [c["tiers"] for c in index["checkpoints"]] == [["local", "remote"]] * 2
+    assert [c.step for c in de.find_checkpoints(f"{mem}/e")] == [3, 2, 1]
+
+    # A new node: nothing local. Resume takes the newest that verifies, from the store.
+    import shutil
+
+    shutil.rmtree(local)
+    app = {"w": torch.zeros(4), "step": 0}
+    with de.CheckpointManager(dataclass_replace(cfg, resume="latest")) as mgr:
+        info = mgr.resume(app)
+        assert info is not None and info.step == 3 and str(info.path).startswith(mem)
+        assert app["step"] == 3 and torch.equal(app["w"], torch.full((4,), 3.0))
+        mgr.save(4, app)
+        mgr.wait()
+        assert mgr.wait_uploads(60)
+    assert [c.step for c in de.find_checkpoints(f"{mem}/e")] == [4, 3, 2, 1]
+
+
+def test_local_tier_config_is_checked():
+    with pytest.raises(de.ConfigError, match="local_dir"):
+        de.CheckpointConfig(root_dir="memory://x", local_dir="memory://y")
+    with pytest.raises(de.ConfigError, match="experiment_name"):
+        de.CheckpointConfig(root_dir="memory://x", local_dir="/tmp/l", resume="latest")
+
+
+def _entries(cfg):
+    with de.CheckpointManager(cfg) as mgr:
+        return mgr.checkpoints()

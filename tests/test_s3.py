@@ -231,3 +231,40 @@ def test_load_weights_and_inspect_over_http(tmp_path):
             de.load_weights(plain, f"{base}/missing.pt")
         with pytest.raises(de.ConfigError, match="read-only"):
             de.CheckpointConfig(root_dir=f"{base}/runs")
+
+
+# ----------------------------------------------------------------------------- local tier
+
+
+def test_local_tier_killed_during_upload_resumes_locally_and_is_never_half_visible(
+    s3, s3_endpoint, tmp_path
+):
+    """Step 2 commits to local disk; the job dies while uploading it (every shard up, no
+    marker). The remote experiment never shows step 2; the next job resumes it from the
+    local copy, sweeps the torn prefix and uploads step 2 again."""
+    root, local = f"{s3}/tiers", str(tmp_path / "local")
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    argv = [sys.executable, "-m", "tests.faults.tier_saver", local, root]
+    proc = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stdout + proc.stderr
+    assert proc.stdout.split() == ["1", "2"]
+    objs = keys(s3_endpoint, bucket_of(s3), "tiers/tiered/checkpoints/")
+    assert "tiers/tiered/checkpoints/step_00000001/COMMITTED" in objs
+    assert any(k.startswith("tiers/tiered/checkpoints/step_00000002/__") for k in objs), objs
+    assert "tiers/tiered/checkpoints/step_00000002/COMMITTED" not in objs
+    assert [c.step for c in de.find_checkpoints(f"{root}/tiered")] == [1]
+
+    cfg = de.CheckpointConfig(root_dir=root, local_dir=local, experiment_name="tiered",
+                              async_mode="thread", resume="latest")  # fmt: skip
+    app = ranks.state(-1)
+    with de.CheckpointManager(cfg) as mgr:
+        info = mgr.resume(app)
+        assert info is not None and info.step == 2 and isinstance(info.path, Path)
+        assert torch.equal(app["w"], ranks.state(2)["w"])
+        assert mgr.wait_uploads(120)
+        where = {c.step: c.tiers for c in mgr.checkpoints()}
+    assert where == {1: ("local", "remote"), 2: ("local", "remote")}, where
+    remote = de.find_checkpoints(f"{root}/tiered")
+    assert [c.step for c in remote] == [2, 1]
+    with de.open_checkpoint(f"{root}/tiered") as ck:  # verified, from the bucket
+        assert ck.info.step == 2 and ck.load_entries(["step"])["step"] == 2
