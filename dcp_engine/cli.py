@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from . import export, layout, resolve
+from . import export, index, layout, resolve
 from .catalog import Catalog
 from .committer import Committer
 from .config import CheckpointConfig
@@ -125,8 +125,13 @@ def _aliases(exp: layout.ExperimentLayout) -> dict[str, list[str]]:
     """Checkpoint directory name -> the aliases pointing at it."""
     out: dict[str, list[str]] = {}
     storage = storage_of(exp.root)
+    recorded = None
     for alias in layout.ALIASES:
         target = storage.read_alias(exp.alias_path(alias))
+        if target is None and storage.exists(exp.alias_path(alias)):
+            recorded = index.recorded_aliases(exp) if recorded is None else recorded
+            step = recorded.get(alias)
+            target = None if step is None else layout.step_dirname(step)
         if target is not None:
             out.setdefault(target, []).append(alias)
     return out

@@ -124,13 +124,25 @@ def write_index(
     storage.write_atomic(exp.index_path, payload, fsync=fsync)
 
 
-def recorded_monitor(exp: layout.ExperimentLayout) -> tuple[str | None, str | None]:
-    """The ``monitor`` and ``mode`` the index recorded (None, None if it has none)."""
+def _recorded(exp: layout.ExperimentLayout) -> dict[str, Any]:
     try:
         data = json.loads(storage_of(exp.root).read_bytes(exp.index_path))
     except (OSError, ValueError):
-        return None, None
-    if not isinstance(data, dict) or not isinstance(data.get("monitor"), str):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def recorded_aliases(exp: layout.ExperimentLayout) -> dict[str, int]:
+    """The steps the index says ``latest`` and ``best`` are (where the aliases themselves
+    cannot be read: a web server answers a symlinked directory with a page)."""
+    data = _recorded(exp)
+    return {a: data[a] for a in layout.ALIASES if isinstance(data.get(a), int)}
+
+
+def recorded_monitor(exp: layout.ExperimentLayout) -> tuple[str | None, str | None]:
+    """The ``monitor`` and ``mode`` the index recorded (None, None if it has none)."""
+    data = _recorded(exp)
+    if not isinstance(data.get("monitor"), str):
         return None, None
     mode = data.get("mode")
     return data["monitor"], mode if mode in ("min", "max") else None

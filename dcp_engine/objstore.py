@@ -28,6 +28,7 @@ import threading
 from collections.abc import Generator
 from typing import IO, Any, ClassVar, Literal
 
+from . import layout
 from .errors import CheckpointError
 from .location import URL
 from .storage import Child, Storage, alias_target
@@ -178,7 +179,7 @@ class FsspecStorage(Storage):
         if not self.exists(src):
             raise FileNotFoundError(errno.ENOENT, "no such prefix", str(src))
         self.fs.copy(self._writable(src), self._p(dst), recursive=True)
-        self.remove_tree(src)
+        self.remove_tree(src, first=layout.MARKER_FILE)
 
     def remove_tree(self, path: URL, *, first: str | None = None) -> None:
         """Everything under ``path``; ``first`` (the marker) is deleted before the rest,

@@ -301,3 +301,25 @@ def test_local_tier_config_is_checked():
 def _entries(cfg):
     with de.CheckpointManager(cfg) as mgr:
         return mgr.checkpoints()
+
+
+def test_a_branch_from_a_checkpoint_on_a_store_into_a_local_experiment(mem, tmp_path):
+    """resume=<URL of a checkpoint>: a new local experiment starts from it, the source
+    untouched; load(which=<URL>) loads a named remote checkpoint."""
+    src_cfg = de.CheckpointConfig(root_dir=mem, experiment_name="src", async_mode="off")
+    with de.CheckpointManager(src_cfg) as mgr:
+        info = mgr.save(5, {"w": torch.full((3,), 5.0)}).result()
+    before = objects(f"{mem}/src")
+    cfg = de.CheckpointConfig(root_dir=str(tmp_path), experiment_name="branch",
+                              async_mode="off", resume=str(info.path))  # fmt: skip
+    app = {"w": torch.zeros(3)}
+    with de.CheckpointManager(cfg) as mgr:
+        loaded = mgr.resume(app)
+        assert loaded is not None and loaded.step == 5
+        assert torch.equal(app["w"], torch.full((3,), 5.0))
+        mgr.save(6, app)
+        other = {"w": torch.zeros(3)}
+        named = mgr.load(other, which=f"{mem}/src/checkpoints/latest")
+        assert named is not None and named.step == 5
+    assert objects(f"{mem}/src") == before, "the source experiment was written"
+    assert [c.step for c in de.find_checkpoints(tmp_path / "branch")] == [6]

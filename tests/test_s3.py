@@ -202,6 +202,16 @@ def test_retention_and_the_cli_on_an_s3_experiment(s3, s3_endpoint, tmp_path):
     assert not any(k.startswith("cli/e/checkpoints/step_00000004/") for k in objs)
 
 
+def test_a_second_writer_on_s3_is_refused_by_the_conditional_lease(s3):
+    cfg = de.CheckpointConfig(root_dir=f"{s3}/lease", experiment_name="e", async_mode="off")
+    with de.CheckpointManager(cfg) as mgr:
+        mgr.save(1, {"w": torch.ones(2)})
+        with pytest.raises(de.ExperimentLockedError, match="held by"):
+            de.CheckpointManager(cfg)
+    with de.CheckpointManager(cfg) as mgr:  # released at close
+        assert [c.step for c in mgr.checkpoints()] == [1]
+
+
 def test_the_cli_names_a_missing_package_and_never_prints_a_traceback():
     r = cli("ls", "gs://bucket/exp")
     assert r.returncode == 2 and "gcsfs" in r.stderr and "Traceback" not in r.stderr
@@ -227,6 +237,14 @@ def test_load_weights_and_inspect_over_http(tmp_path):
         toy.assert_equal(other.state_dict(), model.state_dict(), "from http checkpoint")
         r = cli("inspect", f"{base}/{ckpt_rel}")
         assert r.returncode == 0 and "step        7" in r.stdout, r.stdout + r.stderr
+        # An experiment over HTTP: listed, found, verified and opened, nothing written.
+        ls = cli("ls", f"{base}/runs/e")
+        assert ls.returncode == 0 and "latest" in ls.stdout, ls.stdout + ls.stderr
+        verify = cli("verify", f"{base}/runs/e")
+        assert verify.returncode == 0 and "OK" in verify.stdout, verify.stdout + verify.stderr
+        assert [c.step for c in de.find_checkpoints(f"{base}/runs/e")] == [7]
+        with de.open_checkpoint(f"{base}/runs/e") as ck:
+            assert ck.info.step == 7
         with pytest.raises(de.CheckpointNotFoundError):
             de.load_weights(plain, f"{base}/missing.pt")
         with pytest.raises(de.ConfigError, match="read-only"):
