@@ -72,6 +72,10 @@ class SaveHandle:
         self.skipped = False
         self.stats: SaveStats | None = None
         """The save's figures, once committed (or skipped)."""
+        self.uploaded: Future[CheckpointInfo] | None = None
+        """With a local tier (``local_dir``), on rank 0: resolves to the remote
+        checkpoint once its upload to ``root_dir`` committed (or to the upload's error).
+        None elsewhere."""
 
     @property
     def observed(self) -> bool:

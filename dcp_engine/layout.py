@@ -13,6 +13,11 @@ mistaken for ours (and therefore never listed, loaded or deleted).
         step_00001100.corrupt/  quarantined: failed its digests on resume, never loaded
         latest -> step_00001200
       OWNER                     the lease of the job that writes here
+
+On an object store (no rename: ``storage.renames`` is False) there is no ``.tmp``: a save
+writes under ``step_X/`` and its ``COMMITTED`` object, written last, is the commit; a
+``step_X/`` without one is torn. ``latest``/``best`` are objects holding the name of
+their checkpoint. The same names serve a local tier (``<local_dir>/<experiment>/``).
 """
 
 from __future__ import annotations

@@ -154,9 +154,12 @@ class CheckpointManager:
         rank 0's; the callbacks keep the loop position there.
         """
         self._check_open()
-        return self._saves.save(
+        handle = self._saves.save(
             step, app_state, epoch=epoch, metrics=metrics, extra=extra, force=force
         )
+        if self._remote is not None and not handle.skipped:
+            handle.uploaded = self._remote.upload_of(step)
+        return handle
 
     def resume(
         self, app_state: dict[str, Any], *, optional: Collection[str] = ()

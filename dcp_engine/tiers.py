@@ -31,6 +31,7 @@ import math
 import queue
 import threading
 import zlib
+from concurrent.futures import Future
 
 from . import layout, resolve
 from .committer import PhaseHook
@@ -45,6 +46,7 @@ from .storage import Storage, storage_of
 log = logging.getLogger(__name__)
 
 _CHUNK = 16 << 20
+_KEEP_DONE = 64  # finished uploads whose futures a late ``upload_of`` still finds
 LOCAL, REMOTE = "local", "remote"
 
 
@@ -74,6 +76,8 @@ class RemoteTier:
         self._idle = threading.Condition()
         self._pending = 0
         self.errors: list[str] = []
+        self._futures: dict[int, Future[CheckpointInfo]] = {}  # under self._idle
+        self._done: dict[int, Future[CheckpointInfo]] = {}  # the last _KEEP_DONE
         self._thread = threading.Thread(target=self._run, name="dcp_engine_upload", daemon=True)
         self._thread.start()
         local.catalog.on_add.append(self.enqueue)
@@ -112,6 +116,14 @@ class RemoteTier:
             self._pending += 1
         self._queue.put(info)
 
+    def upload_of(self, step: int) -> Future[CheckpointInfo]:
+        """The future of the upload of ``step`` (queued, running, or recently done)."""
+        with self._idle:
+            found = self._done.get(step) or self._futures.get(step)
+            if found is None:
+                found = self._futures[step] = Future()
+            return found
+
     def wait(self, timeout: float | None = None) -> bool:
         """True once every queued upload finished (committed or failed)."""
         with self._idle:
@@ -128,20 +140,26 @@ class RemoteTier:
 
     def _run(self) -> None:
         while (info := self._queue.get()) is not None:
+            with self._idle:
+                future = self._futures.pop(info.step, None) or Future()
             try:
-                self._upload(info)
+                future.set_result(self._upload(info))
             except Exception as e:  # the local copy stays; training goes on
                 msg = f"[step={info.step}] upload to {self.remote.root} failed: {e}"
                 log.error("%s", msg)
                 self.errors.append(msg)
+                future.set_exception(CheckpointError(msg))
             finally:
                 self.local.catalog.release(info.step)
                 self._mark_tiers()
                 with self._idle:
+                    self._done[info.step] = future
+                    while len(self._done) > _KEEP_DONE:
+                        self._done.pop(next(iter(self._done)))
                     self._pending -= 1
                     self._idle.notify_all()
 
-    def _upload(self, info: CheckpointInfo) -> None:
+    def _upload(self, info: CheckpointInfo) -> CheckpointInfo:
         catalog = self.remote.catalog
         committer = catalog.committer
         assert committer is not None
@@ -166,8 +184,10 @@ class RemoteTier:
         except BaseException:
             committer.abort(info.step)
             raise
-        catalog.add(CheckpointInfo.from_marker(path, remote_marker))
+        uploaded = CheckpointInfo.from_marker(path, remote_marker)
+        catalog.add(uploaded)
         log.info("[step=%d] uploaded to %s", info.step, path)
+        return uploaded
 
     # ------------------------------------------------------------------ views
 

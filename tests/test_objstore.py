@@ -260,10 +260,13 @@ def test_local_tier_keeps_the_newest_locally_uploads_all_and_resumes_from_either
     cfg = de.CheckpointConfig(root_dir=mem, local_dir=str(local), experiment_name="e",
                               async_mode="thread", local_keep_last_n=2)  # fmt: skip
     with de.CheckpointManager(cfg) as mgr:
-        for step in (1, 2, 3):
-            mgr.save(step, {"w": torch.full((4,), float(step)), "step": step})
+        handles = [mgr.save(s, {"w": torch.full((4,), float(s)), "step": s}) for s in (1, 2, 3)]
         mgr.wait()
         assert mgr.wait_uploads(60)
+        for step, h in zip((1, 2, 3), handles, strict=True):
+            assert h.uploaded is not None  # the handle's upload future, as DCP's
+            up = h.uploaded.result(60)
+            assert up.step == step and str(up.path) == f"{mem}/e/checkpoints/{up.path.name}"
         assert mgr.remote_dir is not None and str(mgr.remote_dir) == f"{mem}/e"
         assert isinstance(mgr.experiment_dir, Path) and mgr.experiment_dir == local / "e"
     where = {c.step: c.tiers for c in _entries(cfg)}
@@ -323,3 +326,31 @@ def test_a_branch_from_a_checkpoint_on_a_store_into_a_local_experiment(mem, tmp_
         assert named is not None and named.step == 5
     assert objects(f"{mem}/src") == before, "the source experiment was written"
     assert [c.step for c in de.find_checkpoints(tmp_path / "branch")] == [6]
+
+
+def test_a_local_file_that_no_longer_matches_its_marker_is_not_uploaded(mem, tmp_path):
+    """The upload checks every byte against the local marker as it streams: a flipped
+    byte fails that upload (its future raises), nothing of the step is left on the store,
+    the local copy stays (``tiers == ("local",)``), and later steps upload."""
+    local = tmp_path / "local"
+
+    def flip(phase: str, step: int) -> None:  # after the local commit, before the upload
+        if phase == "committed" and step == 2:
+            shard = local / "e" / "checkpoints" / "step_00000002" / "__0_0.raw"
+            data = bytearray(shard.read_bytes())
+            data[0] ^= 0xFF
+            shard.write_bytes(bytes(data))
+
+    cfg = de.CheckpointConfig(root_dir=mem, local_dir=str(local), experiment_name="e",
+                              async_mode="off", local_keep_last_n=5)  # fmt: skip
+    with de.CheckpointManager(cfg, hook=flip) as mgr:
+        handles = [mgr.save(s, {"w": torch.full((64,), float(s))}) for s in (1, 2, 3)]
+        assert mgr.wait_uploads(60)
+        assert handles[0].uploaded is not None and handles[0].uploaded.result().step == 1
+        assert handles[1].uploaded is not None
+        with pytest.raises(de.CheckpointError, match=r"step=2.*does not match its marker"):
+            handles[1].uploaded.result()
+        assert handles[2].uploaded is not None and handles[2].uploaded.result().step == 3
+        where = {c.step: c.tiers for c in mgr.checkpoints()}
+    assert where == {1: ("local", "remote"), 2: ("local",), 3: ("local", "remote")}, where
+    assert not any(k.startswith("step_00000002") for k in objects(f"{mem}/e/checkpoints"))
