@@ -2,7 +2,7 @@
 PYTHON ?= python3
 NPROC ?= 2
 
-.PHONY: install test test-fast demo lint docs bench bench-deps bench-save bench-load bench-dino clean
+.PHONY: install test test-fast demo lint docs bench bench-deps bench-save bench-load bench-remote bench-dino clean
 
 # Always checked (fast when nothing is missing): a stamp file would survive a move of the
 # checkout or an install of another clone, and leave `import dcp_engine` broken.
@@ -35,11 +35,14 @@ BENCH_MIB ?= 256
 BENCH_REPS ?= 5
 DINO_REPS ?= 2
 DINO_STEPS ?= 24
+# bench-remote: one process against a loopback S3 server (moto), MiB and rounds of its own
+REMOTE_MIB ?= 128
+REMOTE_REPS ?= 3
 BENCH_ENV := MALLOC_MMAP_THRESHOLD_=65536 OMP_NUM_THREADS=1
 BENCH := $(BENCH_ENV) $(PYTHON) -m torch.distributed.run --standalone --nproc_per_node=$(NPROC)
 BENCH1 := $(BENCH_ENV) $(PYTHON) -m torch.distributed.run --standalone --nproc_per_node=1
 
-bench: bench-save bench-load bench-dino
+bench: bench-save bench-load bench-dino bench-remote
 	$(PYTHON) -m benchmarks.summary
 
 bench-deps: install  # the `bench` extra (matplotlib, for the PNGs), alone: pip never touches torch
@@ -51,6 +54,9 @@ bench-save: bench-deps  # figures 1-4: a sharded state on NPROC ranks, many smal
 
 bench-load: bench-deps  # figure 5
 	$(BENCH) -m benchmarks.load --mib-per-rank $(BENCH_MIB) --reps $(BENCH_REPS)
+
+bench-remote: bench-deps  # figure 7: S3 on a loopback moto server (ratios only; not S3)
+	$(BENCH_ENV) $(PYTHON) -m benchmarks.remote --mib $(REMOTE_MIB) --reps $(REMOTE_REPS)
 
 bench-dino: bench-deps  # figure 6
 	$(PYTHON) -m benchmarks.dino_overhead --reps $(DINO_REPS) --steps $(DINO_STEPS)

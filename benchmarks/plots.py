@@ -192,6 +192,64 @@ def _dino(plt: Any, r: dict[str, Any], png: Path) -> None:
     _finish(plt, fig, png)
 
 
+def _remote(plt: Any, r: dict[str, Any], png: Path) -> None:
+    saves, loads, t = r["save"], r["load"], r["tier"]
+    fig, axes = plt.subplots(1, 4, figsize=(21, 5.5))
+    bars(
+        axes[0],
+        [x["method"] for x in saves],
+        [x["mb_per_s"] for x in saves],
+        [x["kind"] for x in saves],
+        "save to S3: throughput until committed",
+        "MB/s (whole state, slowest rank)",
+        ref=None,
+        digits=1,
+    )
+    bars(
+        axes[1],
+        [x["method"] for x in loads],
+        [x["mb_per_s"] for x in loads],
+        [x["kind"] for x in loads],
+        "load from S3: throughput",
+        "MB/s (whole state, slowest rank)",
+        ref=None,
+        digits=1,
+    )
+    rows = [("save " + x["method"], x["committed_vs_dcp"], x["kind"]) for x in saves]
+    rows += [("load " + x["method"], x["time_vs_dcp"], x["kind"]) for x in loads]
+    bars(
+        axes[2],
+        [n for n, _, _ in rows],
+        [v for _, v, _ in rows],
+        [k for _, _, k in rows],
+        "time / DCP's fsspec writer or reader (same run)",
+        "ratio",
+    )
+    d = t["direct_committed_s"]
+    bars(
+        axes[3],
+        ["straight: blocking", "tier: blocking", "tier: local commit", "tier: S3 commit"],
+        [
+            t["direct_blocking_s"] / d,
+            t["blocking_vs_direct_committed"],
+            t["local_commit_vs_direct_committed"],
+            t["remote_commit_vs_direct_committed"],
+        ],
+        ["peer", "engine", "engine", "engine"],
+        "local tier: time / engine_thread's commit straight to S3",
+        "ratio",
+        digits=3,
+        xlabel="blue: straight to S3, red: local tier",
+    )
+    fig.suptitle(
+        f"S3 on a loopback moto server (not S3: compare ratios only): "
+        f"{r['state_bytes_per_rank'] / 2**20:.0f} MiB per rank, {r['world_size']} rank(s), "
+        f"median of {r['reps']} (grey: raw PUT/GET, blue: DCP fsspec, red: dcp-engine; "
+        f"torch {r['machine']['torch']}, {r['machine']['cores']} cores)"
+    )
+    _finish(plt, fig, png)
+
+
 def _finish(plt: Any, fig: Any, png: Path) -> None:
     fig.tight_layout()
     fig.savefig(png, dpi=110)
@@ -215,6 +273,8 @@ def plot_file(path: Path) -> None:
         _load(plt, r, png)
     elif kind == "dino_overhead":
         _dino(plt, r, png)
+    elif kind == "remote":
+        _remote(plt, r, png)
 
 
 def main() -> None:

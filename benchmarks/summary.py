@@ -114,6 +114,43 @@ def _dino(r: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+def _remote(r: dict[str, Any]) -> list[str]:
+    t = r["tier"]
+    lines = [
+        f"## S3 on a loopback moto server: {r['state_bytes_per_rank'] / MiB:.0f} MiB per rank x "
+        f"{r['world_size']} rank(s) (figure 7)",
+        "",
+        f"`remote.md`, median of {r['reps']} rounds; {describe(r)}; {r['wall_s']:.0f} s. "
+        "Not S3 (one Python server on the same cores, no network): the ratios only.",
+        "",
+        "| save | MB/s | time / dcp_save (FsspecWriter) | time / raw PUT | blocking ms |",
+        "|---|---|---|---|---|",
+    ]
+    for x in r["save"]:
+        lines.append(
+            f"| {x['method']} | {fmt(x['mb_per_s'], 1)} | {fmt(x['committed_vs_dcp'])} "
+            f"| {fmt(x['committed_vs_raw'])} | {fmt(x['blocking_s'] * 1e3, 1)} |"
+        )
+    lines += [
+        "",
+        "| load | MB/s | time / dcp_load (FsspecReader) | time / raw GET |",
+        "|---|---|---|---|",
+    ]
+    for x in r["load"]:
+        lines.append(
+            f"| {x['method']} | {fmt(x['mb_per_s'], 1)} | {fmt(x['time_vs_dcp'])} "
+            f"| {fmt(x['time_vs_raw'])} |"
+        )
+    lines += [
+        "",
+        f"Local tier (`local_dir` + `root_dir` on S3, thread mode), over `engine_thread`'s "
+        f"commit straight to S3: blocking {fmt(t['blocking_vs_direct_committed'], 3)}, "
+        f"local commit {fmt(t['local_commit_vs_direct_committed'])}, commit on S3 "
+        f"(`wait_uploads`) {fmt(t['remote_commit_vs_direct_committed'])}.",
+    ]
+    return [*lines, ""]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="benchmarks/results")
@@ -136,6 +173,7 @@ def main() -> None:
         ("save_small", _small),
         ("load", _loads),
         ("dino_overhead", _dino),
+        ("remote", _remote),
     ):
         r = _load(out, name, missing)
         if r is not None:
