@@ -172,6 +172,10 @@ class Committer:
             return  # committed before the failure (under its final name): it stays
         if self.storage.exists(tmp):
             self.storage.remove_tree(tmp)
+            if not self.storage.renames and self.storage.exists(layout.marker_path(tmp)):
+                # A delayed marker PUT landed after all: a marker without its files is
+                # corrupt, never loaded; removed now rather than quarantined later.
+                self.storage.remove_file(layout.marker_path(tmp))
             log.info("[step=%d] removed %s after the failed save", step, tmp)
 
     def retire(self, step: int) -> bool:

@@ -348,8 +348,10 @@ class CheckpointConfig:
 
 def _check_location(field: str, value: str, *, writable: bool) -> None:
     """A URL's protocol must have an installed fsspec implementation (the message names
-    the package); ``http(s)://`` is read-only."""
-    if not is_url(value):
+    the package); the engine writes only where commits and leases are safe
+    (``WRITABLE_PROTOCOLS``: s3, gs, memory), other protocols are read. ``s3:/b`` (a
+    slash missing) is refused, not taken for a local directory ``s3:``."""
+    if value in ("latest", "best"):
         return
     try:
         location = as_location(value)
@@ -357,7 +359,10 @@ def _check_location(field: str, value: str, *, writable: bool) -> None:
         raise ConfigError(field, value, f"a location fsspec can serve ({e})") from None
     if writable and isinstance(location, URL) and location.read_only:
         raise ConfigError(
-            field, value, f"a writable location ({location.protocol}:// is read-only)"
+            field,
+            value,
+            f"a writable location ({location.protocol}:// is read-only here: commits need "
+            "whole-object uploads and conditional writes, known of s3://, gs:// and memory://)",
         )
 
 

@@ -81,6 +81,7 @@ class Holder:
                 job_id=str(d["job_id"]),
                 started=float(d["started"]),
                 token=str(d["token"]),
+                stale_after_s=float(d.get("stale_after_s", 30.0)),
             )
         except (ValueError, KeyError, TypeError):
             return None
@@ -161,8 +162,10 @@ class Lease:
             )
 
     def release(self) -> None:
-        """Stop the heartbeat and remove ``OWNER`` if it is still ours."""
+        """Stop the heartbeat and remove ``OWNER`` if it is still ours. From here on
+        ``check()`` fails: nothing of this job (a straggling upload) writes any more."""
         self._stop.set()
+        self._lost = self._lost or "released"
         if threading.current_thread() is not self._thread:
             self._thread.join(5.0)
         if self._holds():
@@ -176,7 +179,7 @@ class Lease:
         return holder is not None and holder.token == self.holder.token
 
     def _heartbeat(self) -> None:
-        beat = 0
+        beat, last_ok = 0, time.monotonic()
         while not self._stop.wait(self._stale_after_s / 4):
             try:
                 if not self._holds():
@@ -185,8 +188,16 @@ class Lease:
                     return
                 beat += 1
                 self._storage.touch(self.path, self.holder.to_bytes(beat))
-            except OSError as e:  # a hiccup of a shared file system: try again
+                last_ok = time.monotonic()
+            except Exception as e:  # a hiccup of the storage: try again, for a while
                 log.warning("lease heartbeat on %s failed: %s", self.path, e)
+                if time.monotonic() - last_ok > self._stale_after_s / 2:
+                    # Others may take the lease over soon: stop writing before they do.
+                    self._lost = (
+                        f"no heartbeat of {self.path} for {self._stale_after_s / 2:.0f} s ({e})"
+                    )
+                    log.error("gave up the lease of %s: %s", self.path.parent, self._lost)
+                    return
 
 
 def _why_stale(

@@ -31,7 +31,8 @@ from typing import Any
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
-from . import layout, resolve, state, tiers
+from . import resolve, state, tiers
+from .catalog import Catalog
 from .comm import Comm
 from .config import CheckpointConfig
 from .errors import CheckpointError, IntegrityError
@@ -58,11 +59,12 @@ class Loader:
         experiment: Experiment,
         prepare: Callable[[Mapping[str, Any]], None],
         *,
-        remote: layout.ExperimentLayout | None = None,
+        remote: Catalog | None = None,
     ) -> None:
         self.config, self._comm, self._exp, self._prepare = config, comm, experiment, prepare
         self._remote = remote
-        """The local tier's remote experiment: resume looks in both."""
+        """Rank 0 with a local tier: the remote experiment's catalog (resume looks in both
+        tiers; a checkpoint is protected and quarantined in its own)."""
         self.rank, self.world_size = comm.rank, comm.world_size
 
     def load(
@@ -150,9 +152,9 @@ class Loader:
         except BaseException:
             plan.rollback()
             raise
-        storage = storage_of(path)
-        if storage.resolve(path.parent) == storage.resolve(self._exp.layout.checkpoints_dir):
-            self._exp.catalog.protect(info.step)  # the run resumed from it: retention keeps it
+        owner = self._catalog_of(path)
+        if owner is not None:
+            owner.protect(info.step)  # the run resumed from it: retention keeps it
         if self.rank == 0:
             log.info(
                 "[rank=0][step=%d] loaded %s (%s) in %.2f s",
@@ -176,15 +178,16 @@ class Loader:
         exp = self._exp.layout
         if isinstance(which, (str, os.PathLike)) and which not in ("latest", "best"):
             which = cfg.location(which)  # a URL gets the config's storage options
-        listed = self._comm.decide(
-            lambda: (
-                resolve.candidates(exp, which, monitor=cfg.monitor, mode=cfg.mode)
-                if self._remote is None
-                else tiers.candidates(exp, self._remote, which, monitor=cfg.monitor, mode=cfg.mode),
-                [p.name for p in resolve.scan(exp).quarantined],
-            ),
-            what,
-        )
+        remote = self._remote
+
+        def find() -> tuple[list[Candidate], list[str]]:
+            if remote is None:
+                found = resolve.candidates(exp, which, monitor=cfg.monitor, mode=cfg.mode)
+            else:  # the local tier: either experiment
+                found = tiers.candidates(exp, remote.exp, which, monitor=cfg.monitor, mode=cfg.mode)
+            return found, [p.name for p in resolve.scan(exp).quarantined]
+
+        listed = self._comm.decide(find, what)
         candidates, quarantined = listed
         bad: list[tuple[Candidate, str]] = []
         for c in candidates:
@@ -222,12 +225,22 @@ class Loader:
         if self.rank != 0 or not bad or which not in ("latest", "best"):
             return
         for c, why in bad:
-            if c.path.parent != self._exp.layout.checkpoints_dir:
+            owner = self._catalog_of(c.path)
+            if owner is None:
                 continue
             try:
-                self._exp.catalog.quarantine(c.path, why)
+                owner.quarantine(c.path, why)
             except (OSError, CheckpointError) as e:  # rank 0 alone: never fail the load here
                 log.error("could not quarantine %s (%s); it stays skipped by name", c.path, e)
+
+    def _catalog_of(self, path: Location) -> Catalog | None:
+        """The catalog (local, or the remote tier's) whose checkpoint ``path`` is."""
+        storage = storage_of(path)
+        parent = storage.resolve(path.parent)
+        for catalog in (self._exp.catalog, self._remote):
+            if catalog is not None and parent == storage.resolve(catalog.exp.checkpoints_dir):
+                return catalog
+        return None
 
     def file_problems(
         self, path: Location, marker: Marker, what: str, *, only: list[str] | None = None

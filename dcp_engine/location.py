@@ -23,7 +23,11 @@ from typing import Any
 from .errors import CheckpointError
 
 _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*)://(.*)", re.DOTALL)
-READ_ONLY_PROTOCOLS = frozenset({"http", "https"})
+_ONE_SLASH = re.compile(r"(s3|s3a|gs|gcs|memory|https?):/([^/].*)", re.DOTALL)
+"""``s3:/bucket``: a URL with a slash missing, not a local directory named ``s3:``."""
+WRITABLE_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "memory"})
+"""Protocols the engine writes: their objects appear whole once uploaded and a PUT can be
+conditional (``If-None-Match``), which the commit and the lease need. Others are read."""
 _PACKAGES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs",
              "abfs": "adlfs", "http": "aiohttp", "https": "aiohttp"}  # fmt: skip
 _EXTRA = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}
@@ -51,7 +55,7 @@ class URL:
 
     @property
     def read_only(self) -> bool:
-        return self.protocol in READ_ONLY_PROTOCOLS
+        return self.protocol not in WRITABLE_PROTOCOLS
 
     def __truediv__(self, other: str | os.PathLike[str]) -> URL:
         part = os.fspath(other).strip("/")
@@ -115,6 +119,9 @@ def as_location(
     text = os.fspath(value)
     m = _SCHEME.fullmatch(text)
     if m is None:
+        typo = _ONE_SLASH.fullmatch(text)
+        if typo is not None:
+            raise CheckpointError(f"{text}: did you mean {typo.group(1)}://{typo.group(2)}?")
         return Path(text)
     protocol, rest = m.group(1).lower(), m.group(2)
     if protocol == "file":

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from . import layout, state, tiers
+from . import state, tiers
 from .comm import Comm
 from .committer import PhaseHook, no_hook
 from .config import CheckpointConfig
@@ -82,7 +82,7 @@ class CheckpointManager:
             opened.append(exp)
             if here is not config:
                 try:
-                    self._remote = tiers.RemoteTier.open(config, exp, hook)
+                    self._remote = tiers.RemoteTier.open(config, exp, hook, run_config)
                 except BaseException:
                     exp.close(config.timeout_s)
                     raise
@@ -102,7 +102,7 @@ class CheckpointManager:
         except BaseException:
             self._close_experiments()
             raise
-        remote = None if self.remote_dir is None else layout.ExperimentLayout(self.remote_dir)
+        remote = None if self._remote is None else self._remote.remote.catalog
         self._loader = Loader(config, self._comm, self._exp, self._prepare, remote=remote)
         self._closed = False
         atexit.register(_close_at_exit, weakref.ref(self))
@@ -157,8 +157,13 @@ class CheckpointManager:
         handle = self._saves.save(
             step, app_state, epoch=epoch, metrics=metrics, extra=extra, force=force
         )
-        if self._remote is not None and not handle.skipped:
-            handle.uploaded = self._remote.upload_of(step)
+        remote = self._remote
+        if remote is not None and not handle.skipped:
+            handle.uploaded = remote.upload_of(step)
+            handle.committed.add_done_callback(
+                lambda f: None if f.cancelled() or f.exception() is None
+                else remote.forget(step, f.exception())  # type: ignore[arg-type]
+            )  # fmt: skip
         return handle
 
     def resume(
@@ -268,9 +273,13 @@ class CheckpointManager:
         if self.rank != 0 or not (clean or more):
             return
         if self._saves.amend_inflight(step, clean, more):
-            return
+            return  # into its marker at the commit (the upload copies that marker)
+        if self._remote is not None:  # the remote copy, after its upload (queue order)
+            self._remote.amend(step, clean, more)
         catalog = self._exp.catalog
         info = next((e for e in catalog.entries() if e.step == step), None)
+        if info is None and self._remote is not None:
+            return  # dropped locally: the remote copy gets them
         if info is None:
             log.warning(
                 "[step=%d] no committed checkpoint of this step in %s: metrics %s not recorded",
@@ -315,7 +324,8 @@ class CheckpointManager:
 
     def wait_uploads(self, timeout: float | None = None) -> bool:
         """With ``local_dir`` (rank 0): block until every upload to ``root_dir`` queued so
-        far finished; False if ``timeout`` ran out. Elsewhere: True at once."""
+        far finished; False if ``timeout`` ran out; ``CheckpointError`` naming the uploads
+        that failed since the last call (their local copies are kept). Elsewhere: True."""
         return self._remote is None or self._remote.wait(timeout)
 
     def _close_experiments(self) -> None:

@@ -1,12 +1,13 @@
 """``FsspecStorage``: the storage seam over an fsspec file system (``s3://``, ``gs://``,
-``memory://``, any fsspec protocol; ``http(s)://`` read-only).
+``memory://``; any other fsspec protocol, ``http(s)://`` included, read-only).
 
 Object stores have no rename and no directories, so the commit protocol differs from
 the local one (``storage.py``, ``committer.py``):
 
 - shards are written under the checkpoint's final prefix ``step_X/``, each file in one
-  upload (s3fs: a multipart upload straight from the staging buffers for big files);
-  a file is visible once its upload completed, and never half-written;
+  upload (s3fs: one PUT, or a multipart upload completed at ``close``; the writes pass
+  in slices of 8 MiB, so s3fs's buffer holds one part, not a whole tensor); a file is
+  visible once its upload completed, and never half-written;
 - the ``COMMITTED`` marker object is written last, in one PUT (atomic): it is the
   commit; readers trust only the marker;
 - ``latest``, ``best`` and ``index.json`` are small objects written after it (an alias
@@ -24,54 +25,64 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
+import io
+import json
 import threading
 from collections.abc import Generator
 from typing import IO, Any, ClassVar, Literal
 
 from . import layout
 from .errors import CheckpointError
-from .location import URL
-from .storage import Child, Storage, alias_target
+from .location import URL, WRITABLE_PROTOCOLS
+from .storage import ALIAS_MAX, Child, Storage, alias_target
 
-_ALIAS_MAX = 4096
+_SLICE = 8 << 20
 
 
 class FsspecStorage(Storage):
     """The storage seam over one fsspec file system."""
 
     renames = False
-    _cache: ClassVar[dict[tuple[str, tuple[tuple[str, Any], ...]], FsspecStorage]] = {}
+    _cache: ClassVar[dict[tuple[str, str], FsspecStorage]] = {}
     _cache_lock: ClassVar[threading.Lock] = threading.Lock()
 
     def __init__(self, protocol: str, options: dict[str, Any] | None = None) -> None:
-        import fsspec
 
         self.protocol = protocol
         self.options = dict(options or {})
-        self.read_only = protocol in ("http", "https")
+        self.read_only = protocol not in WRITABLE_PROTOCOLS
         self.per_process = protocol == "memory"
-        # Listings are never cached: other processes (the other ranks, the next job)
-        # write and delete under the same prefixes.
-        self.fs = fsspec.filesystem(protocol, **{"use_listings_cache": False, **self.options})
+        self.fs = _filesystem(protocol, self.options)
 
     @classmethod
     def of(cls, url: URL) -> FsspecStorage:
-        key = (url.protocol, tuple(sorted(url.options.items())))
+        # Options may nest (``client_kwargs={"endpoint_url": ...}``): keyed by their JSON.
+        key = (url.protocol, json.dumps(url.options, sort_keys=True, default=repr))
         with cls._cache_lock:
             found = cls._cache.get(key)
             if found is None:
                 found = cls._cache[key] = cls(url.protocol, url.options)
             return found
 
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (FsspecStorage, (self.protocol, self.options))
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled without its file system (to a writer process): rebuilt there from the
+        protocol and options, with that process's credentials."""
+        return {k: v for k, v in self.__dict__.items() if k != "fs"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.fs = _filesystem(self.protocol, self.options)
 
     def _p(self, path: URL) -> str:
         return str(path)
 
     def _writable(self, path: URL) -> str:
         if self.read_only:
-            raise CheckpointError(f"{path}: {self.protocol}:// is read-only; nothing is written")
+            raise CheckpointError(
+                f"{path}: {self.protocol}:// is read-only here (writes: "
+                f"{', '.join(sorted(WRITABLE_PROTOCOLS))}); nothing is written"
+            )
         return str(path)
 
     # ---------------------------------------------------------------- reading
@@ -109,8 +120,6 @@ class FsspecStorage(Storage):
     def read_bytes(self, path: URL) -> bytes:
         try:
             return bytes(self.fs.cat_file(self._p(path)))
-        except IsADirectoryError:
-            raise
         except FileNotFoundError:
             raise FileNotFoundError(errno.ENOENT, "no such object", str(path)) from None
 
@@ -144,7 +153,7 @@ class FsspecStorage(Storage):
             raw = self.read_bytes(link)
         except (FileNotFoundError, IsADirectoryError):
             return None
-        return None if len(raw) > _ALIAS_MAX else alias_target(raw)
+        return None if len(raw) > ALIAS_MAX else alias_target(raw)
 
     # ---------------------------------------------------------------- writing
     def free_bytes(self, path: URL) -> int:
@@ -173,13 +182,24 @@ class FsspecStorage(Storage):
             self.fs.makedirs(self._p(path), exist_ok=True)
 
     def publish(self, src: URL, dst: URL, *, fsync: bool = True) -> None:
-        """A copy then a delete (quarantine only: commits never move anything here)."""
+        """Quarantine only (commits never move anything here): the marker is deleted
+        first, so that ``src`` stops being a checkpoint at once, then the rest is copied
+        to ``dst`` (the marker last, for the record) and deleted. A crash on the way
+        leaves a prefix without a marker, which the next holder sweeps."""
         if self.exists(dst):
             raise FileExistsError(errno.EEXIST, "refusing to replace it", str(dst))
         if not self.exists(src):
             raise FileNotFoundError(errno.ENOENT, "no such prefix", str(src))
+        marker = src / layout.MARKER_FILE
+        try:
+            kept = self.read_bytes(marker)
+        except (FileNotFoundError, IsADirectoryError):
+            kept = None
+        self.remove_file(marker)
         self.fs.copy(self._writable(src), self._p(dst), recursive=True)
-        self.remove_tree(src, first=layout.MARKER_FILE)
+        if kept is not None:
+            self.write_atomic(dst / layout.MARKER_FILE, kept)
+        self.remove_tree(src)
 
     def remove_tree(self, path: URL, *, first: str | None = None) -> None:
         """Everything under ``path``; ``first`` (the marker) is deleted before the rest,
@@ -219,15 +239,83 @@ class FsspecStorage(Storage):
     @contextlib.contextmanager
     def open_write(self, path: URL, *, fsync: bool = True) -> Generator[IO[bytes], None, None]:
         """One object: visible, whole, once the block exits (the upload completes at
-        ``close``); nothing is left of a block that raised."""
-        f = self.fs.open(self._writable(path), "wb")
+        ``close``); nothing is left of a block that raised. Writes go to the file system
+        in slices of at most ``_SLICE`` bytes, so that its upload buffer holds a part, not
+        a whole tensor. (``memory://`` publishes at open: the bytes are buffered here and
+        stored at the end instead.)"""
+        where = self._writable(path)
+        if self.protocol == "memory":
+            buffer = io.BytesIO()
+            yield buffer
+            self.fs.pipe_file(where, buffer.getvalue())
+            return
+        f = self.fs.open(where, "wb")
         try:
-            yield f
+            yield _Sliced(f)  # type: ignore[misc]
         except BaseException:
             with contextlib.suppress(Exception):
                 f.discard() if hasattr(f, "discard") else f.close()
             raise
-        f.close()
+        try:
+            f.close()
+        except Exception as e:
+            raise _io_error(path, e) from e
+
+
+class _Sliced:
+    """A binary file whose ``write`` passes large buffers on in slices."""
+
+    def __init__(self, f: Any) -> None:
+        self._f = f
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        for start in range(0, len(view), _SLICE):
+            self._f.write(view[start : start + _SLICE])
+        return len(view)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._f, name)
+
+
+def _filesystem(protocol: str, options: dict[str, Any]) -> Any:
+    import fsspec
+
+    # Listings are never cached: other processes (the other ranks, the next job) write
+    # and delete under the same prefixes.
+    return fsspec.filesystem(protocol, **{"use_listings_cache": False, **options})
+
+
+def _io_error(path: object, e: BaseException) -> OSError:
+    """A file system's own exception (botocore's ``EndpointConnectionError``...) as the
+    ``OSError`` every caller of the seam handles, naming the path."""
+    if isinstance(e, OSError):
+        return e
+    return OSError(errno.EIO, f"{type(e).__name__}: {e}", str(path))
+
+
+def _wrap_errors(cls: type[FsspecStorage]) -> type[FsspecStorage]:
+    """Every method of the seam raises ``OSError`` (or the engine's own errors) only."""
+    for name in ("exists", "is_dir", "is_file", "children", "read_bytes", "size", "version",
+                 "open_read", "file_sizes", "read_alias", "write_atomic", "create_exclusive",
+                 "mkdir", "publish", "remove_tree", "remove_file", "touch", "write_alias",
+                 "take_over"):  # fmt: skip
+        method = getattr(cls, name)
+
+        def wrapped(self: Any, path: Any, *a: Any, __m: Any = method, **k: Any) -> Any:
+            try:
+                return __m(self, path, *a, **k)
+            except (OSError, CheckpointError):
+                raise
+            except Exception as e:
+                raise _io_error(path, e) from e
+
+        functools.update_wrapper(wrapped, method)
+        setattr(cls, name, wrapped)
+    return cls
+
+
+_wrap_errors(FsspecStorage)
 
 
 __all__ = ["FsspecStorage"]

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from .digests import HashingFileSystem
 
 _CHUNK = 8 << 20
-_ALIAS_MAX = 4096
+ALIAS_MAX = 4096
 
 
 class Child(NamedTuple):
@@ -217,7 +217,7 @@ class LocalStorage(Storage):
         try:
             if link.is_symlink():
                 return os.readlink(link)
-            if link.is_file() and link.stat().st_size <= _ALIAS_MAX:
+            if link.is_file() and link.stat().st_size <= ALIAS_MAX:
                 return alias_target(link.read_bytes())
         except (OSError, UnicodeDecodeError):
             return None
@@ -346,13 +346,17 @@ def alias_target(raw: bytes) -> str | None:
 
 
 def storage_of(location: Location, given: Storage | None = None) -> Storage:
-    """The storage serving ``location``: ``given`` (a test's faulty one) for a local
-    path; an ``FsspecStorage`` for a URL."""
+    """The storage serving ``location``: ``given`` (a test's faulty one) if it serves
+    that kind of location, else ``LocalStorage`` for a path, ``FsspecStorage`` for a URL."""
+    if given is not None:
+        if isinstance(location, URL) == isinstance(given, LocalStorage):
+            raise TypeError(f"storage={type(given).__name__} cannot serve {location}")
+        return given
     if isinstance(location, URL):
         from .objstore import FsspecStorage
 
         return FsspecStorage.of(location)
-    return given if given is not None else LocalStorage()
+    return LocalStorage()
 
 
 __all__ = ["Child", "LocalStorage", "Storage", "storage_of"]

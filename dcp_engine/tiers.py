@@ -31,7 +31,10 @@ import math
 import queue
 import threading
 import zlib
+from collections.abc import Mapping
 from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
 
 from . import layout, resolve
 from .committer import PhaseHook
@@ -40,6 +43,7 @@ from .digests import hexdigest
 from .errors import CheckpointError, IntegrityError
 from .experiment import Experiment
 from .index import CheckpointInfo, Which
+from .marker import Marker
 from .resolve import Candidate
 from .storage import Storage, storage_of
 
@@ -66,18 +70,29 @@ def local_config(config: CheckpointConfig) -> CheckpointConfig:
     )
 
 
+@dataclass(frozen=True)
+class _Amend:
+    """Metrics that came after a save, for the remote copy of ``step``."""
+
+    step: int
+    metrics: Mapping[str, float]
+    extra: Mapping[str, Any]
+
+
 class RemoteTier:
-    """Rank 0's uploader: the remote experiment, and a thread that copies each local
-    commit there."""
+    """Rank 0's uploader: the remote experiment, and one thread that copies each local
+    commit there, in commit order (then the metrics that came after it)."""
 
     def __init__(self, remote: Experiment, local: Experiment, hook: PhaseHook) -> None:
         self.remote, self.local, self.hook = remote, local, hook
-        self._queue: queue.Queue[CheckpointInfo | None] = queue.Queue()
-        self._idle = threading.Condition()
+        self._queue: queue.Queue[CheckpointInfo | _Amend | None] = queue.Queue()
+        self._idle = threading.Condition()  # guards everything below
         self._pending = 0
-        self.errors: list[str] = []
-        self._futures: dict[int, Future[CheckpointInfo]] = {}  # under self._idle
+        self._errors: list[str] = []  # not yet raised by wait_uploads
+        self._failed: set[int] = set()  # held locally until a newer step is uploaded
+        self._futures: dict[int, Future[CheckpointInfo]] = {}
         self._done: dict[int, Future[CheckpointInfo]] = {}  # the last _KEEP_DONE
+        self._closing = threading.Event()
         self._thread = threading.Thread(target=self._run, name="dcp_engine_upload", daemon=True)
         self._thread.start()
         local.catalog.on_add.append(self.enqueue)
@@ -90,8 +105,15 @@ class RemoteTier:
         self._mark_tiers()
 
     @classmethod
-    def open(cls, config: CheckpointConfig, local: Experiment, hook: PhaseHook) -> RemoteTier:
-        """Rank 0: the remote experiment of the same name (its lease, sweep and catalog)."""
+    def open(
+        cls,
+        config: CheckpointConfig,
+        local: Experiment,
+        hook: PhaseHook,
+        run_config: Mapping[str, Any] | None = None,
+    ) -> RemoteTier:
+        """Rank 0: the remote experiment of the same name (its lease, sweep, catalog and
+        ``config.yaml``: the training config, as in the local one)."""
         remote_config = dataclasses.replace(
             config, local_dir=None, experiment_name=local.plan.name, resume=None
         )
@@ -100,21 +122,28 @@ class RemoteTier:
         def upload_hook(phase: str, step: int) -> None:  # the remote commit's phases
             hook(f"upload:{phase}", step)
 
-        remote = Experiment.open(remote_config, storage, hook=upload_hook)
+        remote = Experiment.open(remote_config, storage, run_config=run_config, hook=upload_hook)
         try:
             return cls(remote, local, upload_hook)
         except BaseException:
             remote.close(config.timeout_s)
             raise
 
-    # ------------------------------------------------------------------ uploads
+    # ------------------------------------------------------------------ requests
 
     def enqueue(self, info: CheckpointInfo) -> None:
-        """A local commit: protect it from local retention, upload it in the background."""
+        """A local commit: held from local retention until uploaded (or superseded)."""
         self.local.catalog.hold(info.step)
         with self._idle:
             self._pending += 1
         self._queue.put(info)
+
+    def amend(self, step: int, metrics: Mapping[str, float], extra: Mapping[str, Any]) -> None:
+        """Metrics given after the save of ``step``: into its remote marker, after its
+        upload (the remote ``best`` and retention follow)."""
+        with self._idle:
+            self._pending += 1
+        self._queue.put(_Amend(step, dict(metrics), dict(extra)))
 
     def upload_of(self, step: int) -> Future[CheckpointInfo]:
         """The future of the upload of ``step`` (queued, running, or recently done)."""
@@ -124,46 +153,86 @@ class RemoteTier:
                 found = self._futures[step] = Future()
             return found
 
-    def wait(self, timeout: float | None = None) -> bool:
-        """True once every queued upload finished (committed or failed)."""
+    def forget(self, step: int, error: BaseException) -> None:
+        """The save of ``step`` failed: its upload future fails with it."""
         with self._idle:
-            return self._idle.wait_for(lambda: self._pending == 0, timeout)
+            future = self._futures.pop(step, None)
+        if future is not None and not future.done():
+            future.set_exception(CheckpointError(f"[step={step}] not uploaded: {error}"))
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """True once every queued upload finished; raises ``CheckpointError`` naming the
+        uploads that failed since the last call (each is also its handle's error)."""
+        with self._idle:
+            done = self._idle.wait_for(lambda: self._pending == 0, timeout)
+            errors, self._errors = self._errors, []
+        if errors:
+            raise CheckpointError("; ".join(errors) + " (the local copies are kept)")
+        return done
 
     def close(self, timeout: float) -> None:
-        """Finish the queued uploads (up to ``timeout``), then release the remote lease."""
-        if not self.wait(timeout):
+        """Finish the queued uploads (up to ``timeout``; an upload still running then is
+        abandoned before its marker), then release the remote lease."""
+        try:
+            finished = self.wait(timeout)
+        except CheckpointError as e:
+            log.error("%s", e)
+            finished = True
+        if not finished:
             log.error("uploads to %s did not finish in %.0f s; the local copies stay",
                       self.remote.root, timeout)  # fmt: skip
+            self._closing.set()
         self._queue.put(None)
         self._thread.join(timeout)
-        self.remote.close(timeout)
+        self.remote.close(timeout)  # the lease, released, fails any later commit
+
+    # ------------------------------------------------------------------ the thread
 
     def _run(self) -> None:
-        while (info := self._queue.get()) is not None:
-            with self._idle:
-                future = self._futures.pop(info.step, None) or Future()
+        while (job := self._queue.get()) is not None:
             try:
-                future.set_result(self._upload(info))
-            except Exception as e:  # the local copy stays; training goes on
-                msg = f"[step={info.step}] upload to {self.remote.root} failed: {e}"
-                log.error("%s", msg)
-                self.errors.append(msg)
-                future.set_exception(CheckpointError(msg))
+                if isinstance(job, _Amend):
+                    self._amend(job)
+                else:
+                    self._upload_one(job)
+            except Exception as e:  # never let bookkeeping kill the uploader
+                log.error("upload bookkeeping in %s failed: %s", self.remote.root, e)
             finally:
-                self.local.catalog.release(info.step)
-                self._mark_tiers()
                 with self._idle:
-                    self._done[info.step] = future
-                    while len(self._done) > _KEEP_DONE:
-                        self._done.pop(next(iter(self._done)))
                     self._pending -= 1
                     self._idle.notify_all()
+
+    def _upload_one(self, info: CheckpointInfo) -> None:
+        with self._idle:
+            future = self._futures.setdefault(info.step, Future())
+        ok = False
+        try:
+            future.set_result(self._upload(info))
+            ok = True
+        except Exception as e:  # the local copy stays; training goes on
+            msg = f"[step={info.step}] upload to {self.remote.root} failed: {e}"
+            log.error("%s", msg)
+            with self._idle:
+                self._errors.append(msg)
+            future.set_exception(CheckpointError(msg))
+        with self._idle:
+            self._futures.pop(info.step, None)
+            self._done[info.step] = future
+            while len(self._done) > _KEEP_DONE:
+                self._done.pop(next(iter(self._done)))
+            # A failed step stays held until a newer one is on the remote (the remote
+            # timeline then forbids uploading it): it is never lost to local retention.
+            superseded = {s for s in self._failed if s < info.step} if ok else set()
+            self._failed = (self._failed - superseded) | (set() if ok else {info.step})
+        for step in [info.step, *superseded] if ok else []:
+            self.local.catalog.release(step)
+        self._mark_tiers()
 
     def _upload(self, info: CheckpointInfo) -> CheckpointInfo:
         catalog = self.remote.catalog
         committer = catalog.committer
         assert committer is not None
-        marker = resolve.read_marker(info.path)
+        marker = resolve.read_marker(info.path)  # with metrics amended since the save
         newest = catalog.newest()
         target = committer.begin(info.step, None if newest is None else newest.step)
         source, dest = storage_of(info.path), self.remote.storage
@@ -172,13 +241,11 @@ class RemoteTier:
                 meta = marker.files[name]
                 _copy(source, info.path / name, dest, target / name, meta.size, meta.crc32)
             self.hook("files", info.step)  # -> "upload:files": every file up, no marker
-            digests = {
-                name: {"size": f.size, **({"crc32": f.crc32} if f.crc32 else {})}
-                for name, f in marker.files.items()
-            }
+            if self._closing.is_set():
+                raise CheckpointError("the manager closed: upload abandoned before its marker")
             path, remote_marker = committer.finalize(
                 info.step, epoch=marker.epoch, metrics=marker.metrics, extra=marker.extra,
-                entries=marker.entries, digests=digests, world_size=marker.world_size,
+                entries=marker.entries, digests=_digests(marker), world_size=marker.world_size,
                 shards=marker.shards,
             )  # fmt: skip
         except BaseException:
@@ -188,6 +255,15 @@ class RemoteTier:
         catalog.add(uploaded)
         log.info("[step=%d] uploaded to %s", info.step, path)
         return uploaded
+
+    def _amend(self, job: _Amend) -> None:
+        catalog = self.remote.catalog
+        info = next((e for e in catalog.entries() if e.step == job.step), None)
+        if info is None:
+            log.warning("[step=%d] not in %s: metrics %s not recorded there", job.step,
+                        self.remote.root, dict(job.metrics))  # fmt: skip
+            return
+        catalog.amend(info, resolve.read_marker(info.path).amended(job.metrics, job.extra))
 
     # ------------------------------------------------------------------ views
 
@@ -205,6 +281,11 @@ class RemoteTier:
             if e.step not in local
         ]
         return sorted([*local.values(), *remote], key=lambda e: e.step)
+
+
+def _digests(marker: Marker) -> dict[str, dict[str, Any]]:
+    """The marker's files as the committer takes them (what the writers report)."""
+    return {name: f.to_json() for name, f in marker.files.items()}
 
 
 def candidates(

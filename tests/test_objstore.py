@@ -38,7 +38,7 @@ def objects(root: str) -> list[str]:
 # ----------------------------------------------------------------------------- locations
 
 
-def test_a_url_is_never_turned_into_a_local_directory(tmp_path, monkeypatch):
+def test_a_url_is_never_turned_into_a_local_directory(tmp_path, monkeypatch, mem):
     monkeypatch.chdir(tmp_path)
     loc = as_location("s3://bucket/exp/run1")
     assert isinstance(loc, URL) and str(loc) == "s3://bucket/exp/run1"
@@ -47,22 +47,31 @@ def test_a_url_is_never_turned_into_a_local_directory(tmp_path, monkeypatch):
     assert str(as_location("http://127.0.0.1:8000/x/model.pt")) == "http://127.0.0.1:8000/x/model.pt"
     assert as_location("file:///tmp/x") == Path("/tmp/x")
     assert as_location("relative/dir") == Path("relative/dir")
-    cfg = de.CheckpointConfig(root_dir="memory://ckpts/experiments", experiment_name="e",
+    cfg = de.CheckpointConfig(root_dir=f"{mem}/experiments", experiment_name="e",
                               async_mode="thread")  # fmt: skip
     assert isinstance(cfg.root_path, URL)
     with de.CheckpointManager(cfg) as mgr:
         mgr.save(1, {"w": torch.ones(3)})
     assert not any(tmp_path.iterdir()), "a URL root wrote into a local directory"
-    assert objects("memory://ckpts/experiments/e")
+    assert "checkpoints/step_00000001/COMMITTED" in objects(f"{mem}/experiments/e")
+    with pytest.raises(de.ConfigError, match=r"did you mean s3://bucket/exp"):
+        de.CheckpointConfig(root_dir="s3:/bucket/exp")
 
 
-def test_a_protocol_without_its_package_is_refused_at_construction_naming_the_package():
+def test_a_protocol_without_its_package_is_refused_at_construction_naming_the_package(
+    monkeypatch,
+):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "gcsfs", None)  # not installed, whatever this machine has
     with pytest.raises(de.ConfigError, match=r"gcsfs"):
         de.CheckpointConfig(root_dir="gs://bucket/exp")
     with pytest.raises(de.ConfigError, match=r"no fsspec file system knows nosuch://"):
         de.CheckpointConfig(root_dir="nosuch://bucket/exp")
     with pytest.raises(de.ConfigError, match=r"read-only"):
         de.CheckpointConfig(root_dir="http://127.0.0.1:1/exp")
+    with pytest.raises(de.ConfigError, match=r"ftp:// is read-only here"):
+        de.CheckpointConfig(root_dir="ftp://127.0.0.1/exp")
     with pytest.raises(de.ConfigError, match=r"gcsfs"):
         de.CheckpointConfig(resume="gs://bucket/exp/checkpoints/step_00000001")
     with pytest.raises(de.CheckpointError, match=r"gcsfs"):
@@ -70,11 +79,12 @@ def test_a_protocol_without_its_package_is_refused_at_construction_naming_the_pa
 
 
 def test_storage_options_reach_the_file_system_and_are_not_written_to_config_yaml(mem):
-    cfg = de.CheckpointConfig(
-        root_dir=mem, experiment_name="e", storage_options={"secret_token": "s3cr3t"},
-        async_mode="thread",
-    )  # fmt: skip
-    assert cfg.root_path.options == {"secret_token": "s3cr3t"}  # type: ignore[union-attr]
+    options = {"secret_token": "s3cr3t", "client_kwargs": {"region_name": "x"}}  # nested
+    cfg = de.CheckpointConfig(root_dir=mem, experiment_name="e", storage_options=options,
+                              async_mode="thread")  # fmt: skip
+    assert cfg.root_path.options == options  # type: ignore[union-attr]
+    storage = FsspecStorage.of(cfg.root_path)  # type: ignore[arg-type]
+    assert storage.fs.storage_options["client_kwargs"] == {"region_name": "x"}
     with de.CheckpointManager(cfg) as mgr:
         mgr.save(1, {"w": torch.ones(3)})
     config_yaml = fsspec.filesystem("memory").cat(f"{mem}/e/config.yaml").decode()
@@ -125,6 +135,7 @@ def test_the_marker_object_is_written_last_and_is_the_commit(committer):
     phases = [p for p, _ in committer.seen]
     assert phases == ["marker", "committed"]
     at_marker = committer.seen[0][1]
+    assert committer.seen[1][1] == at_marker, "something was written after the marker"
     assert "step_00000005/COMMITTED" in at_marker and not any(".tmp" in k for k in at_marker)
     assert path == exp.step_dir(5)
     assert resolve.read_marker(path) == marker
@@ -345,6 +356,8 @@ def test_a_local_file_that_no_longer_matches_its_marker_is_not_uploaded(mem, tmp
                               async_mode="off", local_keep_last_n=5)  # fmt: skip
     with de.CheckpointManager(cfg, hook=flip) as mgr:
         handles = [mgr.save(s, {"w": torch.full((64,), float(s))}) for s in (1, 2, 3)]
+        with pytest.raises(de.CheckpointError, match=r"step=2.*the local copies are kept"):
+            mgr.wait_uploads(60)  # the failure is raised once, here (invariant 4)
         assert mgr.wait_uploads(60)
         assert handles[0].uploaded is not None and handles[0].uploaded.result().step == 1
         assert handles[1].uploaded is not None
@@ -354,3 +367,93 @@ def test_a_local_file_that_no_longer_matches_its_marker_is_not_uploaded(mem, tmp
         where = {c.step: c.tiers for c in mgr.checkpoints()}
     assert where == {1: ("local", "remote"), 2: ("local",), 3: ("local", "remote")}, where
     assert not any(k.startswith("step_00000002") for k in objects(f"{mem}/e/checkpoints"))
+
+
+def test_with_a_local_tier_late_metrics_reach_the_remote_best_and_retention(mem, tmp_path):
+    """Metrics given after the save (a validation that ends later) go into the remote
+    marker too: the remote ``best`` and ``keep_top_k`` rank by them."""
+    cfg = de.CheckpointConfig(root_dir=mem, local_dir=str(tmp_path / "l"), experiment_name="e",
+                              async_mode="thread", monitor="loss", keep_top_k=1)  # fmt: skip
+    with de.CheckpointManager(cfg) as mgr:
+        for step, loss in [(1, 0.5), (2, 3.0), (3, 4.0)]:
+            mgr.save(step, {"w": torch.ones(2) * step}).result()
+            mgr.update_metrics(step, {"loss": loss})
+        assert mgr.wait_uploads(60)
+    remote = {c.step: dict(c.metrics) for c in de.find_checkpoints(f"{mem}/e")}
+    assert remote[1] == {"loss": 0.5} and 2 not in remote, remote  # best kept, 2 retired
+    assert fsspec.filesystem("memory").cat(f"{mem}/e/checkpoints/best").decode() == "step_00000001"
+
+
+def test_with_a_local_tier_the_remote_checkpoint_resumed_from_is_kept(mem, tmp_path):
+    import shutil
+
+    local = tmp_path / "l"
+    cfg = de.CheckpointConfig(root_dir=mem, local_dir=str(local), experiment_name="e",
+                              async_mode="off", keep_last_n=1)  # fmt: skip
+    with de.CheckpointManager(cfg) as mgr:
+        for step in (1, 2, 3):
+            mgr.save(step, {"w": torch.ones(2) * step})
+        assert mgr.wait_uploads(60)
+    shutil.rmtree(local)  # a new node
+    with de.CheckpointManager(dataclass_replace(cfg, resume="latest")) as mgr:
+        app = {"w": torch.zeros(2)}
+        assert mgr.resume(app).step == 3  # type: ignore[union-attr]
+        mgr.save(4, app)
+        assert mgr.wait_uploads(60)
+    assert [c.step for c in de.find_checkpoints(f"{mem}/e")] == [4, 3]  # 3: resumed from
+
+
+def test_with_a_local_tier_a_corrupt_remote_checkpoint_is_quarantined_there(mem, tmp_path):
+    import shutil
+
+    local = tmp_path / "l"
+    cfg = de.CheckpointConfig(root_dir=mem, local_dir=str(local), experiment_name="e",
+                              async_mode="off")  # fmt: skip
+    with de.CheckpointManager(cfg) as mgr:
+        for step in (1, 2):
+            mgr.save(step, {"w": torch.ones(64) * step})
+        assert mgr.wait_uploads(60)
+    shutil.rmtree(local)
+    fs = fsspec.filesystem("memory")
+    shard = f"{mem}/e/checkpoints/step_00000002/__0_0.raw"
+    data = bytearray(fs.cat(shard))
+    data[-1] ^= 0xFF
+    fs.pipe_file(shard, bytes(data))
+    app = {"w": torch.zeros(64)}
+    with de.CheckpointManager(dataclass_replace(cfg, resume="latest")) as mgr:
+        assert mgr.resume(app).step == 1  # type: ignore[union-attr]
+    names = {k.split("/")[0] for k in objects(f"{mem}/e/checkpoints")}
+    assert "step_00000002.corrupt" in names and "step_00000002" not in names, names
+
+
+class FullStore(FsspecStorage):
+    """An object store that refuses the shard uploads of one save (a quota, a 5xx)."""
+
+    def __init__(self, protocol: str, step: int) -> None:
+        super().__init__(protocol)
+        self.step = step
+
+    def open_write(self, path, *, fsync=True):  # type: ignore[no-untyped-def]
+        if path.parent.name == layout.step_dirname(self.step) and path.name.startswith("__"):
+            import errno
+
+            raise OSError(errno.EDQUOT, "quota exceeded", str(path))
+        return super().open_write(path, fsync=fsync)
+
+
+def test_a_failed_upload_of_shards_on_an_object_store_fails_that_save_only(mem):
+    """Invariant 4 on an object store: the error names the cause and the step, nothing of
+    the step is left (no prefix without a marker), the previous checkpoint loads, and
+    the next save succeeds."""
+    cfg = de.CheckpointConfig(root_dir=mem, experiment_name="e", async_mode="thread")
+    with de.CheckpointManager(cfg, storage=FullStore("memory", step=2)) as mgr:
+        mgr.save(1, {"w": torch.ones(8)}).result()
+        with pytest.raises(de.CheckpointError, match=r"(?s)step 2.*quota exceeded"):
+            mgr.save(2, {"w": torch.ones(8) * 2}).result()
+        mgr.save(3, {"w": torch.ones(8) * 3}).result()
+        assert [c.step for c in mgr.checkpoints()] == [1, 3]
+    names = {k.split("/")[0] for k in objects(f"{mem}/e/checkpoints")}
+    assert names == {"latest", "step_00000001", "step_00000003"}, names
+    with pytest.raises(TypeError, match="cannot serve"):
+        de.CheckpointManager(de.CheckpointConfig(root_dir=mem, experiment_name="x"),
+                             storage=de.LocalStorage())  # fmt: skip
