@@ -126,7 +126,7 @@ class Lease:
             if storage.create_exclusive(path, me.to_bytes(), fsync=fsync):
                 return cls(path, me, storage, stale_after_s)
             try:
-                raw = storage.read_bytes(path)
+                raw, tag = storage.read_tagged(path)
                 seen = storage.version(path)
             except FileNotFoundError:
                 continue  # released meanwhile
@@ -144,8 +144,13 @@ class Lease:
                     f"experiment {path.parent} is held by {holder.describe()}; {hint} "
                     f"(lease file {path})"
                 )
-            storage.take_over(path, raw)
-            log.warning("took over the lease of %s: %s", path.parent, why)
+            swapped = storage.replace_if(path, me.to_bytes(), tag)  # one atomic step
+            if swapped:
+                log.warning("took over the lease of %s: %s", path.parent, why)
+                return cls(path, me, storage, stale_after_s)
+            if swapped is None:  # no conditional replace here: move aside, then create
+                storage.take_over(path, raw)
+                log.warning("took over the lease of %s: %s", path.parent, why)
         raise ExperimentLockedError(f"could not take the lease {path}: it keeps changing hands")
 
     @property
@@ -168,26 +173,33 @@ class Lease:
         self._lost = self._lost or "released"
         if threading.current_thread() is not self._thread:
             self._thread.join(5.0)
-        if self._holds():
+        if self._holds() is not None:
             self._storage.remove_file(self.path)
 
-    def _holds(self) -> bool:
+    def _holds(self) -> object | None:
+        """The tag of ``OWNER`` while it is ours (for a conditional heartbeat); None if
+        another job holds it or it is gone."""
         try:
-            holder = Holder.from_bytes(self._storage.read_bytes(self.path))
+            raw, tag = self._storage.read_tagged(self.path)
         except FileNotFoundError:
-            return False
-        return holder is not None and holder.token == self.holder.token
+            return None
+        holder = Holder.from_bytes(raw)
+        return tag if holder is not None and holder.token == self.holder.token else None
 
     def _heartbeat(self) -> None:
         beat, last_ok = 0, time.monotonic()
         while not self._stop.wait(self._stale_after_s / 4):
             try:
-                if not self._holds():
+                tag = self._holds()
+                beat += 1
+                # Conditional: a new holder's OWNER, written since the read, is never
+                # overwritten by this beat.
+                if tag is None or not self._storage.touch_if(
+                    self.path, self.holder.to_bytes(beat), tag
+                ):
                     self._lost = f"{self.path} was removed or taken over by another job"
                     log.error("lost the lease of %s: %s", self.path.parent, self._lost)
                     return
-                beat += 1
-                self._storage.touch(self.path, self.holder.to_bytes(beat))
                 last_ok = time.monotonic()
             except Exception as e:  # a hiccup of the storage: try again, for a while
                 log.warning("lease heartbeat on %s failed: %s", self.path, e)

@@ -221,6 +221,42 @@ class FsspecStorage(Storage):
     def write_alias(self, link: URL, target: str, *, fsync: bool = True) -> None:
         self.fs.pipe_file(self._writable(link), target.encode())
 
+    def read_tagged(self, path: URL) -> tuple[bytes, object]:
+        """S3: the content and its ETag, read between two HEADs that agree (a write
+        in between is seen, and the object read again)."""
+        if self.protocol not in ("s3", "s3a"):
+            return super().read_tagged(path)
+
+        def etag() -> str:
+            return str(self.fs.info(self._p(path), refresh=True).get("ETag", "")).strip('"')
+
+        for _ in range(8):
+            before = etag()
+            raw = self.read_bytes(path)
+            if etag() == before:
+                return raw, before
+        raise OSError(errno.EAGAIN, "keeps changing while read", str(path))
+
+    def replace_if(self, path: URL, data: bytes, tag: object) -> bool | None:
+        """S3: a conditional PUT (``If-Match``), atomic on the server. ``memory://``:
+        compare and store (one process). Others: None."""
+        if self.protocol == "memory":
+            if self.version(path) != tag:
+                return False
+            self.fs.pipe_file(self._writable(path), data)
+            return True
+        if self.protocol not in ("s3", "s3a"):
+            return None
+        try:
+            self.fs.pipe_file(self._writable(path), data, IfMatch=f'"{tag}"')
+        except FileNotFoundError:
+            return False
+        except OSError as e:
+            if "precondition" in str(e).lower().replace("-", ""):
+                return False
+            raise
+        return True
+
     def take_over(self, path: URL, stale: bytes) -> None:
         """Delete a dead holder's lease object if it still holds ``stale``. Between the
         read and the delete another contender may have won; the conditional create that
@@ -299,7 +335,7 @@ def _wrap_errors(cls: type[FsspecStorage]) -> type[FsspecStorage]:
     for name in ("exists", "is_dir", "is_file", "children", "read_bytes", "size", "version",
                  "open_read", "file_sizes", "read_alias", "write_atomic", "create_exclusive",
                  "mkdir", "publish", "remove_tree", "remove_file", "touch", "write_alias",
-                 "take_over"):  # fmt: skip
+                 "take_over", "read_tagged", "replace_if"):  # fmt: skip
         method = getattr(cls, name)
 
         def wrapped(self: Any, path: Any, *a: Any, __m: Any = method, **k: Any) -> Any:

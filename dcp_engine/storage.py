@@ -142,6 +142,26 @@ class Storage:
         """Remove the lease ``path`` if it still holds ``stale`` (its holder is gone)."""
         raise NotImplementedError
 
+    def read_tagged(self, path: Any) -> tuple[bytes, object]:
+        """The content of ``path`` and a tag that changes with every write of it."""
+        return self.read_bytes(path), self.version(path)
+
+    def replace_if(self, path: Any, data: bytes, tag: object) -> bool | None:
+        """Replace ``path`` by ``data`` only if it is still what ``tag`` was read from,
+        atomically; False if it changed. None: this storage cannot (``take_over`` then)."""
+        return None
+
+    def touch_if(self, path: Any, data: bytes, tag: object) -> bool:
+        """``touch`` unless ``path`` changed since ``tag`` was read (a heartbeat that must
+        not overwrite a new holder's lease); False then."""
+        done = self.replace_if(path, data, tag)
+        if done is not None:
+            return done
+        if self.version(path) != tag:
+            return False
+        self.touch(path, data)
+        return True
+
     @contextlib.contextmanager
     def open_write(self, path: Any, *, fsync: bool = True) -> Generator[IO[bytes], None, None]:
         """A new file; with ``fsync`` durable once the block exits without error."""

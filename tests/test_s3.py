@@ -297,3 +297,59 @@ def test_local_tier_killed_during_upload_resumes_locally_and_is_never_half_visib
     assert [c.step for c in remote] == [2, 1]
     with de.open_checkpoint(f"{root}/tiered") as ck:  # verified, from the bucket
         assert ck.info.step == 2 and ck.load_entries(["step"])["step"] == 2
+
+
+# ----------------------------------------------------------------------------- lease
+
+
+def test_the_lease_on_s3_is_taken_over_and_beaten_with_conditional_writes(s3):
+    """A dead holder's OWNER is replaced in one conditional PUT; a heartbeat never
+    overwrites an OWNER that changed since it was read; a holder whose OWNER was taken
+    sees it at its next beat and writes nothing more."""
+    import json
+    import subprocess as sp
+
+    from dcp_engine.objstore import FsspecStorage
+
+    root = as_location(f"{s3}/lease2")
+    storage = FsspecStorage.of(root)  # type: ignore[arg-type]
+    owner = root / "e" / "OWNER"
+    # The conditional write itself: a stale tag is refused, the object stays.
+    storage.write_atomic(root / "probe", b"one")
+    _, tag = storage.read_tagged(root / "probe")
+    storage.write_atomic(root / "probe", b"other")
+    assert storage.touch_if(root / "probe", b"mine", tag) is False
+    assert storage.read_bytes(root / "probe") == b"other"
+
+    dead = sp.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                  text=True, check=True)  # fmt: skip
+    import socket
+
+    storage.write_atomic(owner, json.dumps({
+        "host": socket.gethostname(), "pid": int(dead.stdout), "pid_started": 1.0,
+        "job_id": "gone", "started": 1.0, "token": "dead", "stale_after_s": 2.0,
+    }).encode())  # fmt: skip
+    cfg = de.CheckpointConfig(root_dir=f"{s3}/lease2", experiment_name="e", async_mode="off",
+                              lease_timeout_s=2.0)  # fmt: skip
+    mgr = de.CheckpointManager(cfg)
+    try:
+        mine = json.loads(storage.read_bytes(owner))
+        assert mine["token"] != "dead" and mine["pid"] == os.getpid()
+        mgr.save(1, {"w": torch.ones(2)})
+        # Another job takes the lease (as a take-over would): this one must notice.
+        storage.write_atomic(owner, json.dumps({**mine, "token": "thief"}).encode())
+        deadline, step = time.monotonic() + 30, 1
+        while time.monotonic() < deadline:
+            step += 1
+            try:
+                mgr.save(step, {"w": torch.ones(2)})
+            except de.ExperimentLockedError as e:
+                assert "taken over" in str(e)
+                break
+            time.sleep(0.2)
+        else:
+            raise AssertionError("the lost lease was never noticed")
+        assert json.loads(storage.read_bytes(owner))["token"] == "thief"  # not overwritten
+    finally:
+        with contextlib.suppress(de.CheckpointError):
+            mgr.close()
