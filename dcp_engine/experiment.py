@@ -153,6 +153,9 @@ def _new_default(config: CheckpointConfig, storage: Storage) -> str:
             storage.mkdir(config.root_path / name, exist_ok=False)
         except FileExistsError:
             continue
+        claim = config.root_path / name / layout.CLAIM_FILE
+        if not storage.renames and not storage.create_exclusive(claim, f"{when}\n".encode()):
+            continue  # another job claimed this name in the same second
         return name
     raise CheckpointError(f"no free experiment name under {config.root_path} for {name}")
 

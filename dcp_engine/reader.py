@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -32,7 +32,7 @@ from . import layout, resolve, state
 from .comm import quiet_dcp
 from .errors import CheckpointError, CheckpointNotFoundError, IntegrityError
 from .index import CheckpointInfo, Which
-from .location import Location
+from .location import Location, as_location, is_url
 from .marker import Marker
 from .native_reader import NativeReader
 from .storage import storage_of
@@ -196,14 +196,20 @@ class CheckpointReader:
 
 
 def open_checkpoint(
-    path: str | os.PathLike[str] | Location, which: Which = "latest", *, verify: bool = True
+    path: str | os.PathLike[str] | Location,
+    which: Which = "latest",
+    *,
+    verify: bool = True,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> CheckpointReader:
     """A committed checkpoint, read-only: ``path`` names a checkpoint directory, an
     alias (``.../checkpoints/best``), or an experiment, in which ``which`` picks one
     (``"latest"``, ``"best"`` by the experiment's monitor, or a step). With ``verify``
     every file is checked against its digest first: an experiment's ``latest``/``best``
-    go past a corrupt checkpoint (logged), a named one raises ``IntegrityError``."""
-    p = resolve.follow(path)
+    go past a corrupt checkpoint (logged), a named one raises ``IntegrityError``.
+    ``path`` may be a URL (``s3://...``, ``http(s)://...``); ``storage_options``: its file
+    system's options (default: its environment, e.g. ``AWS_*``)."""
+    p = resolve.follow(as_location(path, storage_options) if is_url(path) else path)
     exp = layout.ExperimentLayout(p)
     if storage_of(p).is_dir(exp.checkpoints_dir):
         found = resolve.candidates(exp, which, monitor=None, mode="min")

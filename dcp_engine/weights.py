@@ -22,7 +22,7 @@ from torch import nn
 from . import layout
 from .errors import CheckpointError, CheckpointNotFoundError, StateMismatchError
 from .export import flat_tensors
-from .location import Location, as_location
+from .location import Location, as_location, is_url
 from .reader import open_checkpoint
 from .storage import Storage, storage_of
 
@@ -51,11 +51,13 @@ def strip_wrappers(name: str) -> str:
 
 
 def read_state_dict(
-    source: str | os.PathLike[str] | Location, key: str | None = None
+    source: str | os.PathLike[str] | Location,
+    key: str | None = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> dict[str, torch.Tensor]:
     """The flat state dict (name -> tensor) a source holds: a local path or a URL
     (``s3://``, ``http(s)://``...) of a checkpoint, an alias, an experiment or a file."""
-    path = as_location(source)
+    path = as_location(source, storage_options if is_url(source) else None)
     storage = storage_of(path)
     if not storage.exists(path):
         raise CheckpointNotFoundError(f"{path} does not exist")
@@ -113,8 +115,11 @@ def load_weights(
     strict: bool | Literal["shape"] = True,
     backbone_only: bool = False,
     backbone_prefix: str = "backbone.",
+    storage_options: Mapping[str, Any] | None = None,
 ) -> LoadResult:
     """Load the weights of ``source`` into ``model``; the missing and unexpected keys.
+    ``source`` may be a URL (``s3://``, ``http(s)://``; ``storage_options`` for its file
+    system, default its environment).
 
     ``strict=True``: names (wrapper prefixes aside) and shapes must match exactly;
     ``False``: load what matches by name and shape, report the rest; ``"shape"``: match
@@ -123,7 +128,8 @@ def load_weights(
     different counts) refuses the whole load. ``backbone_only``: only the keys under
     ``backbone_prefix``, on both sides. The model is untouched when the load is refused.
     """
-    source_sd = {strip_wrappers(k): v for k, v in read_state_dict(source, key).items()}
+    found = read_state_dict(source, key, storage_options)
+    source_sd = {strip_wrappers(k): v for k, v in found.items()}
     target_sd = model.state_dict()
     names = {strip_wrappers(k): k for k in target_sd}  # stripped -> the model's own name
     if backbone_only:

@@ -235,8 +235,10 @@ def test_load_weights_and_stock_dcp_through_the_storage_reader_on_a_url(mem):
     with de.CheckpointManager(cfg) as mgr:
         info = mgr.save(1, {"model": model}).result()
     other = torch.nn.Linear(4, 3)
-    de.load_weights(other, str(info.path))
+    de.load_weights(other, str(info.path), storage_options={"skip_instance_cache": True})
     assert torch.equal(other.weight, model.weight)
+    with de.open_checkpoint(str(info.path), storage_options={"skip_instance_cache": True}) as ck:
+        assert ck.path.options == {"skip_instance_cache": True}  # type: ignore[union-attr]
     import torch.distributed.checkpoint as dcp
 
     target = {"model.weight": torch.zeros(3, 4)}
@@ -457,3 +459,12 @@ def test_a_failed_upload_of_shards_on_an_object_store_fails_that_save_only(mem):
     with pytest.raises(TypeError, match="cannot serve"):
         de.CheckpointManager(de.CheckpointConfig(root_dir=mem, experiment_name="x"),
                              storage=de.LocalStorage())  # fmt: skip
+
+
+def test_default_experiment_names_are_claimed_on_a_store_without_directories(mem):
+    cfg = de.CheckpointConfig(root_dir=mem, async_mode="off", model_name="vit", dataset_name="in")
+    with de.CheckpointManager(cfg) as a, de.CheckpointManager(cfg) as b:
+        assert a.experiment_dir != b.experiment_dir  # the same second: -2
+        for mgr in (a, b):
+            claim = f"{mgr.experiment_dir}/CREATED"
+            assert fsspec.filesystem("memory").exists(claim), claim
