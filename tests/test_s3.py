@@ -185,6 +185,10 @@ def test_retention_and_the_cli_on_an_s3_experiment(s3, s3_endpoint, tmp_path):
     # Reads never write (invariant 8): ls, verify, export, inspect, open_checkpoint.
     assert keys(s3_endpoint, bucket_of(s3), "cli/") == before
 
+    avg = cli("average", exp, f"{s3}/exports/avg.pt", "--top-k", "2", "--key", "model")
+    assert avg.returncode == 0 and "steps [2, 4]" in avg.stdout, avg.stdout + avg.stderr
+    assert "exports/avg.pt" in keys(s3_endpoint, bucket_of(s3), "exports/")
+
     gc = cli("gc", exp, "--keep-last-n", "1")
     assert gc.returncode == 0, gc.stderr
     # The best (step 2) is protected by its alias; nothing else is left to delete.
