@@ -135,6 +135,15 @@ def write(out: Path, name: str, result: dict[str, Any], lines: list[str]) -> Non
     print("\n".join(lines), flush=True)
 
 
+def save_figures(handle: Any) -> dict[str, Any]:
+    """The engine's own figures of a save (its ``SaveStats``), once it has them."""
+    stats = None if handle is None else handle.stats
+    if stats is None:
+        return {}
+    keys = ("blocked_s", "write_s", "commit_s", "total_s", "bytes")
+    return {k: getattr(stats, k, None) for k in keys}
+
+
 def fmt(x: float | None, digits: int = 2) -> str:
     """A table cell: ``-`` for a missing or non-finite value."""
     if x is None or x != x or x in (float("inf"), float("-inf")):

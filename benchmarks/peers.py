@@ -20,6 +20,7 @@ import torch.distributed.checkpoint as dcp
 
 import dcp_engine as de
 
+from .measure import save_figures
 from .states import State
 
 # ----------------------------------------------------------------------------- methods
@@ -246,11 +247,7 @@ class Engine(Method):
         self.mgr.wait()
 
     def info(self) -> dict[str, Any]:
-        stats = None if self.handle is None else self.handle.stats
-        if stats is None:
-            return {}
-        keys = ("blocked_s", "write_s", "commit_s", "total_s", "bytes")
-        return {k: getattr(stats, k, None) for k in keys}
+        return save_figures(self.handle)
 
     def close(self) -> None:
         self.mgr.close()

@@ -55,7 +55,7 @@ import dcp_engine as de
 from tests.servers import free_port, make_bucket, moto_s3, s3_env
 
 from . import plots
-from .measure import MiB, describe, fmt, machine, median, slowest, summed
+from .measure import MiB, describe, fmt, machine, median, save_figures, slowest, summed
 from .measure import write as write_result
 from .states import State, build
 
@@ -173,11 +173,7 @@ class Engine(Save):
         super().cleanup()
 
     def info(self) -> dict[str, Any]:
-        stats = None if self.handle is None else self.handle.stats
-        if stats is None:
-            return {}
-        keys = ("blocked_s", "write_s", "commit_s", "total_s", "bytes")
-        return {k: getattr(stats, k, None) for k in keys}
+        return save_figures(self.handle)
 
     def close(self) -> None:
         self.mgr.close()

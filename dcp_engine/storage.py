@@ -20,6 +20,7 @@ the first save, so it must be picklable.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import errno
 import os
@@ -46,7 +47,7 @@ class Child(NamedTuple):
     kind: Literal["dir", "file", "link"]
 
 
-class Storage:
+class Storage(abc.ABC):
     """What the engine needs of a storage. Paths are ``Location``s of this storage."""
 
     renames: bool = True
@@ -57,33 +58,33 @@ class Storage:
     """True: each process sees its own (fsspec's ``memory://``): no writer process."""
 
     # ---------------------------------------------------------------- reading
-    def exists(self, path: Any) -> bool:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def exists(self, path: Any) -> bool: ...
 
-    def is_dir(self, path: Any) -> bool:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def is_dir(self, path: Any) -> bool: ...
 
-    def is_file(self, path: Any) -> bool:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def is_file(self, path: Any) -> bool: ...
 
+    @abc.abstractmethod
     def children(self, directory: Any) -> list[Child]:
         """The entries of ``directory`` sorted by name; [] if it does not exist."""
-        raise NotImplementedError
 
-    def read_bytes(self, path: Any) -> bytes:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def read_bytes(self, path: Any) -> bytes: ...
 
-    def size(self, path: Any) -> int:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def size(self, path: Any) -> int: ...
 
+    @abc.abstractmethod
     def version(self, path: Any) -> object:
         """Something that changes whenever ``path`` is written or touched (a lease's
         heartbeat). ``FileNotFoundError`` if it does not exist."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def open_read(self, path: Any) -> IO[bytes]:
         """A binary file for ``seek``/``read``/``readinto`` (ranged reads)."""
-        raise NotImplementedError
 
     def digest(self, path: Any) -> str:
         """The CRC-32 of every byte of ``path`` (one streaming pass)."""
@@ -93,54 +94,54 @@ class Storage:
                 crc = zlib.crc32(chunk, crc)
         return f"{crc & 0xFFFFFFFF:08x}"
 
+    @abc.abstractmethod
     def file_sizes(self, directory: Any, *, exclude: str) -> dict[str, int]:
         """Sizes of the files under ``directory`` (relative POSIX paths)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def read_alias(self, link: Any) -> str | None:
         """The checkpoint name an alias (``latest``, ``best``) points at, or None."""
-        raise NotImplementedError
 
     def resolve(self, path: Any) -> Location:
         return path
 
     # ---------------------------------------------------------------- writing
-    def free_bytes(self, path: Any) -> int:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def free_bytes(self, path: Any) -> int: ...
 
+    @abc.abstractmethod
     def write_atomic(self, path: Any, data: bytes, *, fsync: bool = True) -> None:
         """Readers see the old content of ``path`` or the new, never a mix."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def create_exclusive(self, path: Any, data: bytes, *, fsync: bool = True) -> bool:
         """Create ``path`` holding ``data`` only if nothing has that name; False if taken."""
-        raise NotImplementedError
 
-    def mkdir(self, path: Any, *, exist_ok: bool = True) -> None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def mkdir(self, path: Any, *, exist_ok: bool = True) -> None: ...
 
+    @abc.abstractmethod
     def publish(self, src: Any, dst: Any, *, fsync: bool = True) -> None:
         """Move ``src`` to ``dst``, never replacing an existing ``dst``."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def remove_tree(self, path: Any) -> None:
         """Remove a directory of ours and everything in it (gone already: fine)."""
-        raise NotImplementedError
 
-    def remove_file(self, path: Any) -> None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def remove_file(self, path: Any) -> None: ...
 
+    @abc.abstractmethod
     def touch(self, path: Any, data: bytes) -> None:
         """Change ``version(path)`` (a lease heartbeat); ``data`` is its content."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def write_alias(self, link: Any, target: str, *, fsync: bool = True) -> None:
         """Point ``link`` at the checkpoint named ``target``, atomically."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def take_over(self, path: Any, stale: bytes) -> None:
         """Remove the lease ``path`` if it still holds ``stale`` (its holder is gone)."""
-        raise NotImplementedError
 
     def read_tagged(self, path: Any) -> tuple[bytes, object]:
         """The content of ``path`` and a tag that changes with every write of it."""
@@ -162,18 +163,18 @@ class Storage:
         self.touch(path, data)
         return True
 
-    @contextlib.contextmanager
-    def open_write(self, path: Any, *, fsync: bool = True) -> Generator[IO[bytes], None, None]:
+    @abc.abstractmethod
+    def open_write(
+        self, path: Any, *, fsync: bool = True
+    ) -> contextlib.AbstractContextManager[IO[bytes]]:
         """A new file; with ``fsync`` durable once the block exits without error."""
-        raise NotImplementedError
-        yield
 
-    @contextlib.contextmanager
-    def open_atomic(self, path: Any, *, fsync: bool = True) -> Generator[IO[bytes], None, None]:
+    @abc.abstractmethod
+    def open_atomic(
+        self, path: Any, *, fsync: bool = True
+    ) -> contextlib.AbstractContextManager[IO[bytes]]:
         """Replace ``path`` by what the block writes, atomically: readers see the old
         content or the new, and a block that raised leaves the old."""
-        raise NotImplementedError
-        yield
 
     def shard_filesystem(self, *, digests: bool = True, fsync: bool = True) -> HashingFileSystem:
         """The DCP file system a writer writes shards through: it sizes (and with
