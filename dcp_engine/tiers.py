@@ -11,7 +11,10 @@ lease, its index and its retention: the local one keeps the newest
 Invariants:
 
 - a local checkpoint is never deleted by local retention before its upload committed
-  (it is protected from being queued until then);
+  (it is held from being queued until then); one whose upload failed stays held until
+  a newer step is on the remote (whose timeline then forbids uploading it);
+- uploads run in commit order, one thread; metrics given after a save follow its
+  upload into the remote marker;
 - an upload copies every file the local marker lists, checking each against the
   marker's digest as it streams, and writes the remote marker last: a remote checkpoint
   is never half-visible, and a job killed mid-upload leaves a prefix without a marker,
