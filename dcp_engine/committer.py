@@ -35,7 +35,7 @@ from .lease import Lease
 from .location import Location
 from .marker import FileEntry, Marker
 from .storage import Storage
-from .writers import fmt_bytes
+from .units import fmt_bytes
 
 log = logging.getLogger(__name__)
 

@@ -23,16 +23,9 @@ from .location import Location, as_location
 from .native import METADATA_FILE, ShardSlice, to_dtype
 from .reader import CheckpointReader, open_checkpoint
 from .storage import Storage, storage_of
+from .units import DTYPE_NAMES
 
-DTYPES = {
-    "fp32": torch.float32,
-    "float32": torch.float32,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-    "half": torch.float16,
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-}
+DTYPES = {name: getattr(torch, dtype) for name, dtype in DTYPE_NAMES.items()}
 
 
 def cast_floats(tree: Any, dtype: torch.dtype | None) -> Any:

@@ -44,7 +44,8 @@ from .native import METADATA_FILE
 from .native_reader import DigestMismatch, NativeReader
 from .resolve import Candidate
 from .storage import storage_of
-from .writers import fmt_bytes, summary
+from .units import fmt_bytes
+from .writers import summary
 
 log = logging.getLogger(__name__)
 

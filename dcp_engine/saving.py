@@ -39,6 +39,7 @@ from .overlap import OptimizerHooks
 from .shards import BlobCache, LocalPlan, PlanCache, live_plan, rank_write, staged_plan
 from .staging import StagedState, StagingPool, WriteItems, mutated_by_optimizers_only
 from .storage import Storage
+from .units import fmt_bytes
 from .worker import Worker
 from .writers import (
     LocalWriter,
@@ -46,7 +47,6 @@ from .writers import (
     RankWritten,
     ShardWriter,
     WriteOptions,
-    fmt_bytes,
     summary,
 )
 

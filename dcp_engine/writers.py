@@ -42,6 +42,7 @@ from .errors import CheckpointError
 from .location import Location
 from .native import Entry, FileWritten, Place, to_dtype
 from .storage import Storage
+from .units import fmt_bytes
 
 log = logging.getLogger(__name__)
 
@@ -161,15 +162,6 @@ def root_cause(e: OSError, storage: Storage, job: RankWrite) -> OSError:
             free = -1
         text += f": needed {fmt_bytes(job.needed)}, free {fmt_bytes(free) if free >= 0 else '?'}"
     return OSError(e.errno, f"{text} (writing {job.directory})")
-
-
-def fmt_bytes(n: float) -> str:
-    """``512 B``, ``12.0 MiB``, ``1.5 TiB``: for messages, logs and the command line."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 def summary(e: BaseException) -> str:

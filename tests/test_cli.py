@@ -86,6 +86,24 @@ def test_the_entry_point_is_installed():
     assert proc.returncode == 0 and "verify" in proc.stdout
 
 
+def test_help_and_version_answer_without_importing_torch_and_name_every_argument():
+    code = ("import sys; from dcp_engine import cli; cli._parser(); "
+            "print('torch' in sys.modules)")  # fmt: skip
+    probe = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           timeout=60)  # fmt: skip
+    assert probe.stdout.strip() == "False", probe.stdout + probe.stderr
+    version = cli("--version")
+    assert version.returncode == 0 and version.stdout.startswith("dcp-engine ")
+    for command in ("ls", "inspect", "verify", "export", "gc", "average"):
+        helped = cli(command, "--help")
+        positional = helped.stdout.split("positional arguments:")[1].split("options:")[0]
+        lines = [ln for ln in positional.splitlines() if ln.strip()]
+        # every positional argument has its line of help, not its bare name
+        assert lines and all(len(ln.split()) > 1 or ln.startswith("    ") for ln in lines), (
+            command, positional,
+        )  # fmt: skip
+
+
 def test_ls_lists_steps_metrics_aliases_and_marks_torn_ones(exp):
     (exp / "checkpoints" / "step_00000009.tmp").mkdir()
     (exp / "checkpoints" / "step_00000008").mkdir()  # no marker
