@@ -14,6 +14,7 @@ export PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1
 if (cd / && "$PY" - "$HERE" <<'PYEOF'
 import os, sys, sysconfig
 import dcp_engine, pytest, xdist, hypothesis, ruff, s3fs, moto, flask, aiohttp  # noqa: F401
+import lightning, accelerate, torchdata, tqdm  # noqa: F401
 ours = os.path.realpath(dcp_engine.__file__).startswith(sys.argv[1] + os.sep)
 script = os.path.exists(os.path.join(sysconfig.get_path("scripts"), "dcp-engine"))
 sys.exit(0 if ours and script else 1)
@@ -41,4 +42,9 @@ elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; the
 else
   "$PY" -m pip install -q "torch==2.13.0"
 fi
-"$PY" -m pip install -q -e ".[test,dev]"
+# The test extra brings torch-dependent packages (lightning, accelerate, torchdata): the
+# constraint pins the torch now installed, so that pip never replaces it.
+CONSTRAINTS=$(mktemp)
+trap 'rm -f "$CONSTRAINTS"' EXIT
+"$PY" -c 'import torch; print(f"torch=={torch.__version__}")' >"$CONSTRAINTS"
+"$PY" -m pip install -q -c "$CONSTRAINTS" -e ".[test,dev]"
