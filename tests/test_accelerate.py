@@ -437,7 +437,14 @@ def _two_ranks(rank: int, world_size: int, project: str) -> dict[str, Any]:
     again.acc.checkpoint_manager.close()
     newest = Path(project) / "checkpoints" / "step_00000003"
     shards = sorted(p.name for p in newest.glob("__*"))
-    return {"kept": checkpoint_steps(Path(project)), "shards": shards, "progress": progress}
+    full = {k: v.full_tensor() for k, v in sharded2.state_dict().items()}
+    return {
+        "kept": checkpoint_steps(Path(project)),
+        "shards": shards,
+        "progress": progress,
+        "model": loaded["model"],
+        "sharded": full,
+    }
 
 
 @pytest.mark.slow
@@ -449,6 +456,18 @@ def test_two_gloo_ranks_save_every_shard_and_load_state_restores_each_rank_exact
     rank0_saved = out[0]["progress"][0]
     assert out[1]["progress"][0] != rank0_saved
     assert out[0]["progress"][1] == out[1]["progress"][1] == rank0_saved
+
+    # the same checkpoint in one process: the FSDP2 shards come back as whole tensors
+    one = accelerator(tmp_path / "run")
+    run = build(one)
+    plain = torch.nn.Sequential(torch.nn.Linear(8, 12), torch.nn.Linear(12, 4))
+    one.prepare(torch.optim.SGD(plain.parameters(), lr=0.1, momentum=0.9))
+    one.register_for_checkpointing(plain)
+    assert one.load_state().step == 3
+    assert_same(out[0]["model"], one.unwrap_model(run.model).state_dict())
+    assert_same(out[0]["sharded"], plain.state_dict())
+    assert run.progress.state_dict() == rank0_saved
+    one.end_training()
 
 
 @pytest.mark.slow
