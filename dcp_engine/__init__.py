@@ -18,7 +18,8 @@ if TYPE_CHECKING:
         TrainStart,
         loop_position,
     )
-    from .config import KEY_ALIASES, CheckpointConfig
+    from .config import CheckpointConfig
+    from .config_keys import KEY_ALIASES
     from .errors import (
         CheckpointError,
         CheckpointNotFoundError,
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
         StateMismatchError,
         TimelineError,
         UnknownKeyError,
+        UnsupportedKeyError,
     )
     from .index import CheckpointInfo
     from .manager import CheckpointManager
@@ -50,7 +52,7 @@ _WHERE = {
     "TrainStart": "callbacks",
     "loop_position": "callbacks",
     "CheckpointConfig": "config",
-    "KEY_ALIASES": "config",
+    "KEY_ALIASES": "config_keys",
     "CheckpointError": "errors",
     "CheckpointNotFoundError": "errors",
     "ConfigError": "errors",
@@ -60,6 +62,7 @@ _WHERE = {
     "StateMismatchError": "errors",
     "TimelineError": "errors",
     "UnknownKeyError": "errors",
+    "UnsupportedKeyError": "errors",
     "CheckpointInfo": "index",
     "CheckpointManager": "manager",
     "storage_reader": "native_reader",
@@ -113,6 +116,7 @@ __all__ = [
     "TimelineError",
     "TrainStart",
     "UnknownKeyError",
+    "UnsupportedKeyError",
     "__version__",
     "find_checkpoints",
     "load_weights",

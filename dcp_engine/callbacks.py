@@ -31,6 +31,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
 from . import retention
@@ -116,6 +117,9 @@ class CheckpointCallback:
             self._install_sigterm()
         if info is None:
             return TrainStart(0, 0)
+        if self.manager.branch_source is not None and self.config.initial_load_only is not None:
+            log.info("started from %s (%s only): step 0", info.path, self.config.initial_load_only)
+            return TrainStart(0, 0, info)  # a new training from those weights
         loop = info.extra.get(LOOP_KEY)
         if isinstance(loop, dict) and {"step", "epoch", "epoch_done"} <= set(loop):
             step, epoch, ended = int(loop["step"]), int(loop["epoch"]), bool(loop["epoch_done"])
@@ -210,10 +214,20 @@ class CheckpointCallback:
                 and step != self._saved_step
                 and self.should_save_now(TRAIN_END, step, self._epoch, {})
             ):
-                self._save(step, self._epoch, app_state, {}, ended=False, force=True)
+                final, dtype = self._final(app_state)
+                self._save(step, self._epoch, final, {}, ended=False, force=True, dtype=dtype)
             self.manager.wait()
         finally:
             self.close()
+
+    def _final(self, app_state: Mapping[str, Any]) -> tuple[Mapping[str, Any], torch.dtype | None]:
+        """What the final save writes: ``config.last_save_only`` of the state, in
+        ``config.export_dtype``; else all of it, as it is."""
+        cfg = self.config
+        if cfg.last_save_only is None:
+            return app_state, None
+        dtype = None if cfg.export_dtype is None else getattr(torch, cfg.export_dtype)
+        return {k: app_state[k] for k in cfg.last_save_only}, dtype
 
     def on_exception(self, app_state: Mapping[str, Any], exc: BaseException) -> None:
         """Flush what is in flight (its own error is logged, not raised over ``exc``) and
@@ -344,11 +358,12 @@ class CheckpointCallback:
         *,
         ended: bool,
         force: bool = False,
+        dtype: torch.dtype | None = None,
     ) -> bool:
         assert self.manager is not None
         extra = self._marker(step, epoch, ended)
         handle = self.manager.save(
-            step, app_state, epoch=epoch, metrics=metrics, force=force, extra=extra
+            step, app_state, epoch=epoch, metrics=metrics, force=force, extra=extra, dtype=dtype
         )
         self.last_save = handle
         if handle.skipped:

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import difflib
 import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from pathlib import Path
 from typing import Any
 
-from .errors import CheckpointError, ConfigError, UnknownKeyError
+from .errors import CheckpointError, ConfigError
 from .location import URL, Location, as_location, is_url
 from .retention import RetentionPolicy
 
@@ -18,6 +16,7 @@ ASYNC_MODES = ("off", "thread", "process")
 STAGING = ("sync", "overlap")
 WHEN_BUSY = ("wait", "skip")
 MODES = ("min", "max")
+EXPORT_DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -157,6 +156,37 @@ class CheckpointConfig:
     keep_every_n_epochs: int | None = None
     """Keep, for good, the newest checkpoint of every epoch that is a multiple of n."""
 
+    # ---------------------------------------------------------------- partial loads, export
+    # (torchtitan's load_step, exclude_from_loading, initial_load_model_only,
+    # last_save_model_only, export_dtype)
+
+    resume_step: int | None = None
+    """Resume from this step of the experiment instead of its newest (with ``resume``
+    ``"latest"``, or a branch once it has checkpoints of its own; a fresh branch has none:
+    ``CheckpointNotFoundError``, as for any step the experiment lacks). Saves still go only
+    above the experiment's newest step (``TimelineError``): to go on from an older step,
+    branch from it."""
+
+    exclude_from_loading: tuple[str, ...] = ()
+    """Keys of ``app_state`` that a resume leaves as they are (the checkpoint need not hold
+    them), e.g. ``("optimizer", "lr_scheduler")`` to restart those from scratch."""
+
+    initial_load_only: tuple[str, ...] | None = None
+    """A branch (``resume=<path>``) before its first checkpoint loads only these keys of
+    ``app_state`` from its source, e.g. ``("model",)``: a new training from those weights
+    (the callbacks count steps from 0; once the branch has checkpoints of its own, a
+    restart resumes from them whole). None: the whole state, from the source's position."""
+
+    last_save_only: tuple[str, ...] | None = None
+    """The callbacks' final save (``on_train_end``) writes only these keys of
+    ``app_state``, e.g. ``("model",)``: weights for ``load_weights`` and ``dcp-engine
+    export``, not a state to resume training from. None: the whole state. A final step
+    that a periodic trigger saved already stays as it is (never overwritten)."""
+
+    export_dtype: str | None = None
+    """With ``last_save_only``: the floating-point tensors of that final save are written
+    in this dtype (``"float32"``, ``"bfloat16"``, ``"float16"``); None: as they are."""
+
     def __post_init__(self) -> None:
         if isinstance(self.root_dir, os.PathLike):
             object.__setattr__(self, "root_dir", os.fspath(self.root_dir))
@@ -261,6 +291,39 @@ class CheckpointConfig:
                 raise ConfigError("save_best_only", True, needs)
             if self.resume == "best":
                 raise ConfigError("resume", "best", needs)
+        self._check_partial_loads()
+
+    def _check_partial_loads(self) -> None:
+        _check_count("resume_step", self.resume_step, low=0)
+        if self.resume_step is not None and self.resume in (None, "best"):
+            raise ConfigError("resume_step", self.resume_step, "resume='latest' or a path")
+        for name in ("exclude_from_loading", "initial_load_only", "last_save_only"):
+            keys = getattr(self, name)
+            if isinstance(keys, list):
+                object.__setattr__(self, name, keys := tuple(keys))
+            if not (keys is None and name != "exclude_from_loading") and (
+                not isinstance(keys, tuple)
+                or not all(isinstance(k, str) and k for k in keys)
+                or (keys == () and name != "exclude_from_loading")
+            ):
+                raise ConfigError(name, keys, "a list of app_state keys")
+        if self.export_dtype is not None and self.export_dtype not in EXPORT_DTYPES:
+            raise ConfigError("export_dtype", self.export_dtype, f"one of {EXPORT_DTYPES}")
+        if self.export_dtype is not None and self.last_save_only is None:
+            why = "a model-only final save beside it (last_save_only, e.g. ['model'])"
+            raise ConfigError("export_dtype", self.export_dtype, why)
+
+    def check_state_keys(self, app_state: Mapping[str, Any]) -> None:
+        """``ValueError`` naming a key of ``exclude_from_loading``, ``initial_load_only``
+        or ``last_save_only`` that ``app_state`` lacks (checked when training starts, not
+        at the final save)."""
+        for name in ("exclude_from_loading", "initial_load_only", "last_save_only"):
+            missing = [k for k in getattr(self, name) or () if k not in app_state]
+            if missing:
+                raise ValueError(
+                    f"CheckpointConfig.{name} names {missing}, which app_state does not "
+                    f"have (its keys: {sorted(app_state)})"
+                )
 
     @property
     def retention(self) -> RetentionPolicy:
@@ -277,59 +340,39 @@ class CheckpointConfig:
     # ---------------------------------------------------------------- from files
 
     @classmethod
-    def from_dict(cls, block: Mapping[str, Any], *, where: str = "checkpoint") -> CheckpointConfig:
-        """A config from a ``checkpoint:`` block in the style of the reference guides
-        (``dir``/``save_dir``/``ckpt_root_dir``, ``save_frequency``/``save_freq``,
-        ``save_latest``, ``resume: true``, ...) or from field names. An unknown key raises
-        ``UnknownKeyError`` naming it and the nearest known key; a bad value raises
-        ``ConfigError`` naming the key as written."""
-        if not isinstance(block, Mapping):
-            raise ConfigError("checkpoint", block, "a mapping of keys to values", where=where)
-        kwargs: dict[str, Any] = {}
-        written: dict[str, str] = {}  # field -> key as written
-        for key, value in block.items():
-            if not isinstance(key, str):
-                raise UnknownKeyError(repr(key), where, None)
-            field = KEY_ALIASES.get(key)
-            if field is None:
-                near = difflib.get_close_matches(key, sorted(KEY_ALIASES), n=1, cutoff=0.6)
-                raise UnknownKeyError(key, where, near[0] if near else None)
-            if field in written:
-                raise ConfigError(
-                    field, value, f"one of {written[field]!r} and {key!r}, not both",
-                    where=f"{where}.{key}",
-                )  # fmt: skip
-            written[field] = key
-            kwargs[field] = _from_file_value(field, value)
-        try:
-            return cls(**kwargs)
-        except ConfigError as e:
-            as_written = written.get(e.field)
-            if as_written is None:
-                raise
-            expected = str(e).split("expected ", 1)[-1]
-            raise ConfigError(
-                e.field, kwargs[e.field], expected, where=f"{where}.{as_written}"
-            ) from None
+    def from_dict(
+        cls,
+        block: Mapping[str, Any],
+        *,
+        where: str = "checkpoint",
+        base_folder: str | None = None,
+    ) -> CheckpointConfig:
+        """A config from a ``checkpoint:`` block: field names, the reference guides'
+        spellings (``dir``, ``save_frequency``, ``resume: true``...) or torchtitan's keys
+        (``docs/torchtitan.md``; its ``folder`` is relative to ``root_dir``, else to
+        ``base_folder``). ``UnknownKeyError`` names an unknown key (and ours, when it is
+        another framework's spelling or a near-miss typo); ``UnsupportedKeyError`` says
+        why a torchtitan key is not supported; ``ConfigError`` names a bad value's key."""
+        from .config_keys import from_dict
+
+        return from_dict(cls, block, where=where, base_folder=base_folder)
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike[str]) -> CheckpointConfig:
         """A config from a YAML file: its top-level ``checkpoint:`` block if it has one
         (the rest of a training config is ignored), else the whole file as the block."""
-        import yaml
+        from .config_keys import from_yaml
 
-        path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text())
-        except FileNotFoundError:
-            raise FileNotFoundError(f"config file {path} does not exist") from None
-        except yaml.YAMLError as e:
-            raise ConfigError("checkpoint", str(path), f"valid YAML ({e})", where=str(path)) from e
-        if data is None:
-            data = {}
-        if isinstance(data, Mapping) and "checkpoint" in data:
-            return cls.from_dict(data["checkpoint"] or {}, where=f"{path}: checkpoint")
-        return cls.from_dict(data, where=str(path))
+        return from_yaml(cls, path)
+
+    @classmethod
+    def from_toml(cls, path: str | os.PathLike[str]) -> CheckpointConfig:
+        """A config from a torchtitan job file (TOML): its ``[checkpoint]`` table with
+        torchtitan's defaults for the keys it leaves out (``config_keys.TORCHTITAN_DEFAULTS``),
+        ``folder`` relative to ``[job] dump_folder`` (default ``./torchtitan/outputs``)."""
+        from .config_keys import from_toml
+
+        return from_toml(cls, path)
 
     @property
     def root_path(self) -> Location:
@@ -343,7 +386,11 @@ class CheckpointConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """The fields, without ``storage_options`` (it may hold credentials)."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "storage_options"}
+        return {
+            f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v
+            for f in fields(self)
+            if f.name != "storage_options"
+        }
 
 
 def _check_location(field: str, value: str, *, writable: bool) -> None:
@@ -369,31 +416,6 @@ def _check_location(field: str, value: str, *, writable: bool) -> None:
 def _check_count(field: str, value: object, *, low: int) -> None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
         raise ConfigError(field, value, f"None or an int >= {low}")
-
-
-def _from_file_value(field: str, value: Any) -> Any:
-    """The spellings files use for a value: ``resume: true`` (SuperGradients) is latest,
-    ``resume: false`` fresh; ``async_mode: off``, which YAML reads as false, is "off"."""
-    if field == "resume" and isinstance(value, bool):
-        return "latest" if value else None
-    if field == "async_mode" and value is False:
-        return "off"  # YAML 1.1 reads `async_mode: off` as false
-    return value
-
-
-# Every key a ``checkpoint:`` block may hold -> the field it sets. Field names, plus the
-# spellings of the reference guides (experiment config, SuperGradients, Dream Trainer).
-KEY_ALIASES: dict[str, str] = {
-    **{f.name: f.name for f in fields(CheckpointConfig)},
-    "dir": "root_dir",
-    "save_dir": "root_dir",
-    "ckpt_root_dir": "root_dir",
-    "save_frequency": "save_every_n_epochs",
-    "save_freq": "save_every_n_epochs",
-    "save_latest": "save_last",
-    "resume_mode": "resume",
-    "resume_path": "resume",
-}
 
 
 def _check_name(field: str, value: object, *, allow_empty: bool) -> None:

@@ -36,9 +36,20 @@ class ConfigError(ValueError):
 class UnknownKeyError(ConfigError):
     """A config block has a key that is neither a field nor a known alias of one."""
 
-    def __init__(self, key: str, where: str, nearest: str | None) -> None:
-        hint = f"; did you mean {nearest!r}?" if nearest else ""
-        ValueError.__init__(self, f"unknown key {key!r} in {where}{hint}")
+    def __init__(
+        self, key: str, where: str, nearest: str | None, *, hint: str | None = None
+    ) -> None:
+        tail = f"; did you mean {nearest!r}?" if nearest else f"; {hint}" if hint else ""
+        ValueError.__init__(self, f"unknown key {key!r} in {where}{tail}")
+        self.field = key
+
+
+class UnsupportedKeyError(ConfigError):
+    """A config block has a key of another framework (torchtitan's ``load_only``...) that
+    the engine knows but does not support; the message says why and what to use."""
+
+    def __init__(self, key: str, value: object, where: str, why: str) -> None:
+        ValueError.__init__(self, f"{where}.{key}={value!r} is not supported: {why}")
         self.field = key
 
 

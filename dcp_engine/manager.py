@@ -140,6 +140,7 @@ class CheckpointManager:
         metrics: Mapping[str, Any] | None = None,
         force: bool = False,
         extra: Mapping[str, Any] | None = None,
+        dtype: torch.dtype | None = None,
     ) -> SaveHandle:
         """Write ``app_state`` as checkpoint ``step`` on every rank and commit it.
 
@@ -151,11 +152,13 @@ class CheckpointManager:
         ``wait()``). An error of the previous background save is raised here, on every
         rank. ``force=True``: never skipped (``when_busy="skip"`` waits instead).
         ``extra``: a small JSON-able dict kept in the marker (``CheckpointInfo.extra``),
-        rank 0's; the callbacks keep the loop position there.
+        rank 0's; the callbacks keep the loop position there. ``dtype``: floating-point
+        tensors are written in it (a weights export; loads into objects of another dtype
+        are refused, ``load_weights`` and ``export`` convert).
         """
         self._check_open()
         handle = self._saves.save(
-            step, app_state, epoch=epoch, metrics=metrics, extra=extra, force=force
+            step, app_state, epoch=epoch, metrics=metrics, extra=extra, force=force, dtype=dtype
         )
         remote = self._remote
         if remote is not None and not handle.skipped:
@@ -166,22 +169,50 @@ class CheckpointManager:
             )  # fmt: skip
         return handle
 
+    @property
+    def branch_source(self) -> str | None:
+        """The checkpoint this run branches from (``resume=<path>``) while its experiment
+        had no checkpoint of its own when the manager opened it; None otherwise."""
+        return self._exp.plan.source
+
     def resume(
-        self, app_state: dict[str, Any], *, optional: Collection[str] = ()
+        self, app_state: dict[str, Any], *, optional: Collection[str] = (), step: int | None = None
     ) -> CheckpointInfo | None:
         """Start the run as ``config.resume`` says: None on a fresh run (the staging is
         prepared), else the checkpoint loaded: ``"latest"``/``"best"`` of this experiment
         (none yet: a fresh start; only corrupt ones: ``IntegrityError``), or for a branch
-        its source, or, once the branch has checkpoints of its own, its own newest.
-        Collective."""
-        which = self.config.resume
-        if which is None:
+        its source (only ``config.initial_load_only`` of it, if set), or, once the branch
+        has checkpoints of its own, its own newest. ``step`` (default
+        ``config.resume_step``): that step of this experiment instead. The keys of
+        ``config.exclude_from_loading`` keep their values. Collective."""
+        cfg = self.config
+        cfg.check_state_keys(app_state)
+        if cfg.resume is None:
             self.prepare(app_state)
             return None
+        step = cfg.resume_step if step is None else step
         source = self._exp.plan.source
-        if source is None and which not in ("latest", "best"):
-            which = "latest"  # a restarted branch: its own newest
-        return self.load(app_state, source or which, optional=optional)
+        which: Which = cfg.resume if cfg.resume in ("latest", "best") else "latest"
+        keys = [k for k in app_state if k not in cfg.exclude_from_loading]
+        if step is not None:
+            which = step
+        elif source is not None:
+            which = source
+            if cfg.initial_load_only is not None:
+                keys = list(cfg.initial_load_only)
+        part = {k: app_state[k] for k in keys}
+        info = self.load(part, which, optional=optional)
+        app_state.update(part)  # plain values are replaced in the dict loaded into
+        rest = {k: v for k, v in app_state.items() if k not in part}
+        if info is not None and rest:
+            self.prepare(rest)
+        if self.rank == 0 and info is not None and step is not None:
+            newest = max(e.step for e in self.checkpoints())
+            if info.step < newest:
+                log.warning("resumed from step %d while step %d is committed in %s: saves up "
+                            "to step %d will be refused; to go on from step %d, branch from it",
+                            info.step, newest, self.experiment_dir, newest, info.step)  # fmt: skip
+        return info
 
     def load(
         self,

@@ -21,9 +21,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
-from . import state
+from . import state, trees
 from .agreement import Answer, verdict
 from .comm import Comm, wire_error
 from .committer import PhaseHook
@@ -139,6 +140,7 @@ class SavePipeline:
         metrics: Any,
         extra: Mapping[str, Any] | None,
         force: bool,
+        dtype: torch.dtype | None = None,
     ) -> SaveHandle:
         start = time.perf_counter()
         handle = SaveHandle(step)
@@ -155,7 +157,7 @@ class SavePipeline:
             if previous is not None:
                 raise CheckpointError(f"{what} refused: the previous save failed: {previous}")
             if not busy:  # this rank's buffers are free: stage now, agree once below
-                built = self._build(step, app_state, epoch, metrics, extra)
+                built = self._build(step, app_state, epoch, metrics, extra, dtype)
                 if self.rank == 0:
                     self._begin(step)
                     began = True
@@ -219,6 +221,7 @@ class SavePipeline:
         epoch: int | None,
         metrics: Any,
         extra: Mapping[str, Any] | None,
+        dtype: torch.dtype | None = None,
     ) -> _Built:
         """Arguments checked, the state dict built and (async) staged; gathered after, so
         that a bad argument or a failed copy on one rank fails every rank instead of
@@ -234,6 +237,8 @@ class SavePipeline:
             world_size=self.world_size,
             capture_rng=self.config.capture_rng,
         )
+        if dtype is not None:  # a weights export: the RNG blobs are not floating point
+            saved.state_dict = trees.cast(saved.state_dict, dtype)
         shape = {k: v for k, v in saved.entries.items() if k != state.RNG_KEY}
         coordinator = self.rank == 0
         if self.pool is None:

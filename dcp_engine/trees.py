@@ -45,6 +45,11 @@ def detached(tree: Any) -> Any:
     return _map(tree, lambda t: t.detach())
 
 
+def cast(tree: Any, dtype: torch.dtype) -> Any:
+    """``tree`` with its floating-point tensors in ``dtype`` (copies where it differs)."""
+    return _map(tree, lambda t: t.detach().to(dtype) if t.is_floating_point() else t)
+
+
 def empty_like(tree: Any) -> Any:
     """Fresh read targets in the shape of ``tree``."""
     return _map(tree, torch.empty_like)

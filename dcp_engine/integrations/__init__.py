@@ -1,1 +1,2 @@
-"""Adapters of dcp-engine to training frameworks (imported on demand, one module each)."""
+"""Adapters of dcp-engine to training frameworks: ``lightning``, ``accelerate``,
+``torchtitan``. One module each, imported on demand: the frameworks are optional extras."""
