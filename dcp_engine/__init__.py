@@ -18,7 +18,9 @@ if TYPE_CHECKING:
         TrainStart,
         loop_position,
     )
-    from .config import KEY_ALIASES, CheckpointConfig
+    from .config import CheckpointConfig, CheckpointParameters
+    from .config_keys import KEY_ALIASES
+    from .dino import load_checkpoint, save_checkpoint
     from .errors import (
         CheckpointError,
         CheckpointNotFoundError,
@@ -50,7 +52,8 @@ _WHERE = {
     "TrainStart": "callbacks",
     "loop_position": "callbacks",
     "CheckpointConfig": "config",
-    "KEY_ALIASES": "config",
+    "CheckpointParameters": "config",
+    "KEY_ALIASES": "config_keys",
     "CheckpointError": "errors",
     "CheckpointNotFoundError": "errors",
     "ConfigError": "errors",
@@ -60,6 +63,8 @@ _WHERE = {
     "StateMismatchError": "errors",
     "TimelineError": "errors",
     "UnknownKeyError": "errors",
+    "load_checkpoint": "dino",
+    "save_checkpoint": "dino",
     "CheckpointInfo": "index",
     "CheckpointManager": "manager",
     "storage_reader": "native_reader",
@@ -99,6 +104,7 @@ __all__ = [
     "CheckpointInfo",
     "CheckpointManager",
     "CheckpointNotFoundError",
+    "CheckpointParameters",
     "CheckpointReader",
     "ConfigError",
     "ExperimentLockedError",
@@ -115,9 +121,11 @@ __all__ = [
     "UnknownKeyError",
     "__version__",
     "find_checkpoints",
+    "load_checkpoint",
     "load_weights",
     "loop_position",
     "open_checkpoint",
+    "save_checkpoint",
     "storage_reader",
     "storage_writer",
 ]

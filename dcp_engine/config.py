@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import difflib
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
-from pathlib import Path
+from dataclasses import InitVar, dataclass, fields
 from typing import Any
 
-from .errors import CheckpointError, ConfigError, UnknownKeyError
+from .errors import CheckpointError, ConfigError
 from .location import URL, Location, as_location, is_url
 from .retention import RetentionPolicy
 
@@ -18,6 +16,7 @@ ASYNC_MODES = ("off", "thread", "process")
 STAGING = ("sync", "overlap")
 WHEN_BUSY = ("wait", "skip")
 MODES = ("min", "max")
+_UNSET: Any = object()  # resume_mode not given
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -157,7 +156,40 @@ class CheckpointConfig:
     keep_every_n_epochs: int | None = None
     """Keep, for good, the newest checkpoint of every epoch that is a multiple of n."""
 
-    def __post_init__(self) -> None:
+    # ---------------------------------------------------------------- SuperGradients
+
+    save_at_epochs: tuple[int, ...] = ()
+    """Save at the end of these epochs, counted from 1 (``10``: after ten epochs), and keep
+    those checkpoints for good (``save_ckpt_epoch_list``)."""
+
+    average_best_models: bool = False
+    """``on_train_end`` writes ``<experiment>/average_model.pth``: ``{key: mean state
+    dict}`` of every module over the (up to) 10 best checkpoints by ``monitor``."""
+
+    init_weights: str | None = None
+    """A file or checkpoint (path or URL) that ``on_train_start`` loads through
+    ``load_weights`` when the run starts fresh (SuperGradients' ``checkpoint_path``)."""
+
+    init_weights_strict: bool | str = True
+    """``load_weights``' ``strict`` for ``init_weights``: True, False or ``"shape"``
+    (SuperGradients' ``strict_load``: ``no_key_matching``)."""
+
+    init_weights_backbone_only: bool = False
+    """Load only the backbone of ``init_weights`` (SuperGradients' ``load_backbone``)."""
+
+    init_weights_into: str | None = None
+    """The ``app_state`` entry ``init_weights`` loads into; None: its only module."""
+
+    resume_mode: InitVar[Any] = _UNSET
+    """Dream Trainer's name for ``resume``; not kept as a field."""
+
+    def __post_init__(self, resume_mode: Any) -> None:
+        if resume_mode is not _UNSET:  # both given: they must agree
+            if self.resume not in (None, "", resume_mode):
+                raise ConfigError(
+                    "resume_mode", resume_mode, f"resume={self.resume!r} or no resume"
+                )
+            object.__setattr__(self, "resume", resume_mode)
         if isinstance(self.root_dir, os.PathLike):
             object.__setattr__(self, "root_dir", os.fspath(self.root_dir))
         if not isinstance(self.root_dir, str) or not self.root_dir:
@@ -260,7 +292,12 @@ class CheckpointConfig:
             if self.save_best_only:
                 raise ConfigError("save_best_only", True, needs)
             if self.resume == "best":
-                raise ConfigError("resume", "best", needs)
+                raise ConfigError(
+                    "resume_mode" if resume_mode is not _UNSET else "resume", "best", needs
+                )
+            if self.average_best_models:
+                raise ConfigError("average_best_models", True, needs)
+        self._check_guide_fields()
 
     @property
     def retention(self) -> RetentionPolicy:
@@ -272,64 +309,57 @@ class CheckpointConfig:
             keep_last_n=self.keep_last_n,
             keep_every_n_steps=self.keep_every_n_steps,
             keep_every_n_epochs=self.keep_every_n_epochs,
+            keep_epochs=frozenset(n - 1 for n in self.save_at_epochs),
         )
+
+    def _check_guide_fields(self) -> None:
+        """The SuperGradients fields: ``save_at_epochs``, ``average_best_models`` and the
+        initial weights."""
+        epochs = self.save_at_epochs
+        if isinstance(epochs, list):
+            object.__setattr__(self, "save_at_epochs", epochs := tuple(epochs))
+        if not isinstance(epochs, tuple) or any(
+            isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in epochs
+        ):
+            raise ConfigError("save_at_epochs", epochs, "a list of epoch numbers >= 1")
+        if isinstance(self.init_weights, os.PathLike):
+            object.__setattr__(self, "init_weights", os.fspath(self.init_weights))
+        if self.init_weights is not None:
+            if not isinstance(self.init_weights, str) or not self.init_weights:
+                raise ConfigError("init_weights", self.init_weights, "None or a path or URL")
+            _check_location("init_weights", self.init_weights, writable=False)
+        if not isinstance(self.init_weights_strict, bool) and self.init_weights_strict != "shape":
+            raise ConfigError("init_weights_strict", self.init_weights_strict,
+                              "True, False or 'shape'")  # fmt: skip
+        for name in ("average_best_models", "init_weights_backbone_only"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(name, getattr(self, name), "True or False")
+        into = self.init_weights_into
+        if into is not None and (not isinstance(into, str) or not into):
+            raise ConfigError("init_weights_into", into, "None or an app_state key")
 
     # ---------------------------------------------------------------- from files
 
     @classmethod
     def from_dict(cls, block: Mapping[str, Any], *, where: str = "checkpoint") -> CheckpointConfig:
-        """A config from a ``checkpoint:`` block in the style of the reference guides
+        """A config from a ``checkpoint:`` block in the keys of the reference guides
         (``dir``/``save_dir``/``ckpt_root_dir``, ``save_frequency``/``save_freq``,
-        ``save_latest``, ``resume: true``, ...) or from field names. An unknown key raises
+        ``metric_to_watch``, ``resume: true``, ...; ``docs/guides.md``) or of the fields.
+        A block only in the experiment-config guide's keys gets that guide's defaults
+        (``enabled: false``, ``save_frequency: 10``). An unknown key raises
         ``UnknownKeyError`` naming it and the nearest known key; a bad value raises
-        ``ConfigError`` naming the key as written."""
-        if not isinstance(block, Mapping):
-            raise ConfigError("checkpoint", block, "a mapping of keys to values", where=where)
-        kwargs: dict[str, Any] = {}
-        written: dict[str, str] = {}  # field -> key as written
-        for key, value in block.items():
-            if not isinstance(key, str):
-                raise UnknownKeyError(repr(key), where, None)
-            field = KEY_ALIASES.get(key)
-            if field is None:
-                near = difflib.get_close_matches(key, sorted(KEY_ALIASES), n=1, cutoff=0.6)
-                raise UnknownKeyError(key, where, near[0] if near else None)
-            if field in written:
-                raise ConfigError(
-                    field, value, f"one of {written[field]!r} and {key!r}, not both",
-                    where=f"{where}.{key}",
-                )  # fmt: skip
-            written[field] = key
-            kwargs[field] = _from_file_value(field, value)
-        try:
-            return cls(**kwargs)
-        except ConfigError as e:
-            as_written = written.get(e.field)
-            if as_written is None:
-                raise
-            expected = str(e).split("expected ", 1)[-1]
-            raise ConfigError(
-                e.field, kwargs[e.field], expected, where=f"{where}.{as_written}"
-            ) from None
+        ``ConfigError`` naming the key as written (``config_keys.py``)."""
+        from .config_keys import config_from_block
+
+        return config_from_block(block, where)
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike[str]) -> CheckpointConfig:
         """A config from a YAML file: its top-level ``checkpoint:`` block if it has one
         (the rest of a training config is ignored), else the whole file as the block."""
-        import yaml
+        from .config_keys import config_from_yaml
 
-        path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text())
-        except FileNotFoundError:
-            raise FileNotFoundError(f"config file {path} does not exist") from None
-        except yaml.YAMLError as e:
-            raise ConfigError("checkpoint", str(path), f"valid YAML ({e})", where=str(path)) from e
-        if data is None:
-            data = {}
-        if isinstance(data, Mapping) and "checkpoint" in data:
-            return cls.from_dict(data["checkpoint"] or {}, where=f"{path}: checkpoint")
-        return cls.from_dict(data, where=str(path))
+        return config_from_yaml(path)
 
     @property
     def root_path(self) -> Location:
@@ -342,8 +372,12 @@ class CheckpointConfig:
         return as_location(value, self.storage_options if is_url(value) else None)
 
     def to_dict(self) -> dict[str, Any]:
-        """The fields, without ``storage_options`` (it may hold credentials)."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "storage_options"}
+        """The fields, without ``storage_options`` (it may hold credentials); YAML-safe."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "storage_options"}
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+
+
+CheckpointParameters = CheckpointConfig  # Dream Trainer's name for it (its guide's calls run)
 
 
 def _check_location(field: str, value: str, *, writable: bool) -> None:
@@ -369,31 +403,6 @@ def _check_location(field: str, value: str, *, writable: bool) -> None:
 def _check_count(field: str, value: object, *, low: int) -> None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
         raise ConfigError(field, value, f"None or an int >= {low}")
-
-
-def _from_file_value(field: str, value: Any) -> Any:
-    """The spellings files use for a value: ``resume: true`` (SuperGradients) is latest,
-    ``resume: false`` fresh; ``async_mode: off``, which YAML reads as false, is "off"."""
-    if field == "resume" and isinstance(value, bool):
-        return "latest" if value else None
-    if field == "async_mode" and value is False:
-        return "off"  # YAML 1.1 reads `async_mode: off` as false
-    return value
-
-
-# Every key a ``checkpoint:`` block may hold -> the field it sets. Field names, plus the
-# spellings of the reference guides (experiment config, SuperGradients, Dream Trainer).
-KEY_ALIASES: dict[str, str] = {
-    **{f.name: f.name for f in fields(CheckpointConfig)},
-    "dir": "root_dir",
-    "save_dir": "root_dir",
-    "ckpt_root_dir": "root_dir",
-    "save_frequency": "save_every_n_epochs",
-    "save_freq": "save_every_n_epochs",
-    "save_latest": "save_last",
-    "resume_mode": "resume",
-    "resume_path": "resume",
-}
 
 
 def _check_name(field: str, value: object, *, allow_empty: bool) -> None:

@@ -123,8 +123,8 @@ def test_experiment_config_guide_runs_as_written(tmp_path, monkeypatch):
     first = de.CheckpointConfig.from_dict(
         {"enabled": True, "dir": "./experiments", "experiment_name": "my_experiment",
          "save_frequency": 5, "save_best": True, "monitor": "best_acc", "mode": "max",
-         **quiet()}  # fmt: skip
-    )
+         **quiet()}
+    )  # fmt: skip
     app = make_app(0)
     run_loop(de.CheckpointCallback(first), app, epochs=10, per_epoch=2,
              val=[0.1 * e for e in range(10)], key="best_acc")  # fmt: skip
@@ -198,7 +198,7 @@ def test_dino_guide_runs_as_written(tmp_path, monkeypatch):
     assert (start_epoch, iteration) == (51, 10000)
     assert checkpoint["config"] == config and checkpoint["metrics"] == {"loss": 2.5}
     assert checkpoint["timestamp"].startswith("20")
-    assert same(a["teacher"], b["teacher"]) and torch.equal(b["loss_fn"].center, a["loss_fn"].center)
+    assert same(a["teacher"], b["teacher"]) and same(a["loss_fn"], b["loss_fn"])
     older = load_checkpoint("checkpoints/checkpoint_epoch_0040.pth", student=b["student"])
     assert (older["epoch"], older["iteration"]) == (40, 8000)
     # python scripts/train.py --resume checkpoints/checkpoint_epoch_0050.pth
@@ -242,7 +242,7 @@ def test_super_gradients_guide_runs_as_written(tmp_path):
         checkpoint_path: # checkpoint path that is located in super_gradients/checkpoints
         strict_load: True # key matching strictness for loading checkpoint's weights
         pretrained_weights: # a string describing the dataset of the pre-trained weights (for example, "imagenent").
-    """, "checkpoint_params.yaml")  # fmt: skip
+    """, "checkpoint_params.yaml")  # noqa: E501  # fmt: skip
     cfg = de.CheckpointConfig.from_yaml(defaults)
     assert cfg.init_weights is None and cfg.init_weights_strict is True
     assert cfg.init_weights_backbone_only is False
@@ -483,7 +483,7 @@ def test_checkpoint_config_takes_resume_mode_and_refuses_two_different_resumes()
     assert de.CheckpointConfig(resume_mode="latest").resume == "latest"
     assert de.CheckpointConfig(resume_mode=None).resume is None
     assert de.CheckpointConfig(resume="latest", resume_mode="latest").resume == "latest"
-    with pytest.raises(de.ConfigError, match="resume_mode.*resume"):
+    with pytest.raises(de.ConfigError, match=r"resume_mode.*resume"):
         de.CheckpointConfig(resume="latest", resume_mode="best", monitor="m")
     with pytest.raises(de.ConfigError, match=r"resume_mode='best'.*monitor"):
         de.CheckpointConfig(resume_mode="best")
@@ -755,20 +755,20 @@ def test_guide_file_names_in_the_cli_and_where_they_cannot_resolve(tmp_path, cap
     assert not resolve.follow(exp / "best.pt").name.startswith("step_")
     # A second experiment makes the root ambiguous; no monitor: no best; no such epoch.
     guide_experiment(tmp_path / "root", "other", monitor=None)
-    with pytest.raises(de.CheckpointNotFoundError, match="several experiments.*exp.*other"):
+    with pytest.raises(de.CheckpointNotFoundError, match=r"several experiments.*exp.*other"):
         resolve.follow(tmp_path / "root" / "checkpoint_latest.pth")
     with pytest.raises(de.CheckpointNotFoundError, match=r"no best.*monitor"):
         resolve.follow(tmp_path / "root" / "other" / "checkpoint_best.pth")
     with pytest.raises(de.CheckpointNotFoundError, match=r"epoch 7.*epochs 0, 1, 2"):
         resolve.follow(exp / "checkpoint_epoch_0007.pth")
-    with pytest.raises(de.CheckpointNotFoundError, match="nope.pth does not exist"):
+    with pytest.raises(de.CheckpointNotFoundError, match=r"nope\.pth does not exist"):
         resolve.follow(exp / "nope.pth")
     assert cli.main(["inspect", str(tmp_path / "root" / "ckpt_latest.pth")]) == 2
     assert "several experiments" in capsys.readouterr().err
 
 
 def test_save_best_without_a_monitor_warns_naming_monitor():
-    with pytest.warns(UserWarning, match=r"checkpoint\.save_best: true.*checkpoint\.monitor"):
+    with pytest.warns(UserWarning, match=r"checkpoint\.save_best: true.*monitor: <metric>"):
         de.CheckpointConfig.from_dict({"enabled": True, "save_best": True})
     with warnings.catch_warnings():
         warnings.simplefilter("error")
