@@ -158,12 +158,14 @@ def _implied(
 
 def _from_file_value(key: str, value: Any, where: str) -> Any:
     """The spellings files use for a value: ``resume: true`` (SuperGradients) is latest,
-    ``resume: false`` fresh; ``async_mode: off``, which YAML reads as false, is "off";
-    SuperGradients' ``strict_load`` (``no_key_matching``) and
+    ``resume: false`` and ``resume_mode: None`` fresh; ``async_mode: off``, which YAML
+    reads as false, is "off"; SuperGradients' ``strict_load`` (``no_key_matching``) and
     ``greater_metric_to_watch_is_better``; a YAML list of epochs."""
     field = KEY_ALIASES[key]
     if field == "resume" and isinstance(value, bool):
         return "latest" if value else None
+    if field == "resume" and value in ("None", "none"):
+        return None  # Dream Trainer's `None`, which YAML reads as a string
     if field == "async_mode" and value is False:
         return "off"  # YAML 1.1 reads `async_mode: off` as false
     if key == "greater_metric_to_watch_is_better":

@@ -108,8 +108,8 @@ def _preferred(keys: list[str], ambiguous: str) -> str:
     log), else the first of the candidates in order, which must be the only one when
     ``ambiguous`` is the message to raise."""
     if EMA_KEY in keys:
-        log.info("loading the EMA weights (%s), as SuperGradients does; key='net' loads "
-                 "the raw ones", EMA_KEY)  # fmt: skip
+        log.info("loading the EMA weights (%s), as SuperGradients does; name another entry "
+                 "with key= for the raw ones", EMA_KEY)  # fmt: skip
         return EMA_KEY
     if ambiguous and len(keys) != 1:
         raise CheckpointError(ambiguous)

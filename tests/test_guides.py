@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import torch
+import yaml
 from torch import nn
 
 import dcp_engine as de
@@ -489,6 +490,11 @@ def test_checkpoint_config_takes_resume_mode_and_refuses_two_different_resumes()
         de.CheckpointConfig(resume_mode="best")
     assert de.CheckpointParameters is de.CheckpointConfig
     assert "resume_mode" not in de.CheckpointConfig().to_dict()
+    # In a file: `resume_mode: None` (a string to YAML) and `null` start fresh.
+    for text in ("resume_mode: None\n", "resume_mode: null\n", "resume_mode: best\n"):
+        block = yaml.safe_load("root_dir: x\nmonitor: m\n" + text)
+        want = "best" if "best" in text else None
+        assert de.CheckpointConfig.from_dict(block).resume == want, text
 
 
 class KeywordRule(de.CheckpointCallback):
