@@ -18,8 +18,9 @@ if TYPE_CHECKING:
         TrainStart,
         loop_position,
     )
-    from .config import CheckpointConfig
+    from .config import CheckpointConfig, CheckpointParameters
     from .config_keys import KEY_ALIASES
+    from .dino import load_checkpoint, save_checkpoint
     from .errors import (
         CheckpointError,
         CheckpointNotFoundError,
@@ -52,6 +53,7 @@ _WHERE = {
     "TrainStart": "callbacks",
     "loop_position": "callbacks",
     "CheckpointConfig": "config",
+    "CheckpointParameters": "config",
     "KEY_ALIASES": "config_keys",
     "CheckpointError": "errors",
     "CheckpointNotFoundError": "errors",
@@ -63,6 +65,8 @@ _WHERE = {
     "TimelineError": "errors",
     "UnknownKeyError": "errors",
     "UnsupportedKeyError": "errors",
+    "load_checkpoint": "dino",
+    "save_checkpoint": "dino",
     "CheckpointInfo": "index",
     "CheckpointManager": "manager",
     "storage_reader": "native_reader",
@@ -102,6 +106,7 @@ __all__ = [
     "CheckpointInfo",
     "CheckpointManager",
     "CheckpointNotFoundError",
+    "CheckpointParameters",
     "CheckpointReader",
     "ConfigError",
     "ExperimentLockedError",
@@ -119,9 +124,11 @@ __all__ = [
     "UnsupportedKeyError",
     "__version__",
     "find_checkpoints",
+    "load_checkpoint",
     "load_weights",
     "loop_position",
     "open_checkpoint",
+    "save_checkpoint",
     "storage_reader",
     "storage_writer",
 ]

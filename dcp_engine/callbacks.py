@@ -36,6 +36,7 @@ import torch.distributed as dist
 
 from . import retention
 from .config import CheckpointConfig
+from .guide_calls import GuideCalls
 from .index import CheckpointInfo
 from .manager import CheckpointManager
 from .marker import clean_metrics
@@ -58,14 +59,16 @@ class TrainStart:
     resumed_from: CheckpointInfo | None = None
 
 
-class CheckpointCallback:
+class CheckpointCallback(GuideCalls):
     """Saves on the schedule of ``config`` (``save_every_n_steps``/``_epochs``/``_seconds``,
     ``save_best_only``, ``save_on_train_end``) and resumes as ``config.resume`` says.
 
     The loop position (steps done, epoch, whether the epoch had ended) is kept in the
     checkpoint's marker (``CheckpointInfo.extra["trainer"]``, after Dream Trainer's
     ``trainer`` entry), so ``on_train_start`` can say where to go on. Subclasses may
-    override ``should_save``; rank 0's answer is then used on every rank. ``extra``: a
+    override ``should_save`` (with its arguments or, as Dream Trainer's guide does, none);
+    rank 0's answer is then used on every rank. ``save()`` saves now (``guide_calls.py``,
+    with SuperGradients' initial weights and train-end average). ``extra``: a
     JSON dict kept beside the position in every checkpoint's marker (DINO keeps its
     training config there, as its guide's checkpoints hold ``config``).
     """
@@ -106,12 +109,16 @@ class CheckpointCallback:
 
     def on_train_start(self, app_state: dict[str, Any]) -> TrainStart:
         """Open the experiment and resume (``config.resume``); where the loop starts."""
+        self._started, self._app_state, self._current_metric = True, app_state, None
         if not self.config.enabled:
+            log.info("checkpointing is off (enabled: false): nothing is saved or resumed")
             return TrainStart(0, 0)
         self.manager = CheckpointManager(
             self.config, self._group, run_config=self._run_config, storage=self._storage
         )
         info = self.manager.resume(app_state)
+        if info is None and self.config.init_weights is not None:
+            self._load_init_weights(app_state)  # a fresh run (a resumed one keeps its own)
         self._last_save = self._clock()
         if self.config.save_on_sigterm:
             self._install_sigterm()
@@ -201,6 +208,7 @@ class CheckpointCallback:
         """Metrics for the next save (and for ``save_best_only``)."""
         self._metrics.update(clean_metrics(metrics))
         self._validated = True
+        self._note_metric(self._metrics)
 
     def on_train_end(self, app_state: Mapping[str, Any], *, step: int | None = None) -> None:
         """Save the final state (``save_on_train_end``, unless that step is saved), then
@@ -217,6 +225,8 @@ class CheckpointCallback:
                 final, dtype = self._final(app_state)
                 self._save(step, self._epoch, final, {}, ended=False, force=True, dtype=dtype)
             self.manager.wait()
+            if self.config.average_best_models:
+                self._average()
         finally:
             self.close()
 
@@ -279,7 +289,7 @@ class CheckpointCallback:
         differ between ranks: a clock, a metric, an override)."""
         assert self.manager is not None
         cfg = self.config
-        ask = lambda: self.should_save(event=event, step=step, epoch=epoch, metrics=metrics)  # noqa: E731
+        ask = lambda: self._ask(event, step, epoch, metrics)  # noqa: E731
         what = f"should_save at step {step}"
         if type(self).should_save is not CheckpointCallback.should_save:
             return self.manager.decide(ask, what)
@@ -296,7 +306,10 @@ class CheckpointCallback:
     def _due(self, event: str, step: int, epoch: int) -> bool:
         cfg = self.config
         periodic = bool(
-            cfg.save_every_n_steps or cfg.save_every_n_epochs or cfg.save_every_n_seconds
+            cfg.save_every_n_steps
+            or cfg.save_every_n_epochs
+            or cfg.save_every_n_seconds
+            or cfg.save_at_epochs
         )
         if event == STEP:
             if cfg.save_every_n_steps and step > 0 and step % cfg.save_every_n_steps == 0:
@@ -308,6 +321,8 @@ class CheckpointCallback:
             return cfg.save_best_only and not periodic and self._validated
         if event == EPOCH:
             if cfg.save_every_n_epochs and (epoch + 1) % cfg.save_every_n_epochs == 0:
+                return True
+            if epoch + 1 in cfg.save_at_epochs:  # counted from 1, as SG's list
                 return True
             return cfg.save_best_only and not periodic
         return False
@@ -336,7 +351,9 @@ class CheckpointCallback:
     ) -> bool:
         if self.manager is None:
             return False
+        self._app_state = app_state
         merged = {**self._metrics, **clean_metrics(metrics)}
+        self._note_metric(merged)
         if step == self._saved_step:
             # Saved already at this step (a step trigger on the epoch's last step): the
             # metrics that came since (the validation) go to that checkpoint.

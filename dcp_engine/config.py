@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import InitVar, dataclass, fields
 from typing import Any
 
 from .errors import CheckpointError, ConfigError
@@ -17,6 +17,7 @@ STAGING = ("sync", "overlap")
 WHEN_BUSY = ("wait", "skip")
 MODES = ("min", "max")
 EXPORT_DTYPES = ("float32", "bfloat16", "float16")
+_UNSET: Any = object()  # resume_mode not given
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -187,7 +188,40 @@ class CheckpointConfig:
     """With ``last_save_only``: the floating-point tensors of that final save are written
     in this dtype (``"float32"``, ``"bfloat16"``, ``"float16"``); None: as they are."""
 
-    def __post_init__(self) -> None:
+    # ---------------------------------------------------------------- SuperGradients
+
+    save_at_epochs: tuple[int, ...] = ()
+    """Save at the end of these epochs, counted from 1 (``10``: after ten epochs), and keep
+    those checkpoints for good (``save_ckpt_epoch_list``)."""
+
+    average_best_models: bool = False
+    """``on_train_end`` writes ``<experiment>/average_model.pth``: ``{key: mean state
+    dict}`` of every module over the (up to) 10 best checkpoints by ``monitor``."""
+
+    init_weights: str | None = None
+    """A file or checkpoint (path or URL) that ``on_train_start`` loads through
+    ``load_weights`` when the run starts fresh (SuperGradients' ``checkpoint_path``)."""
+
+    init_weights_strict: bool | str = True
+    """``load_weights``' ``strict`` for ``init_weights``: True, False or ``"shape"``
+    (SuperGradients' ``strict_load``: ``no_key_matching``)."""
+
+    init_weights_backbone_only: bool = False
+    """Load only the backbone of ``init_weights`` (SuperGradients' ``load_backbone``)."""
+
+    init_weights_into: str | None = None
+    """The ``app_state`` entry ``init_weights`` loads into; None: its only module."""
+
+    resume_mode: InitVar[Any] = _UNSET
+    """Dream Trainer's name for ``resume``; not kept as a field."""
+
+    def __post_init__(self, resume_mode: Any) -> None:
+        if resume_mode is not _UNSET:  # both given: they must agree
+            if self.resume not in (None, "", resume_mode):
+                raise ConfigError(
+                    "resume_mode", resume_mode, f"resume={self.resume!r} or no resume"
+                )
+            object.__setattr__(self, "resume", resume_mode)
         if isinstance(self.root_dir, os.PathLike):
             object.__setattr__(self, "root_dir", os.fspath(self.root_dir))
         if not isinstance(self.root_dir, str) or not self.root_dir:
@@ -290,7 +324,12 @@ class CheckpointConfig:
             if self.save_best_only:
                 raise ConfigError("save_best_only", True, needs)
             if self.resume == "best":
-                raise ConfigError("resume", "best", needs)
+                raise ConfigError(
+                    "resume_mode" if resume_mode is not _UNSET else "resume", "best", needs
+                )
+            if self.average_best_models:
+                raise ConfigError("average_best_models", True, needs)
+        self._check_guide_fields()
         self._check_partial_loads()
 
     def _check_partial_loads(self) -> None:
@@ -335,7 +374,34 @@ class CheckpointConfig:
             keep_last_n=self.keep_last_n,
             keep_every_n_steps=self.keep_every_n_steps,
             keep_every_n_epochs=self.keep_every_n_epochs,
+            keep_epochs=frozenset(n - 1 for n in self.save_at_epochs),
         )
+
+    def _check_guide_fields(self) -> None:
+        """The SuperGradients fields: ``save_at_epochs``, ``average_best_models`` and the
+        initial weights."""
+        epochs = self.save_at_epochs
+        if isinstance(epochs, list):
+            object.__setattr__(self, "save_at_epochs", epochs := tuple(epochs))
+        if not isinstance(epochs, tuple) or any(
+            isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in epochs
+        ):
+            raise ConfigError("save_at_epochs", epochs, "a list of epoch numbers >= 1")
+        if isinstance(self.init_weights, os.PathLike):
+            object.__setattr__(self, "init_weights", os.fspath(self.init_weights))
+        if self.init_weights is not None:
+            if not isinstance(self.init_weights, str) or not self.init_weights:
+                raise ConfigError("init_weights", self.init_weights, "None or a path or URL")
+            _check_location("init_weights", self.init_weights, writable=False)
+        if not isinstance(self.init_weights_strict, bool) and self.init_weights_strict != "shape":
+            raise ConfigError("init_weights_strict", self.init_weights_strict,
+                              "True, False or 'shape'")  # fmt: skip
+        for name in ("average_best_models", "init_weights_backbone_only"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(name, getattr(self, name), "True or False")
+        into = self.init_weights_into
+        if into is not None and (not isinstance(into, str) or not into):
+            raise ConfigError("init_weights_into", into, "None or an app_state key")
 
     # ---------------------------------------------------------------- from files
 
@@ -391,6 +457,9 @@ class CheckpointConfig:
             for f in fields(self)
             if f.name != "storage_options"
         }
+
+
+CheckpointParameters = CheckpointConfig  # Dream Trainer's name for it (its guide's calls run)
 
 
 def _check_location(field: str, value: str, *, writable: bool) -> None:

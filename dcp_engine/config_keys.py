@@ -1,141 +1,77 @@
-"""Reading a ``checkpoint:`` block from a file into a ``CheckpointConfig``.
+"""A ``checkpoint:`` block of a file -> ``CheckpointConfig``.
 
 Every key a block may hold maps to the field it sets (``KEY_ALIASES``): the field names,
-the spellings of the reference guides, and torchtitan's ``[checkpoint]`` keys with their
-torchtitan meanings (``TORCHTITAN_VALUES`` turns their values into ours, ``_folder``
-and ``_implied`` add what a key means beyond its own field). A key of another framework
-that the engine knows but does not support raises ``UnsupportedKeyError`` saying why and
-what to use; any other key raises ``UnknownKeyError`` with a suggestion only when one is
-certain (another framework's spelling of one of ours, or a near-miss typo), never a guess.
+the spellings of the reference guides (experiment config, DINO, SuperGradients, Dream
+Trainer; ``docs/guides.md``) and torchtitan's keys with their torchtitan meanings
+(``config_torchtitan``; ``docs/torchtitan.md``). A block written only in the
+experiment-config guide's keys gets the defaults that guide documents. A key the engine
+knows but does not support raises ``UnsupportedKeyError`` saying why and what to use; any
+other key raises ``UnknownKeyError`` with a suggestion only when one is certain (another
+framework's spelling of one of ours, or a near-miss typo), never a guess. A bad value
+raises ``ConfigError`` naming the key as it was written.
 """
 
 from __future__ import annotations
 
 import importlib
 import os
-import posixpath
-from collections.abc import Callable, Mapping
-from dataclasses import MISSING, fields
+import sys
+import warnings
+from collections.abc import Mapping
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from . import config_torchtitan as titan
 from .config import CheckpointConfig
 from .errors import ConfigError, UnknownKeyError, UnsupportedKeyError
-from .location import is_url
 
-# Every key a ``checkpoint:`` block may hold -> the field it sets. Field names, plus the
-# spellings of the reference guides (experiment config, SuperGradients, Dream Trainer).
-KEY_ALIASES: dict[str, str] = {
-    **{f.name: f.name for f in fields(CheckpointConfig)},
+# The reference guides' spellings -> the field each sets.
+GUIDE_KEYS: dict[str, str] = {
+    # experiment config, DINO
     "dir": "root_dir",
     "save_dir": "root_dir",
-    "ckpt_root_dir": "root_dir",
     "save_frequency": "save_every_n_epochs",
     "save_freq": "save_every_n_epochs",
     "save_latest": "save_last",
+    # Dream Trainer
     "resume_mode": "resume",
+    # SuperGradients (training_params and checkpoint_params)
+    "ckpt_root_dir": "root_dir",
     "resume_path": "resume",
+    "run_id": "experiment_name",
+    "metric_to_watch": "monitor",
+    "greater_metric_to_watch_is_better": "mode",
+    "save_ckpt_epoch_list": "save_at_epochs",
+    "checkpoint_path": "init_weights",
+    "strict_load": "init_weights_strict",
+    "load_backbone": "init_weights_backbone_only",
 }
 
-# ---------------------------------------------------------------- torchtitan
-# torchtitan's [checkpoint] keys (0.1 to 0.3 spellings) -> the field each sets first.
-
-
-def _model_only(value: Any) -> Any:
-    """``*_model_only: true`` -> the ``model`` key alone (torchtitan's model state key)."""
-    if isinstance(value, bool):
-        return ("model",) if value else None
-    return value  # the field's check names the key
-
-
-def _key_list(value: Any) -> Any:
-    """A list of keys, or torchtitan's command-line form ``"optimizer,lr_scheduler"``."""
-    if isinstance(value, str):
-        return tuple(k.strip() for k in value.split(",") if k.strip())
-    return value
-
-
-TORCHTITAN_ASYNC = {"disabled": "off", "async": "thread", "async_with_pinned_mem": "process"}
-
-TORCHTITAN_KEYS: dict[str, str] = {
-    "enable": "enabled",
-    "enable_checkpoint": "enabled",
-    "folder": "experiment_name",  # and root_dir: see _folder
-    "interval": "save_every_n_steps",
-    "keep_latest_k": "keep_last_n",
-    "load_step": "resume_step",
-    "initial_load_path": "resume",  # a branch, used only while the experiment is empty
-    "initial_load_model_only": "initial_load_only",
-    "initial_load_model_weights_only": "initial_load_only",
-    "last_save_model_only": "last_save_only",
-    "last_save_model_weights_only": "last_save_only",
-    "model_weights_only": "last_save_only",
-}
-KEY_ALIASES.update(TORCHTITAN_KEYS)
-
-TORCHTITAN_VALUES: dict[str, Callable[[Any], Any]] = {
-    "keep_latest_k": lambda v: None if v == 0 and not isinstance(v, bool) else v,  # 0: all
-    "load_step": lambda v: None if v == -1 and not isinstance(v, bool) else v,  # -1: newest
-    "initial_load_path": lambda v: v.strip() or None if isinstance(v, str) else v,
-    "initial_load_model_only": _model_only,
-    "initial_load_model_weights_only": _model_only,
-    "last_save_model_only": _model_only,
-    "last_save_model_weights_only": _model_only,
-    "model_weights_only": _model_only,
-    "exclude_from_loading": _key_list,
+# Every key a ``checkpoint:`` block may hold -> the field it sets.
+KEY_ALIASES: dict[str, str] = {
+    **{f.name: f.name for f in fields(CheckpointConfig)},
+    **GUIDE_KEYS,
+    **titan.TORCHTITAN_KEYS,
 }
 
-TORCHTITAN_DEFAULTS: dict[str, Any] = {
-    "enable": False,
-    "folder": "checkpoint",
-    "interval": 500,
-    "keep_latest_k": 10,
-    "last_save_model_only": True,
-    "async_mode": "disabled",
-}
-"""torchtitan's defaults (0.3) for the keys it has an equivalent of; ``from_toml`` reads a
-torchtitan job file with them."""
-
-TORCHTITAN_DUMP_FOLDER = "./torchtitan/outputs"
-"""torchtitan's default ``job.dump_folder``."""
-
-_HF = (
-    "the engine writes and reads DCP checkpoints; export the final one with "
-    "`dcp-engine export --format safetensors`, and load Hugging Face weights into the "
-    "model yourself before the first save"
-)
-_ADAPTER = "dcp_engine.integrations.torchtitan.CheckpointManager honors it"
-
+# Keys with no counterpart here -> (values that ask for nothing, why and what instead). The
+# guides print some of them empty in their default blocks, torchtitan's job files as false.
 UNSUPPORTED: dict[str, tuple[tuple[Any, ...], str]] = {
-    "initial_load_in_hf": ((False,), f"torchtitan's Hugging Face load; {_HF}"),
-    "initial_load_in_hf_quantized": ((False,), f"torchtitan's Hugging Face load; {_HF}"),
-    "last_save_in_hf": ((False,), f"torchtitan's Hugging Face final save; {_HF}"),
-    "create_seed_checkpoint": (
-        (False,),
-        "torchtitan's seed-checkpoint run is its trainer's; save the initialised model "
-        "once yourself: CheckpointManager.save(0, {'model': model})",
+    "pretrained_weights": (
+        (None, ""),
+        "SuperGradients' model zoo is not part of dcp-engine; download the weights and "
+        "name the file with checkpoint_path",
     ),
-    "enable_first_step_checkpoint": (
-        (False,),
-        f"torchtitan's save after step 1 has no callback trigger here ({_ADAPTER}); call "
-        "manager.save(1, app_state) after the first step",
+    "resume_from_remote_sg_logger": (
+        (None, False),
+        "SuperGradients' logger storage is not read; resume from a remote root_dir "
+        "(s3://...) instead",
     ),
-    "load_only": (
-        (False,),
-        f"torchtitan's load-without-saving mode ({_ADAPTER}); here: save_every_n_steps: 0 "
-        "and save_on_train_end: false, or read with open_checkpoint",
-    ),
-    "enable_ft_dataloader_checkpoints": (
-        (),
-        "torchtitan's torchft fault tolerance is not supported; the dataloader is saved "
-        "with the rest of app_state (a StatefulDataLoader value)",
-    ),
+    **titan.UNSUPPORTED,
 }
-"""torchtitan keys the engine does not support -> (values that ask for nothing, why)."""
 
-# ---------------------------------------------------------------- other frameworks
 # Keys of other frameworks' checkpoint configs -> (framework, our key): named in the error.
-
 OTHER_SPELLINGS: dict[str, tuple[str, str]] = {
     "dirpath": ("Lightning's ModelCheckpoint", "root_dir"),
     "save_top_k": ("Lightning's ModelCheckpoint", "keep_top_k"),
@@ -158,6 +94,18 @@ OTHER_SPELLINGS: dict[str, tuple[str, str]] = {
     "out_dir": ("MMEngine's CheckpointHook", "root_dir"),
 }
 
+# A block written only in the experiment-config guide's keys gets that guide's defaults.
+EXPERIMENT_GUIDE_KEYS = frozenset(
+    {"enabled", "dir", "experiment_name", "save_frequency", "save_best", "resume"}
+)
+SCHEDULE_FIELDS = (
+    "save_every_n_steps",
+    "save_every_n_epochs",
+    "save_every_n_seconds",
+    "save_at_epochs",
+    "save_best_only",
+)
+
 
 # ---------------------------------------------------------------- reading
 
@@ -173,36 +121,54 @@ def from_dict(
     is relative to when the block has no ``root_dir`` (torchtitan's ``job.dump_folder``)."""
     if not isinstance(block, Mapping):
         raise ConfigError("checkpoint", block, "a mapping of keys to values", where=where)
-    kwargs: dict[str, Any] = {}
-    written: dict[str, str] = {}  # field -> key as written
+    given: dict[str, list[tuple[str, Any]]] = {}  # field -> [(key as written, value)]
     for key, value in block.items():
         if not isinstance(key, str):
             raise UnknownKeyError(repr(key), where, None)
         field = KEY_ALIASES.get(key)
         if field is None and _asks_for_nothing(key, value):
-            continue  # e.g. torchtitan's `last_save_in_hf = false`
+            continue  # e.g. torchtitan's `last_save_in_hf = false`, SG's `pretrained_weights:`
         if field is None:
             raise unknown_key(key, value, where)
-        if field in written:
+        if value is None and key != field:
+            continue  # an alias left empty (SuperGradients' `run_id:`) is not given
+        given.setdefault(field, []).append((key, _from_file_value(key, value, where)))
+    kwargs: dict[str, Any] = {}
+    written: dict[str, str] = {}  # field -> key as written
+    for field, spellings in given.items():
+        values = [(k, v) for k, v in spellings if v is not None] or spellings[:1]
+        if len(values) > 1:  # two spellings of one field, both set
+            (first, _), (second, _) = values[:2]
             raise ConfigError(
-                field, value, f"one of {written[field]!r} and {key!r}, not both",
-                where=f"{where}.{key}",
+                field, block[second], f"one of {first!r} and {second!r}, not both",
+                where=f"{where}.{second}",
             )  # fmt: skip
-        written[field] = key
-        convert = TORCHTITAN_VALUES.get(key)
-        kwargs[field] = convert(value) if convert else _from_file_value(field, value)
+        written[field], kwargs[field] = values[0]
     if written.get("experiment_name") == "folder":
-        _folder(kwargs, written, where, base_folder)
-    _implied(kwargs, written, where)
+        titan.apply_folder(kwargs, written, where, base_folder)
+    titan.implied(kwargs, written, where)
+    off_by_default = _guides_implied(block, kwargs, written, where)
     try:
-        return cls(**kwargs)
+        config = cls(**kwargs)
     except ConfigError as e:
         as_written = written.get(e.field)
         if as_written is None:
             raise
         expected = str(e).split("expected ", 1)[-1]
-        raise ConfigError(e.field, block.get(as_written, kwargs[e.field]), expected,
+        raise ConfigError(e.field, block.get(as_written, kwargs.get(e.field)), expected,
                           where=f"{where}.{as_written}") from None  # fmt: skip
+    if off_by_default:
+        _warn(
+            f"{where} has no enabled key: checkpointing is off (the default the "
+            "experiment-config guide documents for its block); add enabled: true to save"
+        )
+    if written.get("save_best") and config.save_best and config.monitor is None:
+        _warn(
+            f"{where}.{written['save_best']}: true keeps a best checkpoint (checkpoints/best, "
+            "checkpoint_best.pth) only with a metric to rank by: add monitor: <metric> (and "
+            "mode: min or max) to that block; without one no best is kept"
+        )
+    return config
 
 
 def from_yaml(cls: type[CheckpointConfig], path: str | os.PathLike[str]) -> CheckpointConfig:
@@ -241,7 +207,7 @@ def from_toml(cls: type[CheckpointConfig], path: str | os.PathLike[str]) -> Chec
         cls,
         with_torchtitan_defaults(table),
         where=f"{path}: checkpoint",
-        base_folder=str(job.get("dump_folder", TORCHTITAN_DUMP_FOLDER)),
+        base_folder=str(job.get("dump_folder", titan.TORCHTITAN_DUMP_FOLDER)),
     )
 
 
@@ -260,13 +226,20 @@ def with_torchtitan_defaults(block: Mapping[str, Any]) -> dict[str, Any]:
     sets (a block that says ``enabled`` gets no ``enable``)."""
     setting = {KEY_ALIASES.get(k) for k in block}
     out = dict(block)
-    for key, value in TORCHTITAN_DEFAULTS.items():
+    for key, value in titan.TORCHTITAN_DEFAULTS.items():
         if KEY_ALIASES[key] not in setting:
             out[key] = value
-    ours = [k for k in block if KEY_ALIASES.get(k) == "last_save_only" and k not in TORCHTITAN_KEYS]
+    ours = [
+        k
+        for k in block
+        if KEY_ALIASES.get(k) == "last_save_only" and k not in titan.TORCHTITAN_KEYS
+    ]
     if "export_dtype" not in setting and not ours:
-        out["export_dtype"] = "float32"  # _implied drops it without a model-only final save
+        out["export_dtype"] = "float32"  # implied() drops it without a model-only final save
     return out
+
+
+# ---------------------------------------------------------------- errors
 
 
 def unknown_key(key: str, value: Any, where: str) -> ConfigError:
@@ -321,88 +294,87 @@ def _edits(a: str, b: str) -> int:
     return rows[-1][-1]
 
 
-def _from_file_value(field: str, value: Any) -> Any:
-    """The spellings files use for a value: ``resume: true`` (SuperGradients) is latest,
-    ``resume: false`` fresh; ``async_mode: off``, which YAML reads as false, is "off";
-    torchtitan's ``async_mode`` values are ours (``disabled``: off, ``async``: a thread,
-    ``async_with_pinned_mem``: a writer process)."""
+def _warn(message: str) -> None:
+    """A ``UserWarning`` attributed to the first caller outside this package."""
+    here, level = os.path.dirname(os.path.abspath(__file__)), 2
+    frame = sys._getframe(1)
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(here):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, UserWarning, stacklevel=level)
+
+
+# ---------------------------------------------------------------- values and implications
+
+
+def _guides_implied(
+    block: Mapping[str, Any], kwargs: dict[str, Any], written: dict[str, str], where: str
+) -> bool:
+    """What a guide's key implies beyond its own field: SuperGradients' ``run_id`` resumes
+    that run and ``metric_to_watch`` is maximised unless told otherwise; a block in the
+    experiment-config guide's keys only gets that guide's defaults. True: that turned
+    checkpointing off (the block has no ``enabled``)."""
+    if written.get("experiment_name") == "run_id":
+        resume = kwargs.get("resume")
+        if resume is None:
+            kwargs["resume"] = "latest"
+        elif resume not in ("latest", "best"):
+            raise ConfigError(
+                "experiment_name", block["run_id"],
+                f"no {written['resume']} beside it (run_id resumes that run in place; "
+                f"{written['resume']} branches from a checkpoint into a new run)",
+                where=f"{where}.run_id",
+            )  # fmt: skip
+    if written.get("monitor") == "metric_to_watch" and "mode" not in kwargs:
+        kwargs["mode"] = "max"  # greater_metric_to_watch_is_better defaults to True in SG
+    if set(block) <= EXPERIMENT_GUIDE_KEYS:
+        if not any(f in kwargs for f in SCHEDULE_FIELDS):
+            kwargs["save_every_n_epochs"] = 10  # its save_frequency default
+        if "enabled" not in kwargs:
+            kwargs["enabled"] = False
+            return True
+    return False
+
+
+def _from_file_value(key: str, value: Any, where: str) -> Any:
+    """The spellings files use for a value: torchtitan's (``config_torchtitan``);
+    ``resume: true`` (SuperGradients) is latest, ``resume: false`` and ``resume_mode:
+    None`` fresh; ``async_mode: off``, which YAML reads as false, is "off", and
+    torchtitan's ``async_mode`` values are ours; SuperGradients' ``strict_load``
+    (``no_key_matching``) and ``greater_metric_to_watch_is_better``; a list of epochs."""
+    convert = titan.TORCHTITAN_VALUES.get(key)
+    if convert is not None:
+        return convert(value)
+    field = KEY_ALIASES[key]
     if field == "resume" and isinstance(value, bool):
         return "latest" if value else None
+    if field == "resume" and value in ("None", "none"):
+        return None  # Dream Trainer's `None`, which YAML reads as a string
     if field == "async_mode" and value is False:
         return "off"  # YAML 1.1 reads `async_mode: off` as false
     if field == "async_mode" and isinstance(value, str):
-        return TORCHTITAN_ASYNC.get(value.lower(), value)
+        return titan.TORCHTITAN_ASYNC.get(value.lower(), value)
+    if key == "greater_metric_to_watch_is_better":
+        if not isinstance(value, bool):
+            raise ConfigError("mode", value, "true or false", where=f"{where}.{key}")
+        return "max" if value else "min"
+    if key == "strict_load" and isinstance(value, str):
+        if value.lower().rpartition(".")[2] == "no_key_matching":  # StrictLoad.NO_KEY_MATCHING
+            return "shape"
+        if value != "shape":
+            raise ConfigError(
+                field, value, "True, False or no_key_matching", where=f"{where}.{key}"
+            )
+    if field == "save_at_epochs" and isinstance(value, list):
+        return tuple(value)
+    if field == "init_weights" and value == "":
+        return None
     return value
 
 
-def _folder(
-    kwargs: dict[str, Any], written: dict[str, str], where: str, base_folder: str | None
-) -> None:
-    """torchtitan's ``folder`` is the experiment directory, relative to the job's dump
-    folder (``root_dir``, else ``base_folder``) unless absolute or a URL: its parent
-    becomes ``root_dir`` and its last part ``experiment_name``."""
-    folder = kwargs["experiment_name"]
-    if not isinstance(folder, str) or folder.strip().rstrip("/") in ("", "."):
-        raise ConfigError("experiment_name", folder, "a directory", where=f"{where}.folder")
-    base = kwargs.get("root_dir", base_folder)
-    if base is None:
-        base = _default("root_dir")
-    folder = folder.strip()
-    if is_url(folder) or os.path.isabs(folder):
-        full = folder
-    elif is_url(str(base)):
-        full = f"{str(base).rstrip('/')}/{folder}"
-    else:
-        full = posixpath.join(os.fspath(base), folder)
-    if not is_url(full):
-        full = posixpath.normpath(full)
-    root, slash, name = full.rstrip("/").rpartition("/")
-    if not name or name in (".", ".."):
-        raise ConfigError("experiment_name", folder, "a directory", where=f"{where}.folder")
-    kwargs["root_dir"], kwargs["experiment_name"] = root or ("/" if slash else "."), name
-    written.setdefault("root_dir", "folder")
-
-
-def _implied(kwargs: dict[str, Any], written: dict[str, str], where: str) -> None:
-    """What torchtitan's keys mean beyond their own field."""
-    keys = set(written.values())
-    # folder, load_step, initial_load_path: a job resumes from its folder's newest (unless
-    # the block says resume itself).
-    fresh = kwargs.get("resume") is None and written.get("resume") in (None, "initial_load_path")
-    if fresh and keys & {"folder", "load_step", "initial_load_path"}:
-        kwargs["resume"] = "latest"
-    if written.get("resume") == "initial_load_path" and kwargs["resume"] != "latest":
-        if not kwargs.get("experiment_name"):
-            raise ConfigError(
-                "resume",
-                kwargs["resume"],
-                "a folder (or experiment_name) beside it: the initial load is used only "
-                "while that experiment has no checkpoint, and a new experiment every run "
-                "would start from it again",
-                where=f"{where}.initial_load_path",
-            )
-        if "initial_load_only" not in written:  # torchtitan's initial_load_model_only=True
-            kwargs["initial_load_only"] = ("model",)
-    elif written.get("initial_load_only") in TORCHTITAN_KEYS:
-        kwargs.pop("initial_load_only")  # no initial_load_path: no effect, as in torchtitan
-    # export_dtype applies only to a model-only final save; torchtitan ignores it otherwise.
-    only = written.get("last_save_only")
-    if only in TORCHTITAN_KEYS and kwargs.get("last_save_only") is None:
-        kwargs.pop("export_dtype", None)
-
-
-def _default(name: str) -> Any:
-    for f in fields(CheckpointConfig):
-        if f.name == name and f.default is not MISSING:
-            return f.default
-    raise KeyError(name)
-
-
 __all__ = [
+    "GUIDE_KEYS",
     "KEY_ALIASES",
     "OTHER_SPELLINGS",
-    "TORCHTITAN_DEFAULTS",
-    "TORCHTITAN_KEYS",
     "UNSUPPORTED",
     "from_dict",
     "from_toml",

@@ -186,6 +186,43 @@ def average(
     the experiment's ``config.yaml``), streamed tensor by tensor: memory stays near one
     copy of the result. Non-floating tensors (counters) are taken from the best one.
     Returns the file and the steps averaged."""
+    result, steps = average_tensors(experiment, top_k=top_k, key=key, monitor=monitor, mode=mode)
+    out = as_location(out)
+    write_file(out, lambda f: torch.save(result, f))
+    return out, steps
+
+
+def average_modules(
+    experiment: Location, out: Location, *, monitor: str, mode: str, top_k: int = 10
+) -> list[int]:
+    """SuperGradients' ``average_model``: ``{key: mean state dict}`` for every module entry
+    of the best checkpoint, over the ``top_k`` best, written to ``out``. The steps averaged."""
+    ranked = resolve.find_checkpoints(experiment, "best", monitor=monitor, metric_mode=mode)
+    if not ranked:
+        raise CheckpointError(f"{experiment} has no committed checkpoint to average")
+    with open_checkpoint(ranked[0].path) as best:
+        modules = [k for k in best.keys if best.kind(k) == "module"]
+    if not modules:
+        raise CheckpointError(f"{ranked[0].path} holds no module to average")
+    averaged: dict[str, dict[str, torch.Tensor]] = {}
+    steps: list[int] = []
+    for key in modules:
+        averaged[key], steps = average_tensors(
+            experiment, top_k=top_k, key=key, monitor=monitor, mode=mode
+        )
+    write_file(out, lambda f: torch.save(averaged, f))
+    return steps
+
+
+def average_tensors(
+    experiment: str | os.PathLike[str] | Location,
+    *,
+    top_k: int = 10,
+    key: str | None = None,
+    monitor: str | None = None,
+    mode: str | None = None,
+) -> tuple[dict[str, torch.Tensor], list[int]]:
+    """``average``'s tensors (flat names, under ``key`` relative to it) and steps."""
     if top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
     experiment = as_location(experiment)
@@ -221,6 +258,4 @@ def average(
         for c in ckpts[1:]:
             acc += c.load_tensor(fqn).to(torch.float64)
         result[name] = (acc / len(ckpts)).to(meta.properties.dtype)
-    out = as_location(out)
-    write_file(out, lambda f: torch.save(result, f))
-    return out, [c.step for c in chosen]
+    return result, [c.step for c in chosen]

@@ -43,6 +43,14 @@ class CheckpointInfo:
     tiers: tuple[str, ...] = field(default=(), compare=False)
     """With a local tier (``local_dir``): where the checkpoint is, ``("local",)``,
     ``("remote",)`` or both; empty without one."""
+    ranked_by: str | None = field(default=None, compare=False, repr=False)
+    """The monitor of the listing that returned it (``find_checkpoints``), for ``metric``."""
+
+    @property
+    def metric(self) -> float | None:
+        """The value of ``ranked_by`` in ``metrics`` (Dream Trainer's ``ckpt.metric``);
+        None without one."""
+        return None if self.ranked_by is None else self.metrics.get(self.ranked_by)
 
     @classmethod
     def from_marker(cls, path: Location, marker: Marker) -> CheckpointInfo:

@@ -41,6 +41,8 @@ DCP_METADATA_FILE = ".metadata"
 TMP_SUFFIX = ".tmp"
 CORRUPT_SUFFIX = ".corrupt"
 ALIASES = ("latest", "best")
+AVERAGE_FILE = "average_model.pth"
+"""In the experiment: the mean of the best checkpoints' modules (``average_best_models``)."""
 
 _STEP_DIGITS = 8
 _STEP_RE = re.compile(r"step_(\d{8,})")

@@ -17,13 +17,14 @@ Every directory under ``checkpoints/`` is one of:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from . import index, layout, retention
+from . import index, layout, retention, spellings
 from .digests import ALGORITHM
 from .errors import CheckpointError, CheckpointNotFoundError, IntegrityError, NotACheckpointError
 from .index import CheckpointInfo, Which
@@ -155,12 +156,14 @@ def check_files(checkpoint_dir: Location, marker: Marker, *, digests: bool = Fal
 
 def follow(path: str | os.PathLike[str] | Location) -> Location:
     """``path`` as a location, resolved, an alias (``.../checkpoints/latest``: a symlink
-    on disk, an object naming its checkpoint on an object store) followed;
-    ``CheckpointNotFoundError`` if nothing is there."""
+    on disk, an object naming its checkpoint on an object store) followed; a guide's file
+    name that is not a file here (``checkpoint_latest.pth``, ``ckpt_epoch_10.pth``:
+    ``spellings.py``) taken for what it names; ``CheckpointNotFoundError`` if nothing is
+    there."""
     p = as_location(path)
     storage = storage_of(p)
     if not storage.exists(p):
-        raise CheckpointNotFoundError(f"{p} does not exist")
+        p = _spelled(p)
     p = storage.resolve(p)
     if p.name in layout.ALIASES and not storage.is_dir(p):
         target = storage.read_alias(p)
@@ -170,6 +173,68 @@ def follow(path: str | os.PathLike[str] | Location) -> Location:
         if not storage.exists(p):
             raise CheckpointNotFoundError(f"alias {p.parent / p.name} names a missing {p}")
     return p
+
+
+def _spelled(p: Location) -> Location:
+    """The alias or checkpoint a guide's file name names in the experiment around it."""
+    spelling = spellings.parse(p.name)
+    if spelling is None:
+        raise CheckpointNotFoundError(f"{p} does not exist")
+    exp = _experiment_around(p)
+    what = f"{p} names {spelling.describe()} of {exp.root}"
+    if spelling.alias is not None:
+        alias = exp.alias_path(spelling.alias)
+        if not storage_of(alias).exists(alias):
+            why = " (kept only with a monitor: set monitor)" * (spelling.alias == "best")
+            raise CheckpointNotFoundError(f"{what}, which has no {spelling.alias} checkpoint{why}")
+        return alias
+    committed = scan(exp).committed
+    if spelling.step is not None:
+        found = [c for c in committed if c.step == spelling.step]
+        there = "steps " + ", ".join(str(c.step) for c in committed)
+    else:
+        found = [c for c in committed if c.epoch == spelling.epoch]
+        first = int(spelling.counted_from_1)
+        ends = sorted({c.epoch + first for c in committed if c.epoch is not None})
+        there = "epochs " + ", ".join(map(str, ends)) + (" (counted from 1)" if first else "")
+    if not found:
+        raise CheckpointNotFoundError(f"{what}: there is none (its checkpoints end {there})")
+    return found[-1].path  # the newest of an epoch: its end
+
+
+def _experiment_around(p: Location) -> layout.ExperimentLayout:
+    """The experiment a file name ``p`` sits in: ``p``'s directory, the experiment of that
+    ``checkpoints/`` directory, or the only experiment in that directory."""
+    d, storage = p.parent, storage_of(p)
+    if _is_experiment(d):
+        return layout.ExperimentLayout(d)
+    if d.name == layout.CHECKPOINTS_DIR and _is_experiment(d.parent):
+        return layout.ExperimentLayout(d.parent)
+    found = []
+    if storage.is_dir(d):
+        found = sorted(c.name for c in storage.children(d) if _is_experiment(d / c.name))
+    if len(found) == 1:
+        return layout.ExperimentLayout(d / found[0])
+    if not found:
+        raise CheckpointNotFoundError(
+            f"{p} does not exist, and {d} is neither an experiment nor a directory of one"
+        )
+    raise CheckpointNotFoundError(
+        f"{p} does not exist, and {d} holds several experiments ({', '.join(found)}): name "
+        f"one, e.g. {d / found[0] / p.name}"
+    )
+
+
+def _is_experiment(d: Location) -> bool:
+    """An experiment of ours: an index, or a ``checkpoints/`` holding names of ours."""
+    storage = storage_of(d)
+    if storage.exists(d / layout.INDEX_FILE):
+        return True
+    ckpts = d / layout.CHECKPOINTS_DIR
+    return storage.is_dir(ckpts) and any(
+        c.name in layout.ALIASES or layout.parse_step_dirname(c.name) is not None
+        for c in storage.children(ckpts)
+    )
 
 
 def checkpoint_dir_of(path: str | os.PathLike[str] | Location) -> Location:
@@ -249,26 +314,37 @@ def _by_metric(
 
 
 def find_checkpoints(
-    experiment_dir: str | os.PathLike[str] | Location,
+    experiment_dir: str | os.PathLike[str] | Location | None = None,
     mode: str = "latest",
     *,
+    checkpoint_dir: str | os.PathLike[str] | Location | None = None,
     monitor: str | None = None,
     metric_mode: str | None = None,
 ) -> list[CheckpointInfo]:
     """The committed checkpoints of an experiment, read from their markers (no process
     group, nothing written): ``mode="latest"``: newest first; ``mode="best"``: best first
     by ``monitor`` (default: the ``checkpoint.monitor``/``mode`` of the experiment's
-    ``config.yaml``), checkpoints without a finite value last."""
-    exp = layout.ExperimentLayout(as_location(experiment_dir))
+    ``config.yaml``), checkpoints without a finite value last. ``checkpoint_dir`` (Dream
+    Trainer's name) is the same as ``experiment_dir``; either may name the experiment or
+    its ``checkpoints/`` directory. Each item's ``metric`` is its value of the monitor."""
+    given = experiment_dir if checkpoint_dir is None else checkpoint_dir
+    if given is None or (experiment_dir is not None and checkpoint_dir is not None):
+        raise TypeError("find_checkpoints takes one of experiment_dir or checkpoint_dir")
+    root = as_location(given)
+    if root.name == layout.CHECKPOINTS_DIR and not _is_experiment(root):
+        root = root.parent  # an experiment's checkpoints/
+    exp = layout.ExperimentLayout(root)
     if not storage_of(exp.root).is_dir(exp.root):
         raise CheckpointNotFoundError(f"experiment directory {exp.root} does not exist")
     committed = scan(exp).committed
     if mode == "latest":
-        return list(reversed(committed))
-    if mode != "best":
+        found, ranked_by = list(reversed(committed)), monitor or monitor_of(exp)[0]
+    elif mode == "best":
+        ranked_by, metric_mode = ranking(exp, monitor, metric_mode)
+        found = retention.rank_by_metric(committed, ranked_by, metric_mode)
+    else:
         raise ValueError(f"mode must be 'latest' or 'best', got {mode!r}")
-    monitor, metric_mode = ranking(exp, monitor, metric_mode)
-    return retention.rank_by_metric(committed, monitor, metric_mode)
+    return [dataclasses.replace(c, ranked_by=ranked_by) for c in found]
 
 
 def ranking(exp: layout.ExperimentLayout, monitor: str | None, mode: str | None) -> tuple[str, str]:

@@ -98,6 +98,15 @@ def keep_every_n_epochs(entries: Sequence[Entry], n: int) -> set[int]:
     return set(newest.values())
 
 
+def keep_epochs(entries: Sequence[Entry], epochs: Iterable[int]) -> set[int]:
+    """Permanent checkpoints of named epochs (0-based): the newest of each, its end."""
+    wanted, newest = set(epochs), dict[int, int]()
+    for e in entries:
+        if e.epoch is not None and e.epoch in wanted:
+            newest[e.epoch] = max(newest.get(e.epoch, -1), e.step)
+    return set(newest.values())
+
+
 @dataclass(frozen=True)
 class RetentionPolicy:
     """The union of the policies that are set. None of them set (or ``keep_top_k=-1``):
@@ -109,6 +118,7 @@ class RetentionPolicy:
     keep_last_n: int | None = None
     keep_every_n_steps: int | None = None
     keep_every_n_epochs: int | None = None
+    keep_epochs: frozenset[int] = frozenset()
 
     def __post_init__(self) -> None:
         if self.keep_top_k not in (None, -1, 0) and self.monitor is None:
@@ -121,7 +131,7 @@ class RetentionPolicy:
             and self.keep_last_n is None
             and self.keep_every_n_steps is None
             and self.keep_every_n_epochs is None
-        )
+        )  # keep_epochs alone keeps everything too: it only adds to the policies above
 
     def protected(self, entries: Sequence[Entry], also: Iterable[int] = ()) -> set[int]:
         """Kept whatever the policy: the newest, the best, and the steps in ``also`` (the
@@ -147,6 +157,7 @@ class RetentionPolicy:
             keep |= keep_every_n_steps(entries, self.keep_every_n_steps)
         if self.keep_every_n_epochs is not None:
             keep |= keep_every_n_epochs(entries, self.keep_every_n_epochs)
+        keep |= keep_epochs(entries, self.keep_epochs)
         return keep
 
     def to_delete(self, entries: Sequence[Entry], also: Iterable[int] = ()) -> list[int]:
@@ -158,6 +169,7 @@ class RetentionPolicy:
 __all__ = [
     "RetentionPolicy",
     "best",
+    "keep_epochs",
     "keep_every_n_epochs",
     "keep_every_n_steps",
     "keep_last_n",

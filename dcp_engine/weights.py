@@ -1,15 +1,19 @@
 """``load_weights``: weights into a model that is not quite the one that was trained
 (evaluation, fine-tuning, another codebase), from a dcp-engine checkpoint or a plain file.
 
-Sources: a dcp-engine checkpoint (a directory, an alias or an experiment; ``key`` names
-the entry, e.g. ``teacher``), or a ``.pt``/``.pth`` file holding a state dict, or a dict
-with the state dict under ``model``/``state_dict``/``model_state_dict``/``net`` (the
-formats of the guides our users come from). Wrapper prefixes (``module.`` of DDP,
-``_orig_mod.`` of ``torch.compile``) are ignored on both sides.
+Sources: a dcp-engine checkpoint (a directory, an alias, an experiment, or a guide's file
+name for one: ``checkpoint_best.pth``; ``key`` names the entry, e.g. ``teacher``, and the
+guides' ``teacher_state_dict`` is ``teacher``), or a ``.pt``/``.pth`` file holding a state
+dict, or a dict with the state dict under ``model``/``state_dict``/``model_state_dict``/
+``net`` (the formats of the guides our users come from). Without a ``key`` an ``ema_net``
+entry is preferred, as SuperGradients loads the EMA weights of a checkpoint that has them.
+Wrapper prefixes (``module.`` of DDP, ``_orig_mod.`` of ``torch.compile``) are ignored on
+both sides.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -19,15 +23,19 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from . import layout
-from .errors import CheckpointError, CheckpointNotFoundError, StateMismatchError
+from . import layout, resolve
+from .errors import CheckpointError, ConfigError, StateMismatchError
 from .export import flat_tensors
 from .location import Location, as_location, is_url
 from .reader import open_checkpoint
 from .storage import Storage, storage_of
 
+log = logging.getLogger(__name__)
+
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-STATE_DICT_KEYS = ("model", "state_dict", "model_state_dict", "net")
+EMA_KEY = "ema_net"  # SuperGradients: "the EMA weights will be the ones loaded"
+STATE_DICT_KEYS = (EMA_KEY, "model", "state_dict", "model_state_dict", "net")
+STATE_DICT_SUFFIX = "_state_dict"  # the guides' teacher_state_dict is our teacher
 
 
 @dataclass(frozen=True)
@@ -60,14 +68,14 @@ def read_state_dict(
     path = as_location(source, storage_options if is_url(source) else None)
     storage = storage_of(path)
     if not storage.exists(path):
-        raise CheckpointNotFoundError(f"{path} does not exist")
+        path = resolve.follow(path)  # a guide's name for one of ours, or it raises
     if _is_checkpoint_location(storage, path):
         ckpt = open_checkpoint(path)  # verified: a corrupt checkpoint raises here
         if key is None:
             modules = [k for k in ckpt.keys if ckpt.kind(k) == "module"]
-            if len(modules) != 1:
-                raise CheckpointError(f"{ckpt.path} holds modules {modules}: name one with key=")
-            key = modules[0]
+            key = _preferred(modules, f"{ckpt.path} holds modules {modules}: name one with key=")
+        elif key not in ckpt.keys and key.removesuffix(STATE_DICT_SUFFIX) in ckpt.keys:
+            key = key.removesuffix(STATE_DICT_SUFFIX)
         tree = ckpt.load_entries([key])[key]
     else:
         try:
@@ -80,17 +88,32 @@ def read_state_dict(
                 raise CheckpointError(f"{path} has no key {key!r}")
             tree = tree[key]
         elif isinstance(tree, Mapping) and not _is_flat_tensors(tree):
+            nested = [k for k, v in tree.items() if isinstance(v, Mapping) and _is_flat_tensors(v)]
             inner = [k for k in STATE_DICT_KEYS if isinstance(tree.get(k), Mapping)]
-            if not inner:
+            if not inner and len(nested) != 1:
                 raise CheckpointError(
-                    f"{path}: no state dict found (looked for a flat dict of tensors and "
-                    f"for the keys {', '.join(STATE_DICT_KEYS)}; it has {sorted(tree)[:10]})"
+                    f"{path}: no state dict found (looked for a flat dict of tensors, for "
+                    f"the keys {', '.join(STATE_DICT_KEYS)} and for one dict of tensors; it "
+                    f"has {sorted(tree)[:10]})"
                 )
-            tree = tree[inner[0]]
+            tree = tree[_preferred(inner or nested, "")]
     flat = dict(flat_tensors(tree))
     if not flat:
         raise CheckpointError(f"{path}: no tensors under {key or 'the state dict'}")
     return flat
+
+
+def _preferred(keys: list[str], ambiguous: str) -> str:
+    """The entry to load when no ``key`` is given: ``ema_net`` if present (said in the
+    log), else the first of the candidates in order, which must be the only one when
+    ``ambiguous`` is the message to raise."""
+    if EMA_KEY in keys:
+        log.info("loading the EMA weights (%s), as SuperGradients does; name another entry "
+                 "with key= for the raw ones", EMA_KEY)  # fmt: skip
+        return EMA_KEY
+    if ambiguous and len(keys) != 1:
+        raise CheckpointError(ambiguous)
+    return keys[0]
 
 
 def _is_checkpoint_location(storage: Storage, path: Location) -> bool:
@@ -112,7 +135,7 @@ def load_weights(
     source: str | os.PathLike[str] | Location,
     *,
     key: str | None = None,
-    strict: bool | Literal["shape"] = True,
+    strict: bool | Literal["shape", "no_key_matching"] = True,
     backbone_only: bool = False,
     backbone_prefix: str = "backbone.",
     storage_options: Mapping[str, Any] | None = None,
@@ -122,21 +145,23 @@ def load_weights(
     system, default its environment).
 
     ``strict=True``: names (wrapper prefixes aside) and shapes must match exactly;
-    ``False``: load what matches by name and shape, report the rest; ``"shape"``: match
-    by position when names differ (SuperGradients' ``NO_KEY_MATCHING``): the i-th tensor
-    of the source goes to the i-th of the model, and any pair whose shapes disagree (or
-    different counts) refuses the whole load. ``backbone_only``: only the keys under
-    ``backbone_prefix``, on both sides. The model is untouched when the load is refused.
+    ``False``: load what matches by name and shape, report the rest; ``"shape"`` (or
+    SuperGradients' ``"no_key_matching"``): match by position when names differ: the i-th
+    tensor of the source goes to the i-th of the model, and any pair whose shapes disagree
+    (or different counts) refuses the whole load. ``backbone_only``: only the backbone:
+    the keys under ``backbone_prefix`` of a side that has them, all keys of a side that is
+    a bare backbone (a model without that prefix, or Mammoth's simple ``.pt`` of the
+    backbone's parameters). The model is untouched when the load is refused.
     """
+    if strict == "no_key_matching":
+        strict = "shape"
     found = read_state_dict(source, key, storage_options)
     source_sd = {strip_wrappers(k): v for k, v in found.items()}
     target_sd = model.state_dict()
     names = {strip_wrappers(k): k for k in target_sd}  # stripped -> the model's own name
-    if backbone_only:
-        source_sd = {k: v for k, v in source_sd.items() if k.startswith(backbone_prefix)}
-        names = {k: v for k, v in names.items() if k.startswith(backbone_prefix)}
-        if not source_sd:
-            raise StateMismatchError(f"{source} has no keys under {backbone_prefix!r}")
+    if backbone_only:  # both sides named relative to the backbone
+        source_sd = _backbone(source_sd, backbone_prefix)
+        names = _backbone(names, backbone_prefix)
     if strict == "shape":
         pairs = _match_by_position(source_sd, names, target_sd, str(source))
         missing: list[str] = []
@@ -149,11 +174,18 @@ def load_weights(
                 f"{unexpected[:8]} (strict=False loads what matches; 'shape' matches by position)"
             )
     else:
-        raise ValueError(f"strict must be True, False or 'shape', got {strict!r}")
+        raise ValueError(f"strict must be True, False or 'shape' (no_key_matching), got {strict!r}")
     with torch.no_grad():
         for target_name, tensor in pairs:
             target_sd[target_name].copy_(tensor)
     return LoadResult(missing, unexpected)
+
+
+def _backbone(sd: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    """The backbone's entries of a state dict, named relative to it: the keys under
+    ``prefix`` (stripped), or every key when none has it (a bare backbone)."""
+    inside = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
+    return inside or dict(sd)
 
 
 def _match_by_name(
@@ -201,4 +233,32 @@ def _match_by_position(
     return [(own, t) for (_, t), own in zip(src, dst, strict=True)]
 
 
-__all__ = ["LoadResult", "load_weights", "read_state_dict", "strip_wrappers"]
+def load_init_weights(
+    app_state: Mapping[str, Any],
+    source: str,
+    *,
+    into: str | None,
+    strict: bool | str,
+    backbone_only: bool,
+    storage_options: Mapping[str, Any] | None = None,
+) -> LoadResult:
+    """``CheckpointConfig.init_weights`` (SuperGradients' ``checkpoint_path``,
+    ``strict_load``, ``load_backbone``): ``source`` loaded into the module ``into`` of
+    ``app_state`` (default: its only module). Raises ``ConfigError`` naming
+    ``init_weights_into`` when that entry cannot be told."""
+    modules = [k for k, v in app_state.items() if isinstance(v, nn.Module)]
+    if into is None and len(modules) != 1:
+        raise ConfigError("init_weights_into", None,
+                          f"the app_state entry to load init_weights into (its modules: "
+                          f"{', '.join(modules) or 'none'})")  # fmt: skip
+    name = into if into is not None else modules[0]
+    if name not in modules:
+        raise ConfigError("init_weights_into", into, f"one of the modules {modules}")
+    result = load_weights(app_state[name], source, strict=strict,  # type: ignore[arg-type]
+                          backbone_only=backbone_only, storage_options=storage_options)  # fmt: skip
+    log.info("loaded the initial weights of %s into %s (missing %d, unexpected %d)", source,
+             name, len(result.missing_keys), len(result.unexpected_keys))  # fmt: skip
+    return result
+
+
+__all__ = ["LoadResult", "load_init_weights", "load_weights", "read_state_dict", "strip_wrappers"]

@@ -30,7 +30,8 @@ def test_experiment_guide_full_block(tmp_path):
           resume: ""                 # Resume path (optional)
     """,
     )
-    cfg = de.CheckpointConfig.from_yaml(path)
+    with pytest.warns(UserWarning, match="save_best: true .* monitor"):  # it has none
+        cfg = de.CheckpointConfig.from_yaml(path)
     assert cfg.enabled and cfg.root_dir == "./experiments" and cfg.experiment_name == ""
     assert cfg.save_every_n_epochs == 10 and cfg.save_best and cfg.resume is None
 
@@ -47,9 +48,10 @@ def test_experiment_guide_resume_path_and_disabled(tmp_path):
           resume: "./experiments/my_experiment/checkpoints/latest"
     """,
     )
-    assert de.CheckpointConfig.from_yaml(path).resume == (
-        "./experiments/my_experiment/checkpoints/latest"
-    )
+    with pytest.warns(UserWarning, match="monitor"):
+        assert de.CheckpointConfig.from_yaml(path).resume == (
+            "./experiments/my_experiment/checkpoints/latest"
+        )
     off = write(tmp_path, "checkpoint:\n  enabled: false\n")
     assert de.CheckpointConfig.from_yaml(off).enabled is False
 
@@ -96,7 +98,9 @@ def test_a_file_that_is_only_the_block_and_an_empty_block(tmp_path):
     path = write(tmp_path, "dir: runs\nkeep_last_n: 2\n")
     cfg = de.CheckpointConfig.from_yaml(path)
     assert cfg.root_dir == "runs" and cfg.keep_last_n == 2
-    assert de.CheckpointConfig.from_yaml(write(tmp_path, "checkpoint:\n")) == de.CheckpointConfig()
+    with pytest.warns(UserWarning, match="no enabled key"):  # the experiment guide's defaults
+        empty = de.CheckpointConfig.from_yaml(write(tmp_path, "checkpoint:\n"))
+    assert empty == de.CheckpointConfig(enabled=False, save_every_n_epochs=10)
 
 
 @pytest.mark.parametrize(

@@ -20,7 +20,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 import dcp_engine as de
-from dcp_engine.config_keys import UNSUPPORTED
+from dcp_engine.config_torchtitan import UNSUPPORTED
 from dcp_engine.integrations.torchtitan import CheckpointManager
 from tests.distributed import multirank
 from tests.toy import full_state, make_model, wrap
