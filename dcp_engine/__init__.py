@@ -11,6 +11,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from .adoption import adopt
     from .callbacks import (
         LOOP_KEY,
         AsyncCheckpointCallback,
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 _WHERE = {
+    "adopt": "adoption",
     "AsyncCheckpointCallback": "callbacks",
     "CheckpointCallback": "callbacks",
     "LOOP_KEY": "callbacks",
@@ -114,6 +116,7 @@ __all__ = [
     "TrainStart",
     "UnknownKeyError",
     "__version__",
+    "adopt",
     "find_checkpoints",
     "load_weights",
     "loop_position",
