@@ -46,7 +46,8 @@ from .lease import Lease
 from .location import Location, as_location
 from .native import ShardSlice
 from .native_reader import NativeReader
-from .progress import Progress, progress
+from .progress import Progress
+from .progress import progress as bar_of
 from .retention import RetentionPolicy
 from .storage import Storage, storage_of
 
@@ -169,15 +170,17 @@ def adopt(
     move: bool = False,
     epoch: int | None = None,
     metrics: Mapping[str, float] | None = None,
-    progress_bar: bool | None = None,
+    progress: bool | None = None,
     storage: Storage | None = None,
     lease_timeout_s: float = 30.0,
 ) -> CheckpointInfo:
     """Commit the raw DCP checkpoint ``source`` into ``experiment`` (a directory or URL;
     created if needed) as ``step``; returns it as committed. ``move``: rename the files
-    instead of copying (both on one local file system). ``storage``: the experiment's
-    storage seam. Refused while a job holds the experiment (its lease), for a step at or
-    below one already committed there, and for a source that does not read."""
+    instead of copying (both on one local file system; ``source`` is removed if that
+    leaves it empty). ``progress``: a bar on stderr (default: on a terminal).
+    ``storage``: the experiment's storage seam. Refused while a job holds the experiment
+    (its lease), for a step at or below one already committed there, and for a source
+    that does not read."""
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}")
     clean_metrics = marker.clean_metrics(metrics)
@@ -202,7 +205,7 @@ def adopt(
             moved: list[str] = []
             try:
                 entries = entries_of(src)
-                digests = _bring(src, tmp, store, moved if move else None, progress_bar)
+                digests = _bring(src, tmp, store, moved if move else None, progress)
                 final, mark = committer.finalize(
                     step,
                     epoch=epoch,
@@ -236,7 +239,7 @@ def _bring(
     given) hashed and then renamed, each name added to ``moved`` once it is in ``tmp``."""
     reading = storage_of(src.path)
     digests: dict[str, dict[str, Any]] = {}
-    with progress(f"adopt {src.path.name}", sum(src.files.values()), asked) as bar:
+    with bar_of(f"adopt {src.path.name}", sum(src.files.values()), asked) as bar:
         for name, size in sorted(src.files.items()):
             if moved is None:
                 digests[name] = _copy(reading, src.path / name, store, tmp / name, size, bar)

@@ -132,7 +132,7 @@ def _parser() -> argparse.ArgumentParser:
         "--move",
         action="store_true",
         help="rename the files into the experiment instead of copying them "
-        "(one local file system; DCP_DIR is gone after)",
+        "(one local file system; DCP_DIR is removed if that leaves it empty)",
     )
     _progress_flag(ado)
     return p

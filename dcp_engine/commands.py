@@ -348,7 +348,7 @@ def cmd_adopt(args: argparse.Namespace) -> int:
         move=args.move,
         epoch=args.epoch,
         metrics=dict(args.metric),
-        progress_bar=progress.wanted(args.progress),
+        progress=progress.wanted(args.progress),
     )
     how = "moved" if args.move else "copied"
     files = f"{len(info.files)} files, {_size(info.bytes)}"

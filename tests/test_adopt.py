@@ -26,6 +26,7 @@ import dcp_engine as de
 from dcp_engine import LocalStorage, adopt, cli, layout
 from dcp_engine.marker import Marker
 from tests import toy
+from tests.distributed import multirank
 
 # stock dcp.save in one process says so each time
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
@@ -268,3 +269,42 @@ def test_dcps_tutorial_checkpoint_is_adopted_from_a_url_and_loads_into_its_app_s
         ck.load({"app": AppState(fresh["model"], fresh["optim"])})
     toy.assert_equal(toy.full_state(app)["model"], toy.full_state(fresh)["model"])
     toy.assert_equal(toy.full_state(app)["optim"], toy.full_state(fresh)["optim"])
+
+
+@multirank(2)
+def stock_fsdp_save(rank: int, world_size: int, path: str) -> dict[str, Any] | None:
+    """A 2-rank FSDP2 run saving with stock ``dcp.save`` (``optimizer.state_dict()``:
+    parameter ids, DTensor moments); rank 0 returns the full state."""
+    app = toy.make_app("fsdp", seed=3)
+    toy.train(app, steps=2, rank=rank)
+    state = {"model": get_model_state_dict(app["model"]), "optim": app["optim"].state_dict(),
+             "center": app["center"]}  # fmt: skip
+    dcp.save(state, checkpoint_id=path)
+    full = toy.full_state(app)
+    return full if rank == 0 else None
+
+
+@multirank(2)
+def resume_fsdp(rank: int, world_size: int, root: str) -> dict[str, Any] | None:
+    app = toy.make_app("fsdp", seed=11)
+    cfg = de.CheckpointConfig(root_dir=root, experiment_name="exp", resume="latest",
+                              async_mode="off")  # fmt: skip
+    with de.CheckpointManager(cfg) as mgr:
+        info = mgr.resume({"model": app["model"], "optim": app["optim"], "center": app["center"]})
+        assert info is not None and info.step == 20
+    full = toy.full_state(app)
+    return full if rank == 0 else None
+
+
+@pytest.mark.slow
+@pytest.mark.multirank
+def test_a_two_rank_fsdp2_stock_checkpoint_is_adopted_and_resumed_on_two_ranks(tmp_path):
+    """Pass: what 2 FSDP2 ranks wrote with stock ``dcp.save`` (torchtitan's situation) is
+    adopted (world size 2 in the marker) and resumed by 2 FSDP2 ranks bit for bit."""
+    src = tmp_path / "step-20"
+    saved = stock_fsdp_save.run(str(src))[0]
+    info = adopt(src, tmp_path / "exp", step=20)
+    assert de.open_checkpoint(info.path).marker.world_size == 2
+    resumed = resume_fsdp.run(str(tmp_path))[0]
+    for key in ("model", "optim", "center"):
+        toy.assert_equal(saved[key], resumed[key], key)
