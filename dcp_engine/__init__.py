@@ -11,6 +11,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from .adoption import adopt
     from .callbacks import (
         LOOP_KEY,
         AsyncCheckpointCallback,
@@ -47,6 +48,7 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 _WHERE = {
+    "adopt": "adoption",
     "AsyncCheckpointCallback": "callbacks",
     "CheckpointCallback": "callbacks",
     "LOOP_KEY": "callbacks",
@@ -123,6 +125,7 @@ __all__ = [
     "UnknownKeyError",
     "UnsupportedKeyError",
     "__version__",
+    "adopt",
     "find_checkpoints",
     "load_checkpoint",
     "load_weights",

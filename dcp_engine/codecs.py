@@ -7,9 +7,11 @@
 - ``StatefulCodec`` (``stateful``): anything with ``state_dict``/``load_state_dict``; its
   state dict as a tensor tree, or one pickle when it holds no tensor;
 - ``TensorTreeCodec`` (``tensors``): a tensor, or dicts/lists/tuples holding tensors
-  (written as tensors, never pickled; tuples are written as lists);
+  (written as tensors, never pickled; tuples holding tensors are written as lists);
 - ``ObjectCodec`` (``object``): any other picklable value, as one pickled blob;
-- ``RngCodec`` (``rng``, key ``_rng``): the RNG states of every rank, one blob per rank.
+- ``RngCodec`` (``rng``, key ``_rng``): the RNG states of every rank, one blob per rank;
+- ``adopted`` entries were written by stock DCP (``dcp-engine adopt``): their Python kind
+  is unknown, so they load into whatever the caller has (``saved.codec_for_saved``).
 
 The kind (and encoding) goes into the marker. A codec encodes a value for ``dcp.save``,
 builds fresh read targets, decodes what was read (touching nothing of the caller's),
@@ -30,14 +32,13 @@ from torch import nn
 from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
-    _get_fqns,
     get_model_state_dict,
     get_optimizer_state_dict,
     set_model_state_dict,
     set_optimizer_state_dict,
 )
 
-from . import trees
+from . import optim_layout, trees
 from .errors import CheckpointError
 from .rng import capture_rng_state, restore_rng_state
 
@@ -51,6 +52,7 @@ MODULE, OPTIMIZER, STATEFUL, TENSORS, OBJECT, RNG = (
     "object",
     "rng",
 )
+ADOPTED = "adopted"
 TREE, PICKLE = "tree", "pickle"
 RNG_KEY = "_rng"
 OPTIM_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
@@ -116,6 +118,15 @@ class Codec(ABC):
     def restore(self, slot: Slot, snap: Any) -> None: ...
 
 
+def _tree_entry(kind: str, tree: Any) -> dict[str, Any]:
+    """A tree's marker entry; ``int_keys``: where its dicts are keyed by int (an
+    optimizer's ``state``), which DCP writes as str."""
+    entry: dict[str, Any] = {"kind": kind, "encoding": TREE}
+    if int_keys := trees.int_keyed(tree):
+        entry["int_keys"] = int_keys
+    return entry
+
+
 def _pickle(key: str, value: Any) -> bytes:
     try:
         return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
@@ -161,6 +172,12 @@ class ModuleCodec(Codec):
 class _OptimizerAux:
     owner: nn.Module
     unstepped: dict[str, nn.Parameter]
+    groups: list[list[str]]
+    """Each group's parameter names, in order."""
+    layout: optim_layout.Layout
+    """How the checkpoint holds it: the engine's flat layout, or one of stock DCP's."""
+    template: Any = None
+    """The read targets of a nested layout (their int keys, for ``trees.rebuild``)."""
 
 
 @dataclass(frozen=True)
@@ -180,7 +197,10 @@ class OptimizerCodec(Codec):
     def encode(self, key: str, value: Any, app_state: Mapping[str, Any]) -> tuple[Any, dict]:
         owner_key, owner = owner_module(key, value, app_state)
         osd = get_optimizer_state_dict(owner, value, options=OPTIM_OPTIONS)
-        return osd, {"kind": OPTIMIZER, "module": owner_key}
+        # "params": the groups and their order, which the flat layout loses; offline reads
+        # need them to give Optimizer.load_state_dict's layout (optim_layout.py).
+        params = optim_layout.param_names(owner, value)
+        return osd, {"kind": OPTIMIZER, "module": owner_key, "params": params}
 
     def targets(self, slot: Slot, ctx: LoadContext) -> Any:
         optim = slot.value
@@ -189,11 +209,28 @@ class OptimizerCodec(Codec):
             # get_optimizer_state_dict initialises empty state to learn its shapes.
             ctx.rollbacks.append(lambda: optim.state.clear())
         osd = get_optimizer_state_dict(owner, optim, options=OPTIM_OPTIONS)
-        unstepped = _unstepped(slot.key, owner, optim, ctx.metadata)
+        groups = optim_layout.param_names(owner, optim)
+        fqns = [fqn for group in groups for fqn in group]
+        saved = optim_layout.saved_layout(slot.key, fqns, ctx.metadata.state_dict_metadata)
+        # The names the checkpoint keys state by: positions in the ids layout (stock DCP
+        # of optimizer.state_dict()), else parameter names.
+        names = {str(i): fqn for i, fqn in enumerate(fqns)} if saved == "ids" else None
+        unstepped = optim_layout.unstepped(slot.key, owner, optim, ctx.metadata, names)
         ctx.lenient.add(f"{slot.key}.param_groups.")
-        ctx.lenient.update(f"{slot.key}.state.{fqn}." for fqn in unstepped)
-        slot.aux = _OptimizerAux(owner, unstepped)
+        ctx.lenient.update(f"{slot.key}.state.{name}." for name in unstepped)
+        template = None
+        if saved != "flat":
+            template = optim_layout.flat_to_nested(osd, groups, saved)
+            osd = template
+        slot.aux = _OptimizerAux(owner, unstepped, groups, saved, template)
         return trees.empty_like(osd)
+
+    def decode(self, slot: Slot, loaded: Any) -> Any:
+        aux: _OptimizerAux = slot.aux
+        if aux.layout == "flat":
+            return loaded
+        nested = trees.rebuild(aux.template, loaded, slot.key)
+        return optim_layout.nested_to_flat(nested, aux.groups, aux.layout, slot.key)
 
     def apply(self, slot: Slot, value: Any) -> None:
         aux: _OptimizerAux = slot.aux
@@ -243,7 +280,7 @@ class StatefulCodec(Codec):
     def encode(self, key: str, value: Any, app_state: Mapping[str, Any]) -> tuple[Any, dict]:
         payload = value.state_dict()
         if trees.has_tensor(payload):
-            return trees.detached(payload), {"kind": STATEFUL, "encoding": TREE}
+            return trees.detached(payload), _tree_entry(STATEFUL, payload)
         return _pickle(key, payload), {"kind": STATEFUL, "encoding": PICKLE}
 
     def targets(self, slot: Slot, ctx: LoadContext) -> Any:
@@ -274,7 +311,7 @@ class TensorTreeCodec(Codec):
         return trees.has_tensor(value)
 
     def encode(self, key: str, value: Any, app_state: Mapping[str, Any]) -> tuple[Any, dict]:
-        return trees.detached(value), {"kind": TENSORS, "encoding": TREE}
+        return trees.detached(value), _tree_entry(TENSORS, value)
 
     def targets(self, slot: Slot, ctx: LoadContext) -> Any:
         return trees.empty_like(slot.value)
@@ -384,26 +421,3 @@ def owner_module(
         f"app_state[{key!r}]: the optimizer's parameters do not all belong to one nn.Module "
         f"of app_state (modules: {[k for k, _ in modules]}); add the model to app_state"
     )
-
-
-def _unstepped(
-    key: str, owner: nn.Module, optim: torch.optim.Optimizer, metadata: Metadata
-) -> dict[str, nn.Parameter]:
-    """The parameters of ``optim`` that have no state at all in the checkpoint: they had
-    not been stepped when it was saved (DINO's last layer, frozen for the first epoch, has
-    its gradients dropped). By fqn. A parameter with part of its state is not one of them
-    (the key-by-key match reports it)."""
-    prefix = f"{key}.state."
-    # Every dotted prefix of the keys under state.: a parameter has state in the checkpoint
-    # iff its fqn is one of them (state names may nest: state.<fqn>.mom.buf).
-    saved: set[str] = set()
-    for f in metadata.state_dict_metadata:
-        if f.startswith(prefix):
-            parts = f[len(prefix) :].split(".")
-            saved.update(".".join(parts[:i]) for i in range(1, len(parts)))
-    mine = {id(p) for group in optim.param_groups for p in group["params"]}
-    out: dict[str, nn.Parameter] = {}
-    for name, param in owner.named_parameters():
-        if id(param) in mine and param.requires_grad:
-            out.update((fqn, param) for fqn in _get_fqns(owner, name) if fqn not in saved)
-    return out

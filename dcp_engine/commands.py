@@ -9,7 +9,7 @@ import json
 import math
 from typing import Any
 
-from . import export, index, layout, resolve
+from . import export, index, layout, progress, resolve
 from .catalog import Catalog
 from .cli import Fail
 from .committer import Committer
@@ -197,9 +197,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
         targets = [resolve.inspect_checkpoint_dir(path)[0].path]
     for line in bad:
         print(line)
+    asked = progress.wanted(args.progress)
     for target in targets:
         marker = resolve.read_marker(target)
-        problems = resolve.file_problems(target, marker, digests=True)
+        problems = []
+        with progress.Progress(f"verify {target.name}", marker.total_bytes, show=asked) as bar:
+            for name, entry in sorted(marker.files.items()):
+                problems += resolve.file_problems(target, marker, digests=True, names=[name])
+                bar.update(entry.size)
         if not problems:
             try:
                 resolve.check_files(target, marker)
@@ -220,7 +225,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    out = export.export(args.checkpoint, args.out, key=args.key, dtype=args.dtype, fmt=args.format)
+    out = export.export(
+        args.checkpoint,
+        args.out,
+        key=args.key,
+        dtype=args.dtype,
+        fmt=args.format,
+        progress=progress.wanted(args.progress),
+    )
     storage = storage_of(out)
     if storage.is_dir(out):
         size = sum(storage.file_sizes(out, exclude="").values())
@@ -317,8 +329,30 @@ def cmd_average(args: argparse.Namespace) -> int:
         key=args.key,
         monitor=args.monitor,
         mode=args.mode,
+        progress=progress.wanted(args.progress),
     )
     print(f"wrote {out}: the mean of steps {steps}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- adopt
+
+
+def cmd_adopt(args: argparse.Namespace) -> int:
+    from .adoption import adopt
+
+    info = adopt(
+        args.source,
+        args.experiment,
+        step=args.step,
+        move=args.move,
+        epoch=args.epoch,
+        metrics=dict(args.metric),
+        progress=progress.wanted(args.progress),
+    )
+    how = "moved" if args.move else "copied"
+    files = f"{len(info.files)} files, {_size(info.bytes)}"
+    print(f"adopted {args.source} as {info.path} ({files}, {how})")
     return 0
 
 

@@ -21,6 +21,8 @@ from .errors import CheckpointError
 from .index import Which
 from .location import Location, as_location
 from .native import METADATA_FILE, ShardSlice, to_dtype
+from .progress import Progress, wanted
+from .progress import progress as bar_of
 from .reader import CheckpointReader, open_checkpoint
 from .storage import Storage, storage_of
 from .units import DTYPE_NAMES
@@ -60,21 +62,25 @@ def export(
     dtype: str | None = None,
     fmt: str = "torch",
     which: Which = "latest",
+    progress: bool | None = None,
 ) -> Location:
     """One consolidated file of a checkpoint (or of one key, e.g. the teacher) that
     ``torch.load`` opens (``fmt="torch"``) or ``safetensors`` reads (tensors only), or a
     directory in DCP's stock format (``fmt="dcp"``, ``export_dcp``).
-    ``which`` picks the checkpoint when ``source`` is an experiment."""
+    ``which`` picks the checkpoint when ``source`` is an experiment; ``progress``: a bar
+    on stderr (default: on a terminal). An optimizer comes as ``Optimizer.load_state_dict``
+    takes it (``CheckpointReader.load_entries``)."""
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
     ckpt = open_checkpoint(source, which)
     if fmt == "dcp":
         if dtype is not None:
             raise ValueError("--dtype applies to the torch and safetensors formats only")
-        return export_dcp(ckpt, as_location(out), key=key)
+        return export_dcp(ckpt, as_location(out), key=key, progress=progress)
     if fmt not in ("torch", "safetensors"):
         raise ValueError(f"format {fmt!r} is not 'torch', 'safetensors' or 'dcp'")
-    values = ckpt.load_entries([key] if key is not None else None)
+    asked = wanted(progress)
+    values = ckpt.load_entries([key] if key is not None else None, progress=asked)
     payload = values[key] if key is not None else values
     payload = cast_floats(payload, DTYPES[dtype] if dtype else None)
     out = as_location(out)
@@ -100,7 +106,13 @@ def write_file(out: Location, write: Callable[[IO[bytes]], object]) -> None:
         write(f)
 
 
-def export_dcp(ckpt: CheckpointReader, out: Location, *, key: str | None = None) -> Location:
+def export_dcp(
+    ckpt: CheckpointReader,
+    out: Location,
+    *,
+    key: str | None = None,
+    progress: bool | None = None,
+) -> Location:
     """The checkpoint (or one key) as a directory in DCP's stock format (``torch.save``
     per item, ``__<rank>_<k>.distcp``), shards and all, for readers without dcp_engine:
     ``dcp.load(state, checkpoint_id=out)``. Streamed one item at a time; ``.metadata``
@@ -122,8 +134,10 @@ def export_dcp(ckpt: CheckpointReader, out: Location, *, key: str | None = None)
     tmp = out.with_name(f".{out.name}.tmp") if storage.renames else out
     storage.remove_tree(tmp)
     storage.mkdir(tmp)
+    total = sum(w.length for items in per_file.values() for _, w in items)
     try:
-        storage_data = _write_stock(ckpt.path, per_file, tmp, storage)
+        with bar_of(f"export {ckpt.path.name}", total, progress) as bar:
+            storage_data = _write_stock(ckpt.path, per_file, tmp, storage, bar)
         stock_metadata = dataclasses.replace(
             metadata,
             state_dict_metadata={
@@ -148,6 +162,7 @@ def _write_stock(
     per_file: Mapping[str, list[tuple[Any, Any]]],
     tmp: Location,
     storage: Storage,
+    bar: Progress,
 ) -> dict[Any, _StorageInfo]:
     """Every item in DCP's stock format (``torch.save`` per tensor), file by file."""
     storage_data: dict[Any, _StorageInfo] = {}
@@ -170,6 +185,7 @@ def _write_stock(
                 else:  # serialised values (and items already in DCP's format) as they are
                     dst.write(data)
                 storage_data[index] = _StorageInfo(stock, offset, dst.tell() - offset)
+                bar.update(where.length)
     return storage_data
 
 
@@ -181,12 +197,16 @@ def average(
     key: str | None = None,
     monitor: str | None = None,
     mode: str | None = None,
+    progress: bool | None = None,
 ) -> tuple[Location, list[int]]:
     """The mean of the weights of the ``top_k`` best checkpoints by ``monitor`` (default:
     the experiment's ``config.yaml``), streamed tensor by tensor: memory stays near one
     copy of the result. Non-floating tensors (counters) are taken from the best one.
-    Returns the file and the steps averaged."""
-    result, steps = average_tensors(experiment, top_k=top_k, key=key, monitor=monitor, mode=mode)
+    Returns the file and the steps averaged. ``progress``: a bar on stderr (default: on
+    a terminal)."""
+    result, steps = average_tensors(
+        experiment, top_k=top_k, key=key, monitor=monitor, mode=mode, progress=progress
+    )
     out = as_location(out)
     write_file(out, lambda f: torch.save(result, f))
     return out, steps
@@ -221,6 +241,7 @@ def average_tensors(
     key: str | None = None,
     monitor: str | None = None,
     mode: str | None = None,
+    progress: bool | None = False,
 ) -> tuple[dict[str, torch.Tensor], list[int]]:
     """``average``'s tensors (flat names, under ``key`` relative to it) and steps."""
     if top_k < 1:
@@ -248,14 +269,19 @@ def average_tensors(
                     f"{ckpts[0].path}"
                 )
     result: dict[str, torch.Tensor] = {}
-    for name, meta in names.items():
-        fqn = ".".join(p for p in (key, name) if p)
-        best = ckpts[0].load_tensor(fqn)
-        if not best.is_floating_point():
-            result[name] = best
-            continue
-        acc = best.to(torch.float64)
-        for c in ckpts[1:]:
-            acc += c.load_tensor(fqn).to(torch.float64)
-        result[name] = (acc / len(ckpts)).to(meta.properties.dtype)
+    sizes = {n: math.prod(m.size) * m.properties.dtype.itemsize for n, m in names.items()}
+    with bar_of(f"average {len(ckpts)}", sum(sizes.values()) * len(ckpts), progress) as bar:
+        for name, meta in names.items():
+            fqn = ".".join(p for p in (key, name) if p)
+            best = ckpts[0].load_tensor(fqn)
+            bar.update(sizes[name])
+            if not best.is_floating_point():
+                result[name] = best
+                bar.update(sizes[name] * (len(ckpts) - 1))
+                continue
+            acc = best.to(torch.float64)
+            for c in ckpts[1:]:
+                acc += c.load_tensor(fqn).to(torch.float64)
+                bar.update(sizes[name])
+            result[name] = (acc / len(ckpts)).to(meta.properties.dtype)
     return result, [c.step for c in chosen]

@@ -42,6 +42,7 @@ from .location import Location
 from .marker import SHARDS_RAW, Marker
 from .native import METADATA_FILE
 from .native_reader import DigestMismatch, NativeReader
+from .progress import CountingLoadPlanner, load_progress, tensor_bytes
 from .resolve import Candidate
 from .storage import storage_of
 from .units import fmt_bytes
@@ -135,10 +136,12 @@ class Loader:
             raise
         assert plan is not None
         try:
-            with self._comm.dcp_call():
+            total = tensor_bytes(plan.read)  # a bar above LOAD_THRESHOLD on a terminal
+            with self._comm.dcp_call(), load_progress(f"load {path.name}", total) as bar:
                 dcp.load(
                     plan.read,
                     storage_reader=NativeReader(path, digests=digests),
+                    planner=CountingLoadPlanner(bar),
                     process_group=self._comm.group,
                     no_dist=not self._comm.distributed,
                 )

@@ -14,6 +14,7 @@ a corrupt checkpoint is handed out. One process, no process group.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import pickle
 from collections.abc import Collection, Mapping, Sequence
@@ -24,17 +25,17 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
-from . import layout, resolve, state
+from . import layout, optim_layout, resolve, state, trees
 from .comm import quiet_dcp
 from .errors import CheckpointError, CheckpointNotFoundError, IntegrityError
 from .index import CheckpointInfo, Which
 from .location import Location, as_location, is_url
 from .marker import Marker
 from .native_reader import NativeReader
+from .progress import CountingEmptyPlanner, CountingLoadPlanner, load_progress, tensor_bytes
 from .storage import storage_of
 
 log = logging.getLogger(__name__)
@@ -94,13 +95,15 @@ class CheckpointReader:
         *,
         optional: Collection[str] = (),
         process_group: dist.ProcessGroup | None = None,
+        progress: bool | None = None,
     ) -> CheckpointInfo:
         """Restore the keys of ``app_state`` from this checkpoint as
         ``CheckpointManager.load`` does (modules resharded, objects in place, plain values
         replaced); the RNG is not restored. All or nothing: on any error ``app_state`` is
         as it was. With ``torch.distributed`` initialised the load is collective over
         ``process_group`` (default: the whole job; FSDP2 modules read their own shards),
-        and every rank raises if any rank fails."""
+        and every rank raises if any rank fails. ``progress``: a bar on stderr (default:
+        on a terminal, rank 0, above ``progress.LOAD_THRESHOLD`` bytes)."""
         distributed = dist.is_available() and dist.is_initialized()
         group = process_group if distributed else None
         rank = dist.get_rank(group) if distributed else 0
@@ -127,11 +130,13 @@ class CheckpointReader:
             error = e
         _agree(error, distributed, group, f"load of {self.path}", plan)
         assert plan is not None
+        what = f"load {self.path.name}"
         try:
-            with quiet_dcp(True):
+            with quiet_dcp(True), load_progress(what, tensor_bytes(plan.read), progress) as bar:
                 dcp.load(
                     plan.read,
                     storage_reader=NativeReader(self.path),
+                    planner=CountingLoadPlanner(bar),
                     process_group=group,
                     no_dist=not distributed,
                 )
@@ -145,29 +150,33 @@ class CheckpointReader:
         _agree(error, distributed, group, f"restoring {self.path}", plan)
         return self.info
 
-    def load_entries(self, keys: Sequence[str] | None = None) -> dict[str, Any]:
+    def load_entries(
+        self, keys: Sequence[str] | None = None, *, progress: bool | None = None
+    ) -> dict[str, Any]:
         """The saved values of ``keys`` (default: all but the RNG) as plain Python:
-        modules and optimizers as state dicts, pickled objects unpickled."""
+        modules as state dicts, pickled objects unpickled, dicts keyed by int where they
+        were saved so (a raw ``optimizer.state_dict()``). An optimizer comes as
+        ``Optimizer.load_state_dict`` takes it (``{"state": {0: ...}, "param_groups":
+        [{..., "params": [0, ...]}]}``, ids in the order of its groups); one saved before
+        the engine recorded that order comes keyed by parameter name, as
+        ``set_optimizer_state_dict`` takes it (``optim_layout.py``). ``progress``: as
+        ``load``'s."""
         wanted = list(keys) if keys is not None else self.keys
         for key in wanted:
             self._check_key(key)
         loaded: dict[str, Any] = {}
-        with quiet_dcp(True):
+        total = sum(_nbytes(m) for k in wanted for m in self.tensors(k).values())
+        what = f"read {self.path.name}"
+        with quiet_dcp(True), load_progress(what, total, progress) as bar:
             # DCP's own converter (format_utils.dcp_to_torch_save) does this: the public
             # dcp.load only fills keys the caller's dict already has.
             _load_state_dict(
                 loaded,
                 storage_reader=NativeReader(self.path),
-                planner=_EmptyStateDictLoadPlanner(keys=set(wanted)),
+                planner=CountingEmptyPlanner(bar, keys=set(wanted)),
                 no_dist=True,
             )
-        out = {}
-        for key in wanted:
-            value = loaded.get(key)
-            if self.marker.entries[key].get("encoding") == state.PICKLE and value is not None:
-                value = pickle.loads(value)
-            out[key] = value
-        return out
+        return {key: _plain(loaded.get(key), self.marker.entries[key]) for key in wanted}
 
     def load_tensor(self, fqn: str) -> torch.Tensor:
         """One tensor (its full value, whatever the sharding at save) by flat name."""
@@ -234,6 +243,24 @@ def open_checkpoint(
     if bad:
         raise IntegrityError(f"no checkpoint of {p} verifies ({', '.join(bad)} are corrupt)")
     raise CheckpointNotFoundError(f"experiment {p} has no committed checkpoint")
+
+
+def _nbytes(meta: TensorStorageMetadata) -> int:
+    return math.prod(meta.size) * meta.properties.dtype.itemsize
+
+
+def _plain(value: Any, entry: Mapping[str, Any]) -> Any:
+    """One entry's value, as ``_load_state_dict`` read it, as plain Python."""
+    if value is None:
+        return None
+    if entry.get("encoding") == state.PICKLE:
+        return pickle.loads(value)
+    if entry["kind"] == state.OPTIMIZER:
+        groups = entry.get("params")
+        if groups is None:
+            return optim_layout.flat_to_fqn(value)
+        return optim_layout.flat_to_nested(value, groups, "ids")
+    return trees.restore_int_keys(value, entry.get("int_keys") or [])
 
 
 def _agree(

@@ -32,6 +32,7 @@ from torch.distributed.checkpoint._nested_dict import flatten_state_dict, unflat
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
 
 from .codecs import (
+    ADOPTED,
     MODULE,
     OBJECT,
     OPTIMIZER,
@@ -51,9 +52,11 @@ from .codecs import (
     restore_rng_state,
 )
 from .errors import CheckpointError, StateMismatchError
+from .saved import codec_for_saved
 from .trees import has_tensor
 
 __all__ = [
+    "ADOPTED",
     "MODULE",
     "OBJECT",
     "OPTIMIZER",
@@ -240,12 +243,7 @@ def _build_load_plan(
             raise StateMismatchError(
                 f"checkpoint {where} has no entry {key!r} (it has: {sorted(entries)})"
             )
-        codec = codec_for(value)
-        if codec.kind != saved["kind"]:
-            raise StateMismatchError(
-                f"checkpoint {where}: {key!r} was saved as a {saved['kind']}, "
-                f"cannot load it into a {codec.kind} ({type(value).__name__})"
-            )
+        codec = codec_for_saved(codec_for(value), saved, key, value, where)
         slot = Slot(key, app_state, saved)
         nested[key] = codec.targets(slot, ctx)
         restores.append(_Restore(codec, slot))

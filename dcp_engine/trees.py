@@ -29,10 +29,55 @@ def has_tensor(tree: Any) -> bool:
     return False
 
 
+Path = list[str | int]
+
+
+def int_keyed(tree: Any, path: tuple[str | int, ...] = ()) -> list[Path]:
+    """The paths (keys and list indices from the root) of the non-empty dicts of ``tree``
+    whose keys are all ints, as in an optimizer's ``state``. DCP writes every key as a
+    str; a marker entry keeps these paths so that a read gives the ints back
+    (``restore_int_keys``). Below a key that is neither str nor int nothing is recorded."""
+    out: list[Path] = []
+    if isinstance(tree, Mapping):
+        if tree and all(isinstance(k, int) and not isinstance(k, bool) for k in tree):
+            out.append(list(path))
+        for k, v in tree.items():
+            if isinstance(k, (str, int)) and not isinstance(k, bool):
+                out.extend(int_keyed(v, (*path, k)))
+    elif isinstance(tree, (list, tuple)):
+        for i, v in enumerate(tree):
+            out.extend(int_keyed(v, (*path, i)))
+    return out
+
+
+def restore_int_keys(tree: Any, paths: list[Path]) -> Any:
+    """``tree`` (as DCP read it: str keys) with the dicts at ``paths`` keyed by int again,
+    in place; a path that is not there (DCP drops empty containers) is skipped."""
+    for path in sorted(paths, key=len):  # a parent's keys are ints before its children's
+        node = tree
+        for part in path:
+            if isinstance(node, Mapping):
+                node = node.get(part, node.get(str(part)))
+            elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+                node = node[part]
+            else:
+                node = None
+            if node is None:
+                break
+        if isinstance(node, dict) and all(str(k).lstrip("-").isdigit() for k in node):
+            items = list(node.items())
+            node.clear()
+            node.update((int(k), v) for k, v in items)
+    return tree
+
+
 def _map(tree: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
-    """Copy the containers of ``tree`` with ``fn`` applied to tensors; tuples become lists."""
+    """Copy the containers of ``tree`` with ``fn`` applied to tensors; tuples holding a
+    tensor become lists (DCP pickles a tuple whole), others stay leaves (Adam's betas)."""
     if isinstance(tree, torch.Tensor):
         return fn(tree)
+    if isinstance(tree, tuple) and not has_tensor(tree):
+        return tree
     if isinstance(tree, Mapping):
         return {k: _map(v, fn) for k, v in tree.items()}
     if isinstance(tree, (list, tuple)):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -94,14 +95,18 @@ def test_help_and_version_answer_without_importing_torch_and_name_every_argument
     assert probe.stdout.strip() == "False", probe.stdout + probe.stderr
     version = cli("--version")
     assert version.returncode == 0 and version.stdout.startswith("dcp-engine ")
-    for command in ("ls", "inspect", "verify", "export", "gc", "average"):
+    for command in ("ls", "inspect", "verify", "export", "gc", "average", "adopt"):
         helped = cli(command, "--help")
-        positional = helped.stdout.split("positional arguments:")[1].split("options:")[0]
+        positional, options = helped.stdout.split("positional arguments:")[1].split("options:")
         lines = [ln for ln in positional.splitlines() if ln.strip()]
         # every positional argument has its line of help, not its bare name
         assert lines and all(len(ln.split()) > 1 or ln.startswith("    ") for ln in lines), (
             command, positional,
         )  # fmt: skip
+        # every option too: text after its flags, or an indented line of help below them
+        entries = [e.rstrip() for e in re.split(r"\n(?=  -)", "\n" + options)[1:]]
+        bare = [e for e in entries if len(re.split(r"\s{2,}", e.strip())) < 2 and "\n" not in e]
+        assert entries and not bare, (command, bare)
 
 
 def test_ls_lists_steps_metrics_aliases_and_marks_torn_ones(exp):
@@ -163,6 +168,19 @@ def test_export_teacher_loads_into_a_plain_model(exp, written, tmp_path):
     assert cli("export", exp, whole).returncode == 0
     everything = torch.load(whole, weights_only=False)
     assert set(everything) == {"student", "teacher", "optim", "center"}
+    # the FSDP2 AdamW of 2 ranks: int ids, whole moments, what load_state_dict takes
+    fresh = torch.optim.AdamW(toy.make_model(5).parameters(), lr=1.0)
+    fresh.load_state_dict(everything["optim"])
+    assert len(fresh.state) == 6 and fresh.param_groups[0]["lr"] == 1e-2
+    assert all(s["exp_avg"].shape == p.shape for p, s in fresh.state.items())
+
+
+def test_the_cli_page_renders_without_an_escaped_pipe():
+    import markdown
+
+    page = Path(__file__).parents[1] / "docs" / "cli.md"
+    html = markdown.markdown(page.read_text(), extensions=["tables", "fenced_code", "toc"])
+    assert "\\|" not in html and "<table>" in html
 
 
 def test_average_of_three_equals_the_hand_computed_mean(exp, written, tmp_path):

@@ -111,7 +111,8 @@ def test_optimizer_roundtrip_is_exact_and_names_its_module(tmp_path):
     src, dst = toy.make_app("plain", seed=0), toy.make_app("plain", seed=1)
     toy.train(src, 2, rank=0)
     entries = roundtrip(src, dst, tmp_path)
-    assert entries["optim"] == {"kind": "optimizer", "module": "model"}
+    names = [f"{i}.{p}" for i in (0, 2, 4) for p in ("weight", "bias")]
+    assert entries["optim"] == {"kind": "optimizer", "module": "model", "params": [names]}
     toy.assert_equal(toy.full_state(src), toy.full_state(dst))
 
 
