@@ -11,14 +11,9 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .callbacks import (
-        LOOP_KEY,
-        AsyncCheckpointCallback,
-        CheckpointCallback,
-        TrainStart,
-        loop_position,
-    )
+    from .callbacks import AsyncCheckpointCallback, CheckpointCallback
     from .config import KEY_ALIASES, CheckpointConfig
+    from .data import ResumableDistributedSampler
     from .errors import (
         CheckpointError,
         CheckpointNotFoundError,
@@ -34,6 +29,9 @@ if TYPE_CHECKING:
     from .manager import CheckpointManager
     from .native import storage_writer
     from .native_reader import storage_reader
+    from .position import LOOP_KEY, TrainStart, loop_position
+    from .preemption import Preempted
+    from .ranked import PerRank
     from .reader import CheckpointReader, open_checkpoint
     from .resolve import find_checkpoints
     from .retention import RetentionPolicy
@@ -46,11 +44,13 @@ __version__ = "0.1.0"
 _WHERE = {
     "AsyncCheckpointCallback": "callbacks",
     "CheckpointCallback": "callbacks",
-    "LOOP_KEY": "callbacks",
-    "TrainStart": "callbacks",
-    "loop_position": "callbacks",
+    "LOOP_KEY": "position",
+    "Preempted": "preemption",
+    "TrainStart": "position",
+    "loop_position": "position",
     "CheckpointConfig": "config",
     "KEY_ALIASES": "config",
+    "ResumableDistributedSampler": "data",
     "CheckpointError": "errors",
     "CheckpointNotFoundError": "errors",
     "ConfigError": "errors",
@@ -64,6 +64,7 @@ _WHERE = {
     "CheckpointManager": "manager",
     "storage_reader": "native_reader",
     "storage_writer": "native",
+    "PerRank": "ranked",
     "CheckpointReader": "reader",
     "open_checkpoint": "reader",
     "find_checkpoints": "resolve",
@@ -106,6 +107,9 @@ __all__ = [
     "LoadResult",
     "LocalStorage",
     "NotACheckpointError",
+    "PerRank",
+    "Preempted",
+    "ResumableDistributedSampler",
     "RetentionPolicy",
     "SaveHandle",
     "SaveStats",

@@ -35,6 +35,7 @@ from .index import CheckpointInfo, Which
 from .location import Location, as_location, is_url
 from .marker import Marker
 from .native_reader import NativeReader
+from .ranked import PICKLE_PER_RANK
 from .storage import storage_of
 
 log = logging.getLogger(__name__)
@@ -122,6 +123,7 @@ class CheckpointReader:
                 restore_rng=False,
                 where=str(self.path),
                 optional=optional,
+                world_size=dist.get_world_size(group) if distributed else 1,
             )
         except Exception as e:
             error = e
@@ -147,7 +149,8 @@ class CheckpointReader:
 
     def load_entries(self, keys: Sequence[str] | None = None) -> dict[str, Any]:
         """The saved values of ``keys`` (default: all but the RNG) as plain Python:
-        modules and optimizers as state dicts, pickled objects unpickled."""
+        modules and optimizers as state dicts, pickled objects unpickled, a per-rank
+        value as ``{"rank<r>": its state}``."""
         wanted = list(keys) if keys is not None else self.keys
         for key in wanted:
             self._check_key(key)
@@ -164,8 +167,11 @@ class CheckpointReader:
         out = {}
         for key in wanted:
             value = loaded.get(key)
-            if self.marker.entries[key].get("encoding") == state.PICKLE and value is not None:
+            encoding = self.marker.entries[key].get("encoding")
+            if encoding == state.PICKLE and value is not None:
                 value = pickle.loads(value)
+            elif encoding == PICKLE_PER_RANK and isinstance(value, dict):
+                value = {rank: pickle.loads(blob) for rank, blob in value.items()}
             out[key] = value
         return out
 

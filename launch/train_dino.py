@@ -424,8 +424,9 @@ class Progress:
                 assert s is not None
                 self.write(
                     f"checkpoint step {s.step}: {s.bytes / 2**20:.1f} MiB, blocked "
-                    f"{s.blocked_s * 1e3:.1f} ms (+{s.waited_s * 1e3:.0f} ms waiting for the "
-                    f"previous save), committed in {s.total_s:.2f} s ({s.gbps:.3f} GB/s)"
+                    f"{s.blocked_s * 1e3:.1f} ms (waited {s.waited_s * 1e3:.1f} ms for the "
+                    f"previous save + staged {s.staged_s * 1e3:.1f} ms), committed in "
+                    f"{s.total_s:.2f} s ({s.gbps:.3f} GB/s)"
                 )
             self.reported.add(h.step)
             self.pending.remove(h)
