@@ -110,13 +110,13 @@ class PerRankCodec(Codec):
         fqn = f"{slot.key}.{self._mine}"
         other_world = self.world_size is not None and saved != self.world_size
         if other_world or fqn not in ctx.metadata.state_dict_metadata:
-            now = "this job has " + (f"{self.world_size}" if self.world_size else "another")
+            now = f"{self.world_size} here" if self.world_size else f"no copy for rank {self.rank}"
             raise StateMismatchError(
                 f"app_state[{slot.key!r}] ({type(slot.value).__name__}) holds per-rank state "
-                f"saved by {saved} ranks; {now}: rank {self.rank}'s position means nothing "
-                "to another split of the data. Resume on the same world size, load with "
-                f"optional=({slot.key!r},) to start it afresh, or keep the position in a "
-                "de.ResumableDistributedSampler (world-size aware) in app_state"
+                f"saved by {saved} ranks ({now}): a rank's position means nothing to another "
+                "split of the data. Resume on the same world size, leave it out of the "
+                "app_state of this load (it then starts its epoch afresh), or keep the "
+                "position in a de.ResumableDistributedSampler (world-size aware) instead"
             )
         ctx.lenient.add(f"{slot.key}.rank")  # the other ranks' copies are theirs
         return {self._mine: b""}

@@ -133,7 +133,7 @@ def main() -> None:
     ck = dict(cfg["checkpoint"])
     ck.setdefault("model_name", m["arch"])
     ck.setdefault("dataset_name", d["name"] if not d["path"] else Path(d["path"]).name)
-    callback = de.AsyncCheckpointCallback(
+    callback = de.CheckpointCallback(  # asynchronous as checkpoint.async_mode says (process)
         de.CheckpointConfig.from_dict(ck), run_config=cfg, extra={CONFIG_KEY: cfg}
     )
     start = callback.on_train_start(app)

@@ -226,8 +226,12 @@ def test_a_stateful_dataloader_resumes_each_rank_at_its_own_position(tmp_path):
 
 
 @multirank(2)
-def metrics_of_two_ranks(rank: int, world_size: int, root: str) -> dict[str, Any]:
-    """Rank r reports loss 1 + r at step 1 (saved) and val_loss 3 + r at the epoch end."""
+def two_ranks(rank: int, world_size: int, root: str) -> dict[str, Any]:
+    """Metrics: rank r reports loss 1 + r at step 1 (saved) and val_loss 3 + r at the
+    epoch end, under each ``metrics_reduce``. Waiting: rank 1's disk is slow, and step 2
+    is saved while it still writes step 1: the figures of step 2 on each rank."""
+    from tests.seams import FaultyStorage
+
     out: dict[str, Any] = {}
     for how in ("mean", "max", "min", "rank0", "same"):
         c = cfg(root, experiment_name=how, metrics_reduce=how, save_every_n_steps=1,
@@ -244,25 +248,54 @@ def metrics_of_two_ranks(rank: int, world_size: int, root: str) -> dict[str, Any
         except de.CheckpointError as e:
             out[how] = str(e)
         cb.close()
+    slow = {"storage": FaultyStorage(slow_s=0.3)} if rank == 1 else {}
+    with de.CheckpointManager(cfg(root, experiment_name="wait", async_mode="thread"),
+                              **slow) as mgr:  # fmt: skip
+        mgr.save(1, {"w": torch.ones(1000)})
+        handle = mgr.save(2, {"w": torch.ones(1000)})
+        mgr.wait()
+    assert handle.stats is not None
+    out["stats"] = dataclasses.asdict(handle.stats) | {"blocked_s": handle.stats.blocked_s}
     return out
 
 
+@pytest.fixture(scope="module")
+def two_rank_run(tmp_path_factory) -> tuple[Path, list[dict[str, Any]]]:
+    root = tmp_path_factory.mktemp("two_ranks")
+    return root, two_ranks.run(str(root))
+
+
 @pytest.mark.multirank
-def test_metrics_that_differ_per_rank_are_reduced_or_refused_on_every_rank(tmp_path):
+def test_metrics_that_differ_per_rank_are_reduced_or_refused_on_every_rank(two_rank_run):
     """Pass: the marker holds the mean over the ranks by default (``max``, ``min``,
     ``rank0`` on request; the epoch-end validation too), the same on every rank; with
     ``metrics_reduce="same"`` the save is refused on every rank naming the metric and
     each rank's value."""
-    out = metrics_of_two_ranks.run(str(tmp_path))
+    root, out = two_rank_run
     expected = {"mean": 1.5, "max": 2.0, "min": 1.0, "rank0": 1.0}
     expected_val = {"mean": 3.5, "max": 4.0, "min": 3.0, "rank0": 3.0}
     for how, loss in expected.items():
         assert out[0][how] == out[1][how] == {"loss": loss, "lr": 0.5}
-        (info,) = de.find_checkpoints(tmp_path / how)
+        (info,) = de.find_checkpoints(root / how)
         assert info.metrics == {"loss": loss, "lr": 0.5, "val_loss": expected_val[how]}
     for o in out:
         assert "'loss'" in o["same"] and "1.0" in o["same"] and "2.0" in o["same"], o["same"]
-    assert not list((tmp_path / "same" / "checkpoints").glob("step_*"))
+    assert not list((root / "same" / "checkpoints").glob("step_*"))
+
+
+@pytest.mark.multirank
+def test_a_wait_for_another_ranks_previous_save_counts_as_waiting_not_staging(two_rank_run):
+    """Pass: step 2 is saved while rank 1 still writes step 1 on its slow disk. The ranks
+    stage in step, so the longest wait of any rank held every rank: each rank's
+    ``waited_s`` is that wait (within what ``save`` held it), the same wait counted on
+    both, never as staging; on every rank ``blocked_s = waited_s + staged_s``."""
+    _, out = two_rank_run
+    stats = [o["stats"] for o in out]
+    longest = max(s["waited_s"] for s in stats)
+    assert stats[0]["waited_s"] > 0
+    for s in stats:
+        assert s["waited_s"] == min(longest, s["blocked_s"]) and s["staged_s"] >= 0
+        assert s["blocked_s"] == s["waited_s"] + s["staged_s"]
 
 
 # ----------------------------------------------------------------------------- the save log
