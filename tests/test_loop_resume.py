@@ -307,10 +307,10 @@ import torch
 import dcp_engine as de
 from tests.seams import FaultyStorage
 
-def run(name, **kw):
+def run(name, slow_s=0.0, **kw):
     cfg = de.CheckpointConfig(root_dir=sys.argv[1], experiment_name=name,
                               async_mode="thread", fsync=False, **kw)
-    with de.CheckpointManager(cfg, storage=FaultyStorage(slow_s=0.3)) as mgr:
+    with de.CheckpointManager(cfg, storage=FaultyStorage(slow_s=slow_s)) as mgr:
         app = {"w": torch.zeros(1000)}
         mgr.save(1, app)
         handle = mgr.save(2, app)  # while step 1 is still writing: waits for it
@@ -319,7 +319,7 @@ def run(name, **kw):
     print(f"STATS {s.waited_s} {s.staged_s} {s.blocked_s}", file=sys.stderr, flush=True)
 
 print("PHASE default", file=sys.stderr, flush=True)
-run("a")
+run("a", slow_s=0.3)  # a slow disk: step 2 waits for step 1
 print("PHASE log_saves", file=sys.stderr, flush=True)
 run("b", log_saves=False)
 print("PHASE level", file=sys.stderr, flush=True)
