@@ -12,15 +12,10 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .adoption import adopt
-    from .callbacks import (
-        LOOP_KEY,
-        AsyncCheckpointCallback,
-        CheckpointCallback,
-        TrainStart,
-        loop_position,
-    )
+    from .callbacks import AsyncCheckpointCallback, CheckpointCallback
     from .config import CheckpointConfig, CheckpointParameters
     from .config_keys import KEY_ALIASES
+    from .data import ResumableDistributedSampler
     from .dino import load_checkpoint, save_checkpoint
     from .errors import (
         CheckpointError,
@@ -38,6 +33,9 @@ if TYPE_CHECKING:
     from .manager import CheckpointManager
     from .native import storage_writer
     from .native_reader import storage_reader
+    from .position import LOOP_KEY, TrainStart, loop_position
+    from .preemption import Preempted
+    from .ranked import PerRank
     from .reader import CheckpointReader, open_checkpoint
     from .resolve import find_checkpoints
     from .retention import RetentionPolicy
@@ -51,12 +49,14 @@ _WHERE = {
     "adopt": "adoption",
     "AsyncCheckpointCallback": "callbacks",
     "CheckpointCallback": "callbacks",
-    "LOOP_KEY": "callbacks",
-    "TrainStart": "callbacks",
-    "loop_position": "callbacks",
+    "LOOP_KEY": "position",
+    "Preempted": "preemption",
+    "TrainStart": "position",
+    "loop_position": "position",
     "CheckpointConfig": "config",
     "CheckpointParameters": "config",
     "KEY_ALIASES": "config_keys",
+    "ResumableDistributedSampler": "data",
     "CheckpointError": "errors",
     "CheckpointNotFoundError": "errors",
     "ConfigError": "errors",
@@ -73,6 +73,7 @@ _WHERE = {
     "CheckpointManager": "manager",
     "storage_reader": "native_reader",
     "storage_writer": "native",
+    "PerRank": "ranked",
     "CheckpointReader": "reader",
     "open_checkpoint": "reader",
     "find_checkpoints": "resolve",
@@ -116,6 +117,9 @@ __all__ = [
     "LoadResult",
     "LocalStorage",
     "NotACheckpointError",
+    "PerRank",
+    "Preempted",
+    "ResumableDistributedSampler",
     "RetentionPolicy",
     "SaveHandle",
     "SaveStats",

@@ -5,7 +5,7 @@ rank raises the same error, skips alike or goes on together)."""
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .comm import unwire_error
@@ -23,6 +23,10 @@ class Answer:
     renew: bool = False
     plan_cached: bool = False
     """This rank's plan has the structure of its cached global plan (``shards.py``)."""
+    metrics: dict[str, float] = field(default_factory=dict)
+    """This rank's metrics for the marker (reduced across ranks: ``metrics.py``)."""
+    waited: float = 0.0
+    """Seconds this rank waited for its previous save before staging."""
 
 
 def verdict(gathered: list[Answer], what: str) -> Exception | None:

@@ -1,10 +1,12 @@
 """Driving the manager from a custom training loop: when to save, resume, flush.
 
     cb = CheckpointCallback(CheckpointConfig.from_yaml("config.yaml"))
+    app_state["sampler"] = sampler                 # a ResumableDistributedSampler
     start = cb.on_train_start(app_state)           # resumes as config.resume says
     step = start.step                              # steps done
     for epoch in range(start.epoch, epochs):
-        for batch in ...:
+        sampler.set_epoch(epoch)                   # a resumed epoch goes on where it was
+        for batch in loader:
             ...
             step += 1
             cb.on_step_end(step, app_state, metrics={"loss": loss})
@@ -15,20 +17,16 @@
 Every rank calls every hook with the same arguments. The decision to save is alike on
 every rank: rules on step and epoch numbers are decided locally (no communication); a rule
 on the clock or on a metric, and an overridden ``should_save``, is decided by rank 0 and
-broadcast on the manager's side group.
+broadcast on the manager's side group. Metrics are every rank's, reduced
+(``CheckpointConfig.metrics_reduce``) before they are recorded or decided on.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
-import os
-import signal
-import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -36,35 +34,30 @@ import torch.distributed as dist
 
 from . import retention
 from .config import CheckpointConfig
+from .errors import TimelineError
 from .guide_calls import GuideCalls
-from .index import CheckpointInfo
 from .manager import CheckpointManager
 from .marker import clean_metrics
+from .position import LOOP_KEY, TrainStart, loop_position, position_of, timeline_hint
+from .preemption import Preempted, SigtermWatch
 from .saving import SaveHandle
 from .storage import Storage
 
 log = logging.getLogger(__name__)
 
 STEP, EPOCH, TRAIN_END = "step", "epoch", "train_end"
-LOOP_KEY = "trainer"  # in CheckpointInfo.extra: where the loop was
-
-
-@dataclass(frozen=True)
-class TrainStart:
-    """Where the loop starts: ``step`` steps are done (the global step; the next one to
-    run is ``step + 1`` when counting from 1), and ``epoch`` is the epoch to run."""
-
-    step: int
-    epoch: int
-    resumed_from: CheckpointInfo | None = None
 
 
 class CheckpointCallback(GuideCalls):
     """Saves on the schedule of ``config`` (``save_every_n_steps``/``_epochs``/``_seconds``,
     ``save_best_only``, ``save_on_train_end``) and resumes as ``config.resume`` says.
 
-    The loop position (steps done, epoch, whether the epoch had ended) is kept in the
-    checkpoint's marker (``CheckpointInfo.extra["trainer"]``, after Dream Trainer's
+    Writes as ``config.async_mode`` says, as given: asynchronous by default (the
+    config's default is ``"process"``: ``save`` returns once the state is staged), in-line
+    with ``async_mode="off"``.
+
+    The loop position (steps done, epoch, steps done in it, whether it had ended) is kept
+    in the checkpoint's marker (``CheckpointInfo.extra["trainer"]``, after Dream Trainer's
     ``trainer`` entry), so ``on_train_start`` can say where to go on. Subclasses may
     override ``should_save`` (with its arguments or, as Dream Trainer's guide does, none);
     rank 0's answer is then used on every rank. ``save()`` saves now (``guide_calls.py``,
@@ -95,15 +88,16 @@ class CheckpointCallback(GuideCalls):
         self._clock = clock
         self._step = 0  # steps done
         self._epoch = 0  # the epoch running now
+        self._epoch_start = 0  # steps done when it began
+        self._start: TrainStart | None = None  # what on_train_start returned
         self._metrics: dict[str, float] = {}  # from on_validation_end, not saved yet
         self._validated = False  # on_validation_end since the last save
         self._best: float | None = None  # best ``monitor`` value saved so far
         self._saved_step: int | None = None
         self._last_save = clock()
-        self._signal = 0  # a SIGTERM seen by this rank (save_on_sigterm)
+        self._sigterm = SigtermWatch()  # save_on_sigterm
         self.last_save: SaveHandle | None = None
         """The handle of the newest save the callback made (its figures, its commit)."""
-        self._previous_handler: Any = None
 
     # ------------------------------------------------------------------ hooks
 
@@ -121,53 +115,47 @@ class CheckpointCallback(GuideCalls):
             self._load_init_weights(app_state)  # a fresh run (a resumed one keeps its own)
         self._last_save = self._clock()
         if self.config.save_on_sigterm:
-            self._install_sigterm()
+            self._sigterm.install()
         if info is None:
-            return TrainStart(0, 0)
+            self._start = TrainStart(0, 0)
+            return self._start
         if self.manager.branch_source is not None and self.config.initial_load_only is not None:
             log.info("started from %s (%s only): step 0", info.path, self.config.initial_load_only)
-            return TrainStart(0, 0, info)  # a new training from those weights
-        loop = info.extra.get(LOOP_KEY)
-        if isinstance(loop, dict) and {"step", "epoch", "epoch_done"} <= set(loop):
-            step, epoch, ended = int(loop["step"]), int(loop["epoch"]), bool(loop["epoch_done"])
-        else:  # saved outside the callback: the marker's step and epoch
-            step, epoch, ended = info.step, info.epoch or 0, False
+            self._start = TrainStart(0, 0, info)  # a new training from those weights
+            return self._start
+        step, epoch, ended, batches = position_of(info)
         self._step, self._epoch = step, epoch + int(ended)
+        self._epoch_start = step - batches
         self._saved_step = info.step
         top = retention.best(self.manager.checkpoints(), self.config.monitor, self.config.mode)
         if self.config.monitor is not None:
             value = retention.metric_of(top or info, self.config.monitor)
             self._best = value if math.isfinite(value) else None
-        log.info("resumed from %s: %d steps done, epoch %d next", info.path, step, self._epoch)
-        return TrainStart(step, self._epoch, info)
+        log.info("resumed from %s: %d steps done, epoch %d next (%d of its steps done)",
+                 info.path, step, self._epoch, step - self._epoch_start)  # fmt: skip
+        self._start = TrainStart(step, self._epoch, info, step - self._epoch_start)
+        return self._start
 
     def on_step_end(
         self, step: int, app_state: Mapping[str, Any], metrics: Mapping[str, Any] | None = None
     ) -> bool:
         """After the ``step``-th step (the global step, counted from 1); saves if due.
         Returns whether it saved. With ``save_on_sigterm``, after a SIGTERM on any rank
-        this saves, waits for the commit, closes and ends the process with the signal."""
+        this saves, waits for the commit, closes and raises ``Preempted`` (a
+        ``SystemExit``: the program's ``finally`` and ``atexit`` run, the exit status is
+        ``128 + signum``)."""
+        start = self._start
+        if start is not None and start.resumed_from is not None and step <= start.step:
+            raise TimelineError(
+                f"on_step_end(step={step}): step {start.step} is already committed; "
+                f"{timeline_hint(start, self.config.resume, step)}"
+            )
         self._step = step
         if self.config.save_on_sigterm and self.manager is not None:
-            signum = self.manager.any_rank(self._signal, f"preemption check at step {step}")
+            signum = self.manager.any_rank(self._sigterm.signum, f"preemption check at step {step}")
             if signum:
                 self._save_and_exit(step, app_state, metrics, signum)
         return self._maybe_save(STEP, step, self._epoch, app_state, metrics, ended=False)
-
-    def _install_sigterm(self) -> None:
-        """First SIGTERM: note it; the next step end saves and exits. Second: exit now."""
-        if threading.current_thread() is not threading.main_thread():
-            raise RuntimeError("save_on_sigterm needs on_train_start on the main thread")
-
-        def handler(signum: int, frame: Any) -> None:
-            if self._signal:
-                signal.signal(signum, signal.SIG_DFL)
-                os.kill(os.getpid(), signum)
-            self._signal = signum
-            log.warning("signal %d: saving at the next step end, then exiting "
-                        "(send it again to exit at once)", signum)  # fmt: skip
-
-        self._previous_handler = signal.signal(signal.SIGTERM, handler)
 
     def _save_and_exit(
         self, step: int, app_state: Mapping[str, Any], metrics: Any, signum: int
@@ -177,11 +165,10 @@ class CheckpointCallback(GuideCalls):
             merged = {**self._metrics, **clean_metrics(metrics)}
             self._save(step, self._epoch, app_state, merged, ended=False, force=True)
         self.manager.wait()
-        log.warning("preempted (signal %d): step %d is committed; exiting", signum, step)
         self.close()
-        logging.shutdown()
-        signal.signal(signum, signal.SIG_DFL)
-        os.kill(os.getpid(), signum)
+        log.warning("preempted (signal %d): step %d is committed; exiting with %d",
+                    signum, step, 128 + signum)  # fmt: skip
+        raise Preempted(signum, step)
 
     def on_epoch_end(
         self,
@@ -201,7 +188,7 @@ class CheckpointCallback(GuideCalls):
             step = self._step if self._step > 0 else epoch + 1
         self._step = step
         saved = self._maybe_save(EPOCH, step, epoch, app_state, metrics, ended=True)
-        self._epoch = epoch + 1
+        self._epoch, self._epoch_start = epoch + 1, step
         return saved
 
     def on_validation_end(self, metrics: Mapping[str, Any]) -> None:
@@ -261,9 +248,7 @@ class CheckpointCallback(GuideCalls):
                           type(exc).__name__, e)  # fmt: skip
 
     def close(self) -> None:
-        if self._previous_handler is not None:
-            signal.signal(signal.SIGTERM, self._previous_handler)
-            self._previous_handler = None
+        self._sigterm.uninstall()
         if self.manager is not None:
             manager, self.manager = self.manager, None
             manager.close()
@@ -292,14 +277,18 @@ class CheckpointCallback(GuideCalls):
         ask = lambda: self._ask(event, step, epoch, metrics)  # noqa: E731
         what = f"should_save at step {step}"
         if type(self).should_save is not CheckpointCallback.should_save:
+            metrics = self.manager.reduce_metrics(metrics, what)  # `ask` reads the reduced
             return self.manager.decide(ask, what)
         if event == TRAIN_END:
             return cfg.save_on_train_end
         if event == STEP and cfg.save_every_n_seconds:
+            if cfg.save_best_only:
+                metrics = self.manager.reduce_metrics(metrics, what)
             return self.manager.decide(ask, what)
         if not self._due(event, step, epoch):
             return False
         if cfg.save_best_only:
+            metrics = self.manager.reduce_metrics(metrics, what)
             return self.manager.decide(lambda: self._is_new_best(metrics), what)
         return True
 
@@ -357,7 +346,8 @@ class CheckpointCallback(GuideCalls):
         if step == self._saved_step:
             # Saved already at this step (a step trigger on the epoch's last step): the
             # metrics that came since (the validation) go to that checkpoint.
-            if ended:
+            if ended:  # (alike on every rank: so is the collective of the reduction)
+                merged = self.manager.reduce_metrics(merged, f"metrics of step {step}")
                 self.manager.update_metrics(step, merged, extra=self._marker(step, epoch, True))
                 self._record_best(merged)
                 self._metrics, self._validated = {}, False
@@ -379,20 +369,25 @@ class CheckpointCallback(GuideCalls):
     ) -> bool:
         assert self.manager is not None
         extra = self._marker(step, epoch, ended)
-        handle = self.manager.save(
-            step, app_state, epoch=epoch, metrics=metrics, force=force, extra=extra, dtype=dtype
-        )
+        try:
+            handle = self.manager.save(
+                step, app_state, epoch=epoch, metrics=metrics, force=force, extra=extra, dtype=dtype
+            )
+        except TimelineError as e:
+            hint = timeline_hint(self._start, self.config.resume, step)
+            raise TimelineError(f"{e}; {hint}") from e
         self.last_save = handle
         if handle.skipped:
             return False  # when_busy="skip": the previous save is still writing
         self._saved_step, self._last_save = step, self._clock()
-        self._record_best(metrics)
+        self._record_best(handle.metrics)
         self._metrics, self._validated = {}, False
         return True
 
     def _marker(self, step: int, epoch: int, epoch_done: bool) -> dict[str, Any]:
         """The marker's ``extra``: the caller's, and the loop position."""
-        return {**self._extra, LOOP_KEY: loop_position(step, epoch, epoch_done)}
+        batches = step - self._epoch_start
+        return {**self._extra, LOOP_KEY: loop_position(step, epoch, epoch_done, batches)}
 
     def _record_best(self, metrics: Mapping[str, float]) -> None:
         monitor = self.config.monitor
@@ -402,19 +397,25 @@ class CheckpointCallback(GuideCalls):
 
 
 class AsyncCheckpointCallback(CheckpointCallback):
-    """``CheckpointCallback`` that writes in the background: a config with
-    ``async_mode="off"`` is switched to the writer process (``"process"``)."""
+    """``CheckpointCallback`` that guarantees background writes: its config's
+    ``async_mode`` must be ``"thread"`` or ``"process"`` (the default); ``"off"`` is
+    refused (``ValueError``), never switched silently."""
 
     def __init__(self, config: CheckpointConfig, **kwargs: Any) -> None:
-        if config.async_mode == "off":
-            config = dataclasses.replace(config, async_mode="process")
+        if isinstance(config, CheckpointConfig) and config.async_mode == "off":
+            raise ValueError(
+                "AsyncCheckpointCallback writes in the background, but the config says "
+                "async_mode='off': use CheckpointCallback for in-line saves, or set "
+                "async_mode to 'process' (the default) or 'thread'"
+            )
         super().__init__(config, **kwargs)
 
 
-def loop_position(step: int, epoch: int, epoch_done: bool) -> dict[str, Any]:
-    """``extra["trainer"]`` of a checkpoint: ``step`` steps done in ``epoch``, and whether
-    that epoch had ended (``on_train_start`` then goes on with the next)."""
-    return {"step": step, "epoch": epoch, "epoch_done": epoch_done}
-
-
-__all__ = ["AsyncCheckpointCallback", "CheckpointCallback", "TrainStart"]
+__all__ = [
+    "LOOP_KEY",
+    "AsyncCheckpointCallback",
+    "CheckpointCallback",
+    "Preempted",
+    "TrainStart",
+    "loop_position",
+]

@@ -10,6 +10,7 @@ from typing import Any
 
 from .errors import CheckpointError, ConfigError
 from .location import URL, Location, as_location, is_url
+from .metrics import REDUCTIONS
 from .retention import RetentionPolicy
 
 ASYNC_MODES = ("off", "thread", "process")
@@ -58,6 +59,12 @@ class CheckpointConfig:
     mode: str = "min"
     """``"min"`` or ``"max"``: which direction of ``monitor`` is better."""
 
+    metrics_reduce: str = "mean"
+    """Metrics that differ between ranks (a per-rank ``loss.item()``) become the marker's
+    (and ``monitor``'s) value by: ``"mean"`` (of the ranks that passed it), ``"max"``,
+    ``"min"``, ``"rank0"`` (rank 0's alone), or ``"same"`` (they must be alike: an error
+    names the metric and each rank's value otherwise). Costs nothing more in ``save``."""
+
     async_mode: str = "process"
     """How shards are written: ``"off"`` (in-line; ``save`` returns once committed),
     ``"thread"`` (a background thread per rank writes a staged copy) or ``"process"`` (a
@@ -99,6 +106,11 @@ class CheckpointConfig:
     """Hash every file while writing it (CRC-32, kept in the marker) so that ``verify``
     finds a flipped byte. Costs ~0.15 s of CPU per 512 MiB per rank on the write path
     (not on the blocking part); off: ``verify`` checks sizes only."""
+
+    log_saves: bool = True
+    """Rank 0 logs one line per committed save (size, blocked = waited + staged, time to
+    commit, rate) to the ``dcp_engine.savelog`` logger, printed on stderr when the
+    program configured no logging (``savelog.py``). False: no line."""
 
     # ---------------------------------------------------------------- training loop
 
@@ -254,6 +266,7 @@ class CheckpointConfig:
             ("async_mode", ASYNC_MODES),
             ("staging", STAGING),
             ("when_busy", WHEN_BUSY),
+            ("metrics_reduce", REDUCTIONS),
         ):
             if getattr(self, name) not in allowed:
                 raise ConfigError(name, getattr(self, name), f"one of {allowed}")
@@ -274,7 +287,7 @@ class CheckpointConfig:
             or lease <= 0
         ):
             raise ConfigError("lease_timeout_s", lease, "a finite number of seconds > 0")
-        for name in ("capture_rng", "fsync", "digests"):
+        for name in ("capture_rng", "fsync", "digests", "log_saves"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(name, getattr(self, name), "True or False")
         if (

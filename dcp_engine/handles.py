@@ -12,12 +12,14 @@ from .index import CheckpointInfo
 
 @dataclass(frozen=True)
 class SaveStats:
-    """The figures of one save, the same on every rank (``bytes`` is the whole checkpoint)."""
+    """The figures of one save on this rank (``bytes`` is the whole checkpoint).
+
+    ``save`` held the caller ``blocked_s = waited_s + staged_s``: first a wait for the
+    previous save (``waited_s``), then the copy of the state and the agreement of the
+    ranks (``staged_s``)."""
 
     step: int
     bytes: int
-    blocked_s: float
-    """How long ``save`` held the caller (staging; a wait for the previous save aside)."""
     write_s: float
     """DCP write of the shards on this rank, fsync included."""
     commit_s: float
@@ -26,13 +28,27 @@ class SaveStats:
     """From the call until committed."""
     skipped: bool = False
     waited_s: float = 0.0
-    """How long ``save`` waited for the previous save before staging (``when_busy``)."""
+    """How long ``save`` waited for the previous save to finish writing: on this rank,
+    or, at the ranks' agreement, on the rank that waited longest (the ranks stage in
+    step, so its wait held every rank); at most the whole time ``save`` held the caller.
+    Zero with ``async_mode="off"``."""
+    staged_s: float = 0.0
+    """The rest of the time ``save`` held the caller: building the state dict, copying it
+    into the staging buffers, agreeing with the other ranks (and, with
+    ``staging="overlap"``, optimizer steps waiting for the deferred copy). With
+    ``async_mode="off"``: the whole save, write and commit included."""
     planned: bool = False
     """DCP's global planning ran (the first save, or a state whose structure changed): a
     gather and a broadcast more; otherwise every rank reused its cached plan."""
 
     @property
+    def blocked_s(self) -> float:
+        """How long ``save`` held the caller: ``waited_s + staged_s``."""
+        return self.waited_s + self.staged_s
+
+    @property
     def gbps(self) -> float:
+        """Bytes per second from the call to the commit, in 10^9 (``fmt_bytes`` for 2^30)."""
         return self.bytes / self.total_s / 1e9 if self.total_s > 0 else math.inf
 
 
@@ -72,6 +88,10 @@ class SaveHandle:
         self.skipped = False
         self.stats: SaveStats | None = None
         """The save's figures, once committed (or skipped)."""
+        self.metrics: dict[str, float] = {}
+        """The metrics the marker records: every rank's, reduced as
+        ``CheckpointConfig.metrics_reduce`` says (alike on every rank), once the ranks
+        agreed on the save (when ``save`` returns)."""
         self.uploaded: Future[CheckpointInfo] | None = None
         """With a local tier (``local_dir``), on rank 0: resolves to the remote
         checkpoint once its upload to ``root_dir`` committed (or to the upload's error).

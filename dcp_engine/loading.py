@@ -267,6 +267,7 @@ class Loader:
             restore_rng=self.config.capture_rng,
             where=str(path),
             optional=optional,
+            world_size=self._comm.world_size,
         )
 
 

@@ -27,6 +27,7 @@ from .experiment import Experiment, Plan
 from .index import CheckpointInfo, Which
 from .loading import Loader
 from .marker import clean_extra, clean_metrics
+from .metrics import reduce_metrics
 from .resolve import read_marker
 from .saving import SaveHandle, SavePipeline, SaveStats
 from .storage import Storage, storage_of
@@ -151,10 +152,12 @@ class CheckpointManager:
         on) and the write and commit go on in the background (``handle.committed`` or
         ``wait()``). An error of the previous background save is raised here, on every
         rank. ``force=True``: never skipped (``when_busy="skip"`` waits instead).
-        ``extra``: a small JSON-able dict kept in the marker (``CheckpointInfo.extra``),
-        rank 0's; the callbacks keep the loop position there. ``dtype``: floating-point
-        tensors are written in it (a weights export; loads into objects of another dtype
-        are refused, ``load_weights`` and ``export`` convert).
+        ``metrics``: this rank's; the marker records every rank's, reduced as
+        ``config.metrics_reduce`` says (``handle.metrics``), within the ranks' one
+        agreement. ``extra``: a small JSON-able dict kept in the marker
+        (``CheckpointInfo.extra``), rank 0's; the callbacks keep the loop position there.
+        ``dtype``: floating-point tensors are written in it (a weights export; loads into
+        objects of another dtype are refused, ``load_weights`` and ``export`` convert).
         """
         self._check_open()
         handle = self._saves.save(
@@ -298,7 +301,7 @@ class CheckpointManager:
         that ends after the step was saved). A save still in flight gets them in its marker
         at the commit; a committed one has its marker rewritten atomically, and ``best``
         and retention follow. ``extra`` is merged into the marker's alike. Rank 0's values
-        count; no collective."""
+        count (``reduce_metrics`` first for per-rank ones); no collective."""
         self._check_open()
         clean, more = clean_metrics(metrics), clean_extra(extra)
         if self.rank != 0 or not (clean or more):
@@ -334,6 +337,23 @@ class CheckpointManager:
         rank. Collective, on the manager's side group."""
         self._check_open()
         return max(self._comm.all_gather(int(value), what))
+
+    def reduce_metrics(
+        self, metrics: Mapping[str, Any] | None, what: str = "metrics"
+    ) -> dict[str, float]:
+        """Every rank's ``metrics`` reduced as ``config.metrics_reduce`` says: the same
+        dict on every rank (for ``update_metrics``, or a decision on a metric), or the same
+        error. Collective: one small gather on the manager's side group."""
+        self._check_open()
+        try:
+            mine, error = clean_metrics(metrics), None
+        except TypeError as e:
+            mine, error = {}, str(e)
+        gathered = self._comm.all_gather((mine, error), what)
+        failed = [f"rank {r}: {e}" for r, (_, e) in enumerate(gathered) if e is not None]
+        if failed:
+            raise TypeError(f"{what}: {'; '.join(failed)}")
+        return reduce_metrics([m for m, _ in gathered], self.config.metrics_reduce, what)
 
     def wait(self) -> None:
         """Block until the save in flight is committed; raise its error if it failed."""

@@ -36,6 +36,7 @@ from .location import Location, as_location, is_url
 from .marker import Marker
 from .native_reader import NativeReader
 from .progress import CountingEmptyPlanner, CountingLoadPlanner, load_progress, tensor_bytes
+from .ranked import PICKLE_PER_RANK
 from .storage import storage_of
 
 log = logging.getLogger(__name__)
@@ -125,6 +126,7 @@ class CheckpointReader:
                 restore_rng=False,
                 where=str(self.path),
                 optional=optional,
+                world_size=dist.get_world_size(group) if distributed else 1,
             )
         except Exception as e:
             error = e
@@ -159,8 +161,8 @@ class CheckpointReader:
         ``Optimizer.load_state_dict`` takes it (``{"state": {0: ...}, "param_groups":
         [{..., "params": [0, ...]}]}``, ids in the order of its groups); one saved before
         the engine recorded that order comes keyed by parameter name, as
-        ``set_optimizer_state_dict`` takes it (``optim_layout.py``). ``progress``: as
-        ``load``'s."""
+        ``set_optimizer_state_dict`` takes it (``optim_layout.py``). A per-rank value comes
+        as ``{"rank<r>": its state}``. ``progress``: as ``load``'s."""
         wanted = list(keys) if keys is not None else self.keys
         for key in wanted:
             self._check_key(key)
@@ -255,6 +257,8 @@ def _plain(value: Any, entry: Mapping[str, Any]) -> Any:
         return None
     if entry.get("encoding") == state.PICKLE:
         return pickle.loads(value)
+    if entry.get("encoding") == PICKLE_PER_RANK and isinstance(value, dict):
+        return {rank: pickle.loads(blob) for rank, blob in value.items()}
     if entry["kind"] == state.OPTIMIZER:
         groups = entry.get("params")
         if groups is None:

@@ -26,50 +26,28 @@ import torch.distributed as dist
 
 from . import state, trees
 from .agreement import Answer, verdict
+from .background import Background, Job
 from .comm import Comm, wire_error
 from .committer import PhaseHook
 from .config import CheckpointConfig
 from .errors import CheckpointError
 from .experiment import Experiment
 from .handles import SaveHandle, SaveStats
-from .index import CheckpointInfo
-from .location import Location
-from .marker import SHARDS_RAW, clean_extra, clean_metrics
-from .native import write_metadata
+from .marker import clean_extra, clean_metrics
+from .metrics import reduce_metrics
 from .overlap import OptimizerHooks
-from .shards import BlobCache, LocalPlan, PlanCache, live_plan, rank_write, staged_plan
+from .shards import BlobCache, LocalPlan, PlanCache, live_plan, staged_plan
 from .staging import StagedState, StagingPool, WriteItems, mutated_by_optimizers_only
 from .storage import Storage
-from .units import fmt_bytes
 from .worker import Worker
 from .writers import (
     LocalWriter,
     ProcessWriter,
-    RankWritten,
     ShardWriter,
     WriteOptions,
-    summary,
 )
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class _Job:
-    """A save that every rank agreed on, from the write on."""
-
-    handle: SaveHandle
-    epoch: int | None
-    entries: dict[str, Any]
-    start: float
-    waited: float
-    local: LocalPlan
-    replan: bool
-    """Some rank's plan changed structure: DCP's global planning runs (collectively)."""
-
-    @property
-    def step(self) -> int:
-        return self.handle.step
 
 
 @dataclass(frozen=True)
@@ -83,7 +61,7 @@ class _Built:
     local: LocalPlan
 
 
-class SavePipeline:
+class SavePipeline(Background):
     """One manager's saves. Only one is in flight at a time."""
 
     def __init__(
@@ -173,6 +151,8 @@ class SavePipeline:
             None if error is None else wire_error(error),
             renew=previous is not None or self._io.broken,
             plan_cached=built is not None and self._plans.has(built.local.key),
+            metrics={} if built is None else built.metrics,
+            waited=waited,
         )
         try:
             gathered: list[Answer] = self._comm.all_gather(mine, what)
@@ -181,6 +161,13 @@ class SavePipeline:
             raise
         refused = verdict(gathered, what)
         skip = any(g.busy for g in gathered)
+        if refused is None and not skip:
+            try:  # the marker's metrics, from every rank's (alike on every rank)
+                handle.metrics = reduce_metrics(
+                    [g.metrics for g in gathered], self.config.metrics_reduce, what
+                )
+            except CheckpointError as e:
+                refused = e
         if refused is not None or error is not None or skip:
             self._abort(step, began)
             if built is not None and built.local.staged is not None:
@@ -190,24 +177,25 @@ class SavePipeline:
         if refused is not None:
             raise refused
         if skip:
-            return self._skipped(handle, gathered, start, waited)
+            return self._skipped(handle, gathered, start)
         if any(g.renew for g in gathered):  # a failed save broke the I/O group somewhere
             self._io.broken = True
             self._io.renew()
             self._writer.renew()
         assert built is not None
         with self._lock:
-            self._late[step] = (built.metrics, built.extra)
+            self._late[step] = (handle.metrics, built.extra)
         replan = not all(g.plan_cached for g in gathered)
-        job = _Job(handle, epoch, built.saved.entries, start, waited, built.local, replan)
+        # The ranks stage in step: the longest wait for a previous save held every rank.
+        waited = min(max(g.waited for g in gathered), time.perf_counter() - start)
+        job = Job(handle, epoch, built.saved.entries, start, waited, built.local, replan)
         staged = built.local.staged
         if staged is None:
-            blocked = time.perf_counter() - start
-            self._write_and_commit(job, self._comm, blocked)
+            self._write_and_commit(job, self._comm, 0.0)
             if not handle.staged.done():  # written and committed: the state is free
                 handle.staged.set_result(None)
             return handle
-        blocked = time.perf_counter() - start - waited
+        blocked = time.perf_counter() - start
         if not staged.pending:
             handle.staged.set_result(None)
         assert self._worker is not None
@@ -258,9 +246,6 @@ class SavePipeline:
             self.hooks.pending()
         return staged
 
-    def _staging_dir(self, step: int) -> Location:
-        return self._exp.layout.staging_dir(step, renames=self._storage.renames)
-
     def _begin(self, step: int) -> None:
         """Rank 0: the free space, the timeline, the ``.tmp``."""
         catalog = self._exp.catalog
@@ -269,15 +254,7 @@ class SavePipeline:
         catalog.committer.begin(step, None if newest is None else newest.step,
                                 last_bytes=0 if newest is None else newest.bytes)  # fmt: skip
 
-    def _abort(self, step: int, began: bool) -> None:
-        if began and self._exp.catalog.committer is not None:
-            self._exp.catalog.committer.abort(step)
-        with self._lock:
-            self._late.pop(step, None)
-
-    def _skipped(
-        self, handle: SaveHandle, gathered: list[Answer], start: float, waited: float
-    ) -> SaveHandle:
+    def _skipped(self, handle: SaveHandle, gathered: list[Answer], start: float) -> SaveHandle:
         busy = [r for r, g in enumerate(gathered) if g.busy]
         if self.rank == 0:
             log.warning(
@@ -287,132 +264,11 @@ class SavePipeline:
                 busy,
             )
         blocked = time.perf_counter() - start
-        stats = SaveStats(handle.step, 0, blocked, 0.0, 0.0, blocked, skipped=True, waited_s=waited)
+        stats = SaveStats(handle.step, 0, 0.0, 0.0, blocked, skipped=True, staged_s=blocked)
         with self._lock:
             self._stats.append(stats)
         handle._skip(stats)
         return handle
-
-    # ------------------------------------------------------------------ background
-
-    def _write_and_commit(self, job: _Job, comm: Comm, blocked: float) -> None:
-        """Every rank writes its shards into ``.tmp``; once all are durable, rank 0 commits
-        and every rank hears the outcome (over ``comm``). Resolves the job's handle."""
-        handle = job.handle
-        try:
-            info, write_s, commit_start = self._write_then_commit(job, comm)
-        except BaseException as e:
-            comm.broken = True  # its group may be dead: the next save renews it
-            self._plans.forget()
-            with self._lock:
-                self._late.pop(job.step, None)
-            handle.committed.set_exception(e)
-            if not handle.staged.done():
-                handle.staged.set_result(None)
-            raise
-        now = time.perf_counter()
-        if job.local.staged is not None:  # optimizer steps that waited for the copy
-            blocked += self.hooks.wait_s
-        stats = SaveStats(job.step, info.bytes, blocked_s=blocked, write_s=write_s,
-                          commit_s=now - commit_start, total_s=now - job.start,
-                          waited_s=job.waited, planned=job.replan)  # fmt: skip
-        handle.stats = stats
-        with self._lock:
-            self._stats.append(stats)
-        if self.rank == 0:
-            log.info("[rank=0][step=%d] saved %s in %.2f s (%.2f GB/s), blocked %.0f ms",
-                     job.step, fmt_bytes(stats.bytes), stats.total_s, stats.gbps,
-                     stats.blocked_s * 1e3)  # fmt: skip
-        handle.committed.set_result(info)
-
-    def _write_then_commit(self, job: _Job, comm: Comm) -> tuple[CheckpointInfo, float, float]:
-        step, what = job.step, f"save of step {job.step}"
-        tmp = self._staging_dir(step)
-        written: RankWritten | None = None
-        error: str | None = None
-        staged = job.local.staged
-        try:
-            # Planning first: it is collective when replanning, so every rank must reach
-            # it whatever fails on it alone (a deferred copy, below).
-            central = self._plans.central(job.local, comm, job.replan, what)
-            if staged is not None:  # overlapped staging: the deferred copies
-                try:
-                    staged.finish_copies()
-                finally:
-                    self.hooks.done()
-                    staged = None
-                if not job.handle.staged.done():
-                    job.handle.staged.set_result(None)
-            rank_job, source = rank_write(job.local, central, tmp, self.rank, self._blobs)
-            written = self._writer.write(rank_job, source)
-            self._hook("written", step)
-        except Exception as e:
-            if staged is not None:  # the planning failed before the copies: none will run
-                self.hooks.done()
-            if comm.broken:  # the planning collective failed: no gather would work either
-                self._abort(step, began=self.rank == 0)
-                raise
-            error = f"rank {self.rank}: {summary(e)}"
-        commit_start = time.perf_counter()
-        try:
-            results: list[tuple[RankWritten | None, str | None]] = comm.all_gather(
-                (written, error), what
-            )
-        except CheckpointError:  # a rank died or never came: no commit, no .tmp left
-            self._abort(step, began=self.rank == 0)
-            raise
-        failed = [e for _, e in results if e is not None]
-        if failed:
-            self._abort(step, began=self.rank == 0)
-            newest = self._exp.catalog.newest()
-            latest = None if newest is None else newest.step
-            raise CheckpointError(
-                f"{what} failed while writing {tmp}: {'; '.join(failed)}; nothing was "
-                f"committed, the newest checkpoint is still "
-                f"{'(none)' if latest is None else f'step {latest}'}"
-            )
-        assert written is not None
-        every = [w for w, _ in results if w is not None]
-        info, entries = comm.decide(lambda: self._commit(job, every), what)
-        if self.rank != 0:
-            self._exp.catalog.mirror(entries)
-        with self._lock:
-            self._late.pop(step, None)
-        return info, written.seconds, commit_start
-
-    def _commit(
-        self, job: _Job, written: list[RankWritten]
-    ) -> tuple[CheckpointInfo, list[CheckpointInfo]]:
-        """Rank 0, every rank's shards durable: DCP's ``.metadata``, the marker, the
-        rename, the catalog (index, aliases, retention in the background)."""
-        catalog = self._exp.catalog
-        assert catalog.committer is not None
-        tmp = self._staging_dir(job.step)
-        digests = {f.name: f.digest for w in written for f in w.files}
-        try:
-            data = self._plans.metadata_bytes([w.places for w in written])
-            fs = self._storage.shard_filesystem(digests=self._opts.digests, fsync=self._opts.fsync)
-            meta = write_metadata(fs, tmp, data)
-        except BaseException:
-            catalog.committer.abort(job.step)
-            raise
-        digests[meta.name] = meta.digest
-        # Under the lock from the marker to the catalog: metrics that come while writing go
-        # into the marker, and later ones find the checkpoint in the catalog.
-        with self._lock:
-            metrics, extra = self._late.pop(job.step, ({}, {}))
-            try:
-                path, marker = catalog.committer.finalize(
-                    job.step, epoch=job.epoch, metrics=metrics, extra=extra,
-                    entries=job.entries, digests=digests, world_size=self.world_size,
-                    shards=SHARDS_RAW,
-                )  # fmt: skip
-            except BaseException:
-                catalog.committer.abort(job.step)
-                raise
-            info = CheckpointInfo.from_marker(path, marker)
-            catalog.add(info)  # committed from the rename on: never raises
-        return info, catalog.entries()
 
     # ------------------------------------------------------------------ metrics, flush
 

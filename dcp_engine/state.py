@@ -1,8 +1,9 @@
 """Turning ``app_state`` into a DCP state dict and back, all or nothing.
 
 Every top-level value is written by the codec of its kind (``codecs.py``: module,
-optimizer, stateful, tensors, object, and ``_rng`` for the RNG states of every rank); the
-kind and encoding go into the marker so that a load knows how the bytes were written.
+optimizer, stateful, tensors, object, and ``_rng`` for the RNG states of every rank;
+``ranked.py``: per-rank values, a ``StatefulDataLoader`` or a ``PerRank``); the kind and
+encoding go into the marker so that a load knows how the bytes were written.
 
 A load never writes into the caller's objects until the whole checkpoint has been read
 into fresh storage and matched key by key and shape by shape (``build_load_plan``). Then
@@ -52,6 +53,7 @@ from .codecs import (
     restore_rng_state,
 )
 from .errors import CheckpointError, StateMismatchError
+from .ranked import PerRankCodec, is_per_rank
 from .saved import codec_for_saved
 from .trees import has_tensor
 
@@ -80,6 +82,11 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _MAX_KEYS_SHOWN = 5
+
+
+def _codec(value: Any, rank: int, world_size: int | None) -> Codec:
+    """The codec of ``value`` on rank ``rank`` of ``world_size`` (per-rank values first)."""
+    return PerRankCodec(rank, world_size) if is_per_rank(value) else codec_for(value)
 
 
 def check_keys(app_state: Mapping[str, Any]) -> None:
@@ -113,7 +120,7 @@ def build_save_state(
     sd: dict[str, Any] = {}
     entries: dict[str, dict[str, Any]] = {}
     for key, value in app_state.items():
-        sd[key], entries[key] = codec_for(value).encode(key, value, app_state)
+        sd[key], entries[key] = _codec(value, rank, world_size).encode(key, value, app_state)
     if capture_rng:
         rng = RngCodec(rank, world_size)
         sd[RNG_KEY], entries[RNG_KEY] = rng.encode(RNG_KEY, None, app_state)
@@ -206,9 +213,12 @@ def build_load_plan(
     restore_rng: bool,
     where: str,
     optional: Collection[str] = (),
+    world_size: int | None = None,
 ) -> LoadPlan:
     """Fresh targets for every key of ``app_state``, checked against the checkpoint (a key
-    in ``optional`` that the checkpoint lacks is left as it is).
+    in ``optional`` that the checkpoint lacks is left as it is). ``world_size``: the
+    loading job's, which a per-rank value must have been saved by (None: not checked
+    beyond this rank's copy being there).
 
     Raises ``StateMismatchError`` naming ``where`` and the first mismatching keys before
     anything is read; the caller's objects are untouched (an optimizer whose state had to
@@ -217,7 +227,9 @@ def build_load_plan(
     check_keys(app_state)
     ctx = LoadContext(metadata)
     try:
-        return _build_load_plan(app_state, entries, ctx, rank, restore_rng, where, optional)
+        return _build_load_plan(
+            app_state, entries, ctx, rank, restore_rng, where, optional, world_size
+        )
     except BaseException:
         for fn in ctx.rollbacks:
             fn()
@@ -232,6 +244,7 @@ def _build_load_plan(
     restore_rng: bool,
     where: str,
     optional: Collection[str],
+    world_size: int | None,
 ) -> LoadPlan:
     nested: dict[str, Any] = {}
     restores: list[_Restore] = []
@@ -243,7 +256,7 @@ def _build_load_plan(
             raise StateMismatchError(
                 f"checkpoint {where} has no entry {key!r} (it has: {sorted(entries)})"
             )
-        codec = codec_for_saved(codec_for(value), saved, key, value, where)
+        codec = codec_for_saved(_codec(value, rank, world_size), saved, key, value, where)
         slot = Slot(key, app_state, saved)
         nested[key] = codec.targets(slot, ctx)
         restores.append(_Restore(codec, slot))

@@ -133,7 +133,7 @@ def main() -> None:
     ck = dict(cfg["checkpoint"])
     ck.setdefault("model_name", m["arch"])
     ck.setdefault("dataset_name", d["name"] if not d["path"] else Path(d["path"]).name)
-    callback = de.AsyncCheckpointCallback(
+    callback = de.CheckpointCallback(  # asynchronous as checkpoint.async_mode says (process)
         de.CheckpointConfig.from_dict(ck), run_config=cfg, extra={CONFIG_KEY: cfg}
     )
     start = callback.on_train_start(app)
@@ -424,8 +424,9 @@ class Progress:
                 assert s is not None
                 self.write(
                     f"checkpoint step {s.step}: {s.bytes / 2**20:.1f} MiB, blocked "
-                    f"{s.blocked_s * 1e3:.1f} ms (+{s.waited_s * 1e3:.0f} ms waiting for the "
-                    f"previous save), committed in {s.total_s:.2f} s ({s.gbps:.3f} GB/s)"
+                    f"{s.blocked_s * 1e3:.1f} ms (waited {s.waited_s * 1e3:.1f} ms for the "
+                    f"previous save + staged {s.staged_s * 1e3:.1f} ms), committed in "
+                    f"{s.total_s:.2f} s ({s.gbps:.3f} GB/s)"
                 )
             self.reported.add(h.step)
             self.pending.remove(h)

@@ -56,25 +56,27 @@ def test_demo_dino_killed_at_random_and_resumed_equals_the_straight_run(tmp_path
 @pytest.mark.slow
 @pytest.mark.multirank
 def test_custom_loop_example_runs_then_resumes_and_keeps_its_policy(tmp_path):
-    """Pass: the docs' example under torchrun (2 ranks, DDP, writer processes) trains to
-    step 20, a second launch resumes from step 20 and trains to 40, and what is kept is
-    the top 2 by val_loss, the newest and the checkpoint the second run resumed from."""
+    """Pass: the docs' example under torchrun (2 ranks, DDP, writer processes) stopped
+    after step 13 (inside epoch 1), a second launch resumes there and ends at step 20, and
+    what is kept is the top 2 by val_loss, the newest and the checkpoint the second run
+    resumed from."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(REPO / "launch/examples/custom_loop.py"),
            str(REPO / "launch/examples/checkpoint.yaml")]  # fmt: skip
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     outs = []
-    for _ in range(2):
+    for extra in (["--max-steps", "13"], []):
         proc = subprocess.run(
-            cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+            cmd + extra, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
         )
         assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
         outs.append(proc.stdout)
-    assert "step 20; kept:" in outs[0] and "step 40; kept:" in outs[1]
+    assert "step 13; kept:" in outs[0] and "step 20; kept:" in outs[1]
+    assert "resumed at step 13, epoch 1 (3 of its batches done)" in outs[1]
     exp = tmp_path / "experiments" / "custom_loop"
     kept = {c.step: c.metrics for c in de.find_checkpoints(exp)}
     ranked = [c.step for c in de.find_checkpoints(exp, "best")]
-    assert 40 in kept and 20 in kept  # the newest; the one resumed from
+    assert 20 in kept and 13 in kept  # the newest; the one resumed from
     assert set(ranked[:2]) <= set(kept)  # the top 2 by val_loss
-    assert len(kept) <= 4 and all("val_loss" in m for m in kept.values())
+    assert len(kept) <= 4 and all("val_loss" in kept[s] for s in ranked[:2])
     assert (exp / "config.yaml").is_file()

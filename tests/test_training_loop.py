@@ -279,9 +279,9 @@ def test_on_exception_flushes_without_a_new_save_unless_configured(tmp_path):
         assert cb.manager is None
 
 
-def test_async_callback_switches_off_to_the_writer_process(tmp_path):
-    cb = de.AsyncCheckpointCallback(cfg(tmp_path))
-    assert cb.config.async_mode == "process"
+def test_async_callback_refuses_off_and_the_plain_callback_keeps_it(tmp_path):
+    with pytest.raises(ValueError, match="use CheckpointCallback"):
+        de.AsyncCheckpointCallback(cfg(tmp_path))
     assert de.CheckpointCallback(cfg(tmp_path)).config.async_mode == "off"
 
 
@@ -309,7 +309,9 @@ def test_an_epoch_end_on_a_step_save_resumes_at_the_next_epoch(tmp_path):
     c = cfg(tmp_path, save_every_n_steps=3, save_on_train_end=False)
     loop(de.CheckpointCallback(c), make_app(), epochs=2, per_epoch=3, losses=[0.5, 0.4])
     (last,) = de.find_checkpoints(tmp_path / "exp")[:1]
-    assert last.step == 6 and last.extra["trainer"] == {"step": 6, "epoch": 1, "epoch_done": True}
+    assert last.step == 6 and last.extra["trainer"] == {
+        "step": 6, "epoch": 1, "epoch_done": True, "batches_done": 3
+    }  # fmt: skip
     cb = de.CheckpointCallback(dataclasses.replace(c, resume="latest"))
     start = cb.on_train_start(make_app(seed=2))
     assert (start.step, start.epoch) == (6, 2)

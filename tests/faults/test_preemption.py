@@ -1,4 +1,6 @@
-"""SIGTERM (preemption) with save_on_sigterm: save at the next step end, then exit."""
+"""SIGTERM (preemption) with save_on_sigterm: save at the next step end, then raise
+``Preempted`` (a ``SystemExit`` with status 143; ``tests/test_loop_resume.py`` checks that
+``finally`` and ``atexit`` run in a real process)."""
 
 from __future__ import annotations
 
@@ -18,7 +20,8 @@ pytestmark = pytest.mark.multirank
 @multirank(2)
 def preempted(rank: int, world_size: int, root: str, double: bool) -> dict[str, Any]:
     """A callback loop with save_on_sigterm; the last rank gets SIGTERM before the end of
-    step 3 (twice if ``double``). Never returns normally if the preemption works."""
+    step 3 (twice if ``double``). Never returns normally if the preemption works: the
+    step end raises ``Preempted``."""
     import os
     import signal
 
@@ -48,10 +51,12 @@ def test_sigterm_on_one_rank_saves_the_step_on_every_rank_then_exits_with_the_si
     tmp_path,
 ):
     """Pass: rank 1 alone gets SIGTERM during step 3; both ranks save step 3 at its end,
-    the commit completes, and both processes end by SIGTERM (exit code -15); a fresh job
-    resumes from step 3 with its values."""
+    the commit completes, and the step end raises ``Preempted`` (exit status 143) on both
+    ranks; a fresh job resumes from step 3 with its values."""
     outcomes = preempted.outcomes(str(tmp_path), False)
-    assert outcomes == [("died", -15), ("died", -15)], outcomes
+    assert [kind for kind, _ in outcomes] == ["error", "error"], outcomes
+    for _, tb in outcomes:
+        assert "Preempted: preempted by signal 15: step 3 is committed" in tb, tb
     after = ranks.load_latest.run(str(tmp_path))
     assert after[0]["step"] == 3 and after[0]["steps"] == [3]
 
