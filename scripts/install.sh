@@ -13,7 +13,7 @@ export PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1
 # and the test tools are there. (An editable install of another clone does not count.)
 if (cd / && "$PY" - "$HERE" <<'PYEOF'
 import os, sys, sysconfig
-import dcp_engine, pytest, xdist, hypothesis, ruff, s3fs, moto, flask, aiohttp  # noqa: F401
+import dcp_engine, pytest, xdist, hypothesis, ruff, s3fs, moto, flask, aiohttp, lightning  # noqa: F401
 ours = os.path.realpath(dcp_engine.__file__).startswith(sys.argv[1] + os.sep)
 script = os.path.exists(os.path.join(sysconfig.get_path("scripts"), "dcp-engine"))
 sys.exit(0 if ours and script else 1)

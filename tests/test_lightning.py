@@ -243,6 +243,27 @@ def test_a_save_of_the_step_a_new_process_resumed_from_is_a_name_not_a_second_sa
     assert same(io.load_checkpoint(final), io.saved[str(final)]) == []
 
 
+def test_save_last_link_points_at_a_name_and_resumes(tmp_path: Path) -> None:
+    ckpt = tmp_path / "ckpt"
+
+    def mc() -> ModelCheckpoint:
+        return ModelCheckpoint(dirpath=ckpt, save_top_k=1, monitor="val_loss", save_last="link")
+
+    trainer(2, [mc()], plugins=[DcpEngineCheckpointIO(config(tmp_path))]).fit(
+        Tiny([2.0, 1.0, 0.5]), loader(), loader()
+    )
+    # last.ckpt is Lightning's symlink to the top-k name; step 5 left the top 1 and went.
+    assert os.readlink(ckpt / "last.ckpt") == "epoch=1-step=10.ckpt"
+    assert steps_of(tmp_path) == {10: ["epoch=1-step=10.ckpt"]}
+    restored = Restored()
+    trainer(3, [mc(), restored], plugins=[DcpEngineCheckpointIO(config(tmp_path))]).fit(
+        Tiny([2.0, 1.0, 0.5]), loader(), loader(), ckpt_path="last"
+    )
+    assert restored.state["global_step"] == 10
+    assert os.readlink(ckpt / "last.ckpt") == "epoch=2-step=15.ckpt"
+    assert steps_of(tmp_path) == {15: ["epoch=2-step=15.ckpt"]}
+
+
 # ---------------------------------------------------------------- (b) removals and retention
 
 
@@ -356,6 +377,12 @@ def test_fit_resumes_from_last_and_from_a_reported_path_exactly(tmp_path: Path) 
     assert steps_of(tmp_path) == source
     (branch,) = [p.name for p in (tmp_path / "exp").iterdir() if p.name.startswith("run_branch_")]
     assert sorted(steps_of(tmp_path, branch)) == [10]
+
+
+def test_the_docs_show_the_example_as_it_is() -> None:
+    page = (ROOT / "docs" / "lightning.md").read_text()
+    shown = page.split("```python\ndef main() -> None:\n", 1)[1].split("```", 1)[0]
+    assert "def main() -> None:\n" + shown in EXAMPLE.read_text()
 
 
 # ---------------------------------------------------------------- bad input

@@ -105,6 +105,8 @@ class LightningEngine:
         name = names.normalize(path)
         step = _int(checkpoint, "global_step", name)
         mgr = self._open()
+        if self._namer is not None:
+            names.make_parent(name)
         saved = self._saved
         if saved is not None and step == saved.step:
             self._name_again(mgr, saved, checkpoint, name)
@@ -167,6 +169,7 @@ class LightningEngine:
         name = names.normalize(path)
         ref = names.read(name)
         if ref is None:
+            self._loaded = None  # not one of ours: the next save starts as the config says
             return None
         if self.manager is not None:  # a load in the middle of a run: the next save replans
             self.close()

@@ -106,6 +106,13 @@ def read(path: str) -> NameFile | None:
     return NameFile.from_bytes(storage.read_bytes(location), path)
 
 
+def make_parent(path: str) -> None:
+    """The directory of ``path``, now: Lightning links to (``save_last="link"``) and lists
+    a name's directory right after ``save_checkpoint`` returns, before the name exists."""
+    location = as_location(path)
+    storage_of(location).mkdir(location.parent)
+
+
 def write(path: str, name: NameFile, *, fsync: bool) -> None:
     """Write ``name`` at ``path`` atomically (its directory is created)."""
     location = as_location(path)
@@ -132,4 +139,14 @@ def is_link(path: str) -> bool:
     return not is_url(path) and os.path.islink(path)
 
 
-__all__ = ["FORMAT", "NAMES_KEY", "NameFile", "is_link", "normalize", "read", "remove", "write"]
+__all__ = [
+    "FORMAT",
+    "NAMES_KEY",
+    "NameFile",
+    "is_link",
+    "make_parent",
+    "normalize",
+    "read",
+    "remove",
+    "write",
+]
