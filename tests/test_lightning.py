@@ -335,6 +335,24 @@ def test_a_removal_waits_for_the_save_in_flight_and_a_step_goes_only_without_nam
     assert steps_of(tmp_path) == {3: ["c.ckpt"]}
 
 
+def test_a_failed_save_gets_no_name_and_the_removal_it_gated_keeps_the_old_one(
+    tmp_path: Path,
+) -> None:
+    def hook(phase: str, step: int) -> None:
+        if step == 2 and phase == "written":
+            raise OSError(28, "No space left on device")
+
+    a, b = str(tmp_path / "ckpt" / "a.ckpt"), str(tmp_path / "ckpt" / "b.ckpt")
+    engine = LightningEngine(config(tmp_path), hook=hook)
+    engine.save({"global_step": 1, "epoch": 0}, a, lambda: _app_state({"global_step": 1}))
+    engine.save({"global_step": 2, "epoch": 0}, b, lambda: _app_state({"global_step": 2}))
+    engine.remove(a)  # ModelCheckpoint drops the old one after saving the new one
+    with pytest.raises(de.CheckpointError, match="No space left on device"):
+        engine.close()
+    assert steps_of(tmp_path) == {1: ["a.ckpt"]}
+    assert names_in(tmp_path / "ckpt") == {"a.ckpt": 1}
+
+
 def _app_state(checkpoint: dict[str, Any]) -> dict[str, Any]:
     from dcp_engine.integrations.lightning_payload import app_state
 
@@ -400,8 +418,11 @@ def test_a_plain_lightning_checkpoint_loads_and_bad_input_is_refused_by_name(
     damaged.write_text('{"format": "dcp-engine-lightning-name/1", "experiment": "x"}')
     with pytest.raises(de.CheckpointError, match=r"damaged\.ckpt is a damaged"):
         io.load_checkpoint(damaged)
-    with pytest.raises(de.CheckpointError, match="weights_only=True"):
-        io.load_checkpoint(plain, weights_only=True)
+    assert io.load_checkpoint(plain, weights_only=True)["global_step"] == 3
+    io.save_on_every_rank({"global_step": 7, "epoch": 0}, tmp_path / "ours.ckpt")
+    io.teardown()
+    with pytest.raises(de.CheckpointError, match=r"ours\.ckpt: weights_only=True"):
+        io.load_checkpoint(tmp_path / "ours.ckpt", weights_only=True)
     with pytest.raises(FileNotFoundError, match=r"nothing\.ckpt"):
         io.load_checkpoint(tmp_path / "nothing.ckpt")
     with pytest.raises(de.ConfigError, match="save_top_k"):

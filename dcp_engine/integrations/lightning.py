@@ -29,7 +29,6 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-import torch
 import torch.distributed as dist
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
@@ -95,11 +94,9 @@ class DcpEngineCheckpointIO(CheckpointIO):
     ) -> dict[str, Any]:
         """The checkpoint dict ``path`` names, tensors on the CPU (or ``map_location``: a
         device). A file that is not a name of ours (a plain Lightning ``.ckpt``) is read
-        by ``TorchCheckpointIO``, so a run can move onto the engine."""
-        device = _device(map_location)
-        if weights_only:
-            _refuse_weights_only(path)
-        loaded = self.engine.load(path, map_location=device)
+        by ``TorchCheckpointIO``, so a run can move onto the engine; ``weights_only=True``
+        is refused for ours (their non-tensor values are pickled)."""
+        loaded = self.engine.load(path, map_location=map_location, weights_only=weights_only)
         if loaded is None:
             return TorchCheckpointIO().load_checkpoint(os.fspath(path), map_location, weights_only)
         return loaded
@@ -183,15 +180,13 @@ class DcpEngineModelParallelStrategy(ModelParallelStrategy):
         self, checkpoint_path: _PATH, weights_only: bool | None = None
     ) -> dict[str, Any]:
         path = self.broadcast(checkpoint_path)
-        if weights_only:
-            _refuse_weights_only(path)
         assert self.lightning_module is not None
         fitting = self.lightning_module.trainer.state.fn == TrainerFn.FITTING
 
         def objects(removed: tuple[str, ...]) -> dict[str, Any]:
             return self._objects(fitting and "optimizer_states" not in removed)
 
-        loaded = self.engine.load(path, into=objects)
+        loaded = self.engine.load(path, into=objects, weights_only=weights_only)
         if loaded is None:
             return super().load_checkpoint(os.fspath(path), weights_only)
         return loaded
@@ -211,22 +206,6 @@ def load_checkpoint(path: _PATH, map_location: Any | None = None) -> dict[str, A
     """The Lightning checkpoint dict a name file (``last.ckpt``) stands for, read in this
     process without a Trainer (e.g. to evaluate, or to export with ``torch.save``)."""
     return DcpEngineCheckpointIO().load_checkpoint(path, map_location)
-
-
-def _device(map_location: Any) -> torch.device | str | None:
-    if map_location is None or isinstance(map_location, (str, torch.device)):
-        return map_location
-    raise TypeError(
-        f"map_location={map_location!r}: the engine's Lightning IO takes None or a device"
-    )
-
-
-def _refuse_weights_only(path: Any) -> None:
-    raise CheckpointError(
-        f"{path}: weights_only=True cannot be honoured: a dcp-engine checkpoint keeps "
-        "Lightning's non-tensor values (loops, callbacks, hyper-parameters) pickled; load "
-        "only checkpoints you trust, with weights_only=None or False"
-    )
 
 
 __all__ = [

@@ -160,25 +160,40 @@ class LightningEngine:
         path: str | os.PathLike[str],
         *,
         into: Callable[[tuple[str, ...]], Mapping[str, Any]] | None = None,
-        map_location: torch.device | str | None = None,
+        map_location: Any = None,
+        weights_only: bool | None = None,
     ) -> dict[str, Any] | None:
         """The checkpoint dict ``path`` names, read without a manager; None if ``path``
         is not a name file. ``into(removed)``: objects (FSDP2 modules, optimizers) to
         restore in place, collectively over the job, given the keys the name leaves out;
-        one that was not saved keeps its state."""
+        one that was not saved keeps its state. ``map_location``: None (the CPU) or a
+        device. ``weights_only=True`` is refused: the checkpoint keeps Lightning's
+        non-tensor values pickled."""
         name = names.normalize(path)
         ref = names.read(name)
         if ref is None:
             self._loaded = None  # not one of ours: the next save starts as the config says
             return None
+        if weights_only:
+            raise CheckpointError(
+                f"{name}: weights_only=True cannot be honoured: a dcp-engine checkpoint keeps "
+                "Lightning's non-tensor values (loops, callbacks, hyper-parameters) pickled; "
+                "load only checkpoints you trust, with weights_only=None or False"
+            )
+        if map_location is not None and not isinstance(map_location, (str, torch.device)):
+            raise TypeError(f"{name}: map_location={map_location!r}: give None or a device")
         if self.manager is not None:  # a load in the middle of a run: the next save replans
             self.close()
         reader = open_checkpoint(ref.experiment_dir, which=ref.step)
         objects = dict(into(ref.overrides.removed)) if into is not None else {}
-        if objects:
-            reader.load(objects, optional=[k for k in objects if k not in reader.keys])
-        keys = [k for k in (payload.TENSORS, payload.SKELETON) if k in reader.keys]
-        stored = payload.rebuild(reader.load_entries(keys), name)
+        if objects:  # one collective read, all or nothing on every rank, the dict with it
+            state = {**objects, payload.SKELETON: b""}
+            reader.load(state, optional=[k for k in objects if k not in reader.keys])
+            entries = {payload.SKELETON: state[payload.SKELETON]}
+        else:
+            keys = [k for k in (payload.TENSORS, payload.SKELETON) if k in reader.keys]
+            entries = reader.load_entries(keys)
+        stored = payload.rebuild(entries, name)
         snapshot = payload.Snapshot.of(ref.step, stored)
         self._loaded = _Loaded(experiment_of(reader.path), reader.path, ref.step, snapshot)
         return payload.to_device(ref.overrides.apply(stored), map_location)
