@@ -50,6 +50,7 @@ class Catalog:
         self._entries: list[CheckpointInfo] = []
         self._protected: set[int] = set()
         self._held: set[int] = set()
+        self._discarded: set[int] = set()
         self.deleted: list[int] = []  # steps retention deleted, in order
         self.on_add: list[Callable[[CheckpointInfo], None]] = []
         """Called after each commit enters the catalog (the local tier's uploader)."""
@@ -57,9 +58,8 @@ class Catalog:
         self._cond = threading.Condition()
         self._dirty = self._running = self._stopped = False
         self._thread: threading.Thread | None = None
-        if committer is not None and not policy.keeps_all:
-            self._thread = threading.Thread(target=self._run, name="dcp_engine_gc", daemon=True)
-            self._thread.start()
+        if not policy.keeps_all:
+            self._start_collector()
 
     # ------------------------------------------------------------------ reading
 
@@ -156,6 +156,15 @@ class Catalog:
             self._held.discard(step)
         self._poke()
 
+    def discard(self, step: int) -> None:
+        """The caller no longer wants ``step``: retention deletes it once it is committed
+        and no longer kept whatever the policy (the newest, the best, a protected or held
+        step), at a collection after a commit."""
+        with self._lock:
+            self._discarded.add(step)
+            self._start_collector()
+        self._poke()
+
     def set_tiers(self, tiers: Callable[[int], tuple[str, ...]]) -> None:
         """Where each entry is (the local tier): kept in the entries and the index."""
         with self._lock:
@@ -231,7 +240,13 @@ class Catalog:
         """One collection now, in the caller's thread; the steps it deleted."""
         assert self.committer is not None
         with self._lock:
-            doomed = self.policy.to_delete(self._entries, self._protected | self._held)
+            keep = self._protected | self._held
+            doomed = self.policy.to_delete(self._entries, keep)
+            if self._discarded:
+                kept = self.policy.protected(self._entries, keep)
+                released = {e.step for e in self._entries if e.step in self._discarded} - kept
+                doomed = sorted(set(doomed) | released)
+                self._discarded -= released
             if not doomed:
                 return []
             self._entries = [e for e in self._entries if e.step not in doomed]
@@ -241,6 +256,13 @@ class Catalog:
             log.info("retention: deleted %s", ", ".join(layout.step_dirname(s) for s in deleted))
             self.deleted.extend(deleted)
         return deleted
+
+    def _start_collector(self) -> None:
+        """The collector thread, on the lease holder, once something may be deleted."""
+        if self.committer is None or self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._run, name="dcp_engine_gc", daemon=True)
+        self._thread.start()
 
     def _poke(self) -> None:
         if self._thread is None:

@@ -326,6 +326,19 @@ class CheckpointManager:
             log.warning("[step=%d] retention deleted the checkpoint before its metrics %s came",
                         step, clean)  # fmt: skip
 
+    def discard(self, step: int) -> None:
+        """Hand the checkpoint of ``step`` to retention, for callers that choose what to
+        keep themselves (Lightning's ``ModelCheckpoint`` top-k): it is deleted once it has
+        committed (never while in flight) and is neither the newest, the best nor the one
+        the run resumed from; one of those goes once it no longer is. With ``local_dir``
+        both tiers let it go. Rank 0's call counts; no collective."""
+        self._check_open()
+        if self.rank != 0:
+            return
+        self._exp.catalog.discard(step)
+        if self._remote is not None:
+            self._remote.remote.catalog.discard(step)
+
     def decide(self, fn: Callable[[], T], what: str = "a decision") -> T:
         """Run ``fn`` on rank 0 only and return its result (or raise its error) on every
         rank, over the manager's side group. Collective."""

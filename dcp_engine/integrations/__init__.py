@@ -1,2 +1,3 @@
-"""Adapters of dcp-engine to training frameworks: ``lightning``, ``accelerate``,
-``torchtitan``. One module each, imported on demand: the frameworks are optional extras."""
+"""Adapters of dcp-engine to training frameworks: ``lightning`` (and its ``lightning_*``
+helpers), ``accelerate``, ``torchtitan``. Imported on demand: the frameworks are optional
+extras, and nothing here imports one until its adapter is used."""
