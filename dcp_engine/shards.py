@@ -8,10 +8,17 @@ structure (fqn, chunk, dtype, the planner's mappings), tells whether it matches 
 of its cached global plan in the save's one agreement (``agreement.Answer.plan_cached``),
 and all ranks replan together if any rank's does not. Otherwise the cached global plan
 (and, on rank 0, the cached ``Metadata``) is reused: no planning collective.
+
+A value every rank holds under one name is written once. DCP gives a replicated tensor to
+the rank with the least to write (its load balancing), and so does the engine; a
+non-tensor value (bytes: a pickled object, a plain number) always goes to the lowest rank
+that holds it (``objects_to_lowest_rank``), so a value that differs between ranks is
+saved as rank 0 has it, never as whichever rank the balancing picked.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from dataclasses import dataclass
 from typing import Any
@@ -104,13 +111,29 @@ class PlanCache:
         plans = comm.all_gather(local.plan, what)
 
         def plan_globally() -> list[SavePlan]:
-            plans_out, metadata = local.planner.create_global_plan(plans)
+            plans_out, metadata = local.planner.create_global_plan(objects_to_lowest_rank(plans))
             self.metadata, self._all = metadata, plans_out
             return plans_out
 
         central: SavePlan = comm.decide(plan_globally, what)[comm.rank]
         self._key, self._central = local.key, central
         return local.planner.finish_plan(central)
+
+
+def objects_to_lowest_rank(plans: list[SavePlan]) -> list[SavePlan]:
+    """``plans`` with each non-tensor (bytes) item kept only in the lowest rank's plan
+    that has it; tensors are left to DCP's deduplication."""
+    seen: set[Any] = set()
+    out = []
+    for plan in plans:  # by rank
+        items = [
+            item
+            for item in plan.items
+            if item.type != WriteItemType.BYTE_IO or item.index not in seen
+        ]
+        seen.update(item.index for item in plan.items if item.type == WriteItemType.BYTE_IO)
+        out.append(dataclasses.replace(plan, items=items) if len(items) < len(plan.items) else plan)
+    return out
 
 
 def rank_write(

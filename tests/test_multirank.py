@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
@@ -207,3 +208,36 @@ def test_a_rank_that_never_arrives_fails_the_save_within_timeout_s(tmp_path):
     with de.CheckpointManager(cfg) as mgr:
         assert [c.step for c in mgr.checkpoints()] == [1]
         assert mgr.load({"w": torch.zeros(4)}).step == 1
+
+
+@multirank(2)
+def per_rank_plain_values(rank: int, world_size: int, root: str, mode: str) -> Any:
+    """Saves plain values that differ per rank, then loads them back on every rank."""
+    # One replicated tensor first: DCP's balancing gives it to rank 0, then would give the
+    # next replicated item to rank 1, which has less to write.
+    app: dict[str, Any] = {
+        "w": torch.ones(1000),
+        "counter": 100 + rank,
+        "note": {"rank": rank, "names": [f"r{rank}"]},
+    }
+    cfg = de.CheckpointConfig(root_dir=root, experiment_name=mode, async_mode=mode)
+    with de.CheckpointManager(cfg) as mgr:
+        for step in (1, 2):  # the second save reuses the cached global plan
+            app["counter"] = 100 * step + rank
+            mgr.save(step, app).result()
+    fresh: dict[str, Any] = {"w": torch.zeros(1000), "counter": None, "note": None}
+    with de.CheckpointManager(dataclasses.replace(cfg, async_mode="off")) as mgr:
+        mgr.load(fresh)
+    assert torch.equal(fresh["w"], torch.ones(1000))
+    return fresh["counter"], fresh["note"]
+
+
+@pytest.mark.parametrize("mode", ["off", "thread"])
+def test_a_plain_value_that_differs_per_rank_is_saved_as_rank_0_has_it(tmp_path, mode):
+    """DCP's load balancing gives a replicated item to the rank with the least to write;
+    for a non-tensor value the engine always keeps rank 0's (DESIGN: plain values are
+    rank 0's), so every rank loads back what rank 0 saved."""
+    out = per_rank_plain_values.run(str(tmp_path), mode)
+    assert out == [(200, {"rank": 0, "names": ["r0"]})] * 2
+    with de.open_checkpoint(tmp_path / mode) as ckpt:
+        assert ckpt.load_entries(["counter"]) == {"counter": 200}
