@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Mapping
 from dataclasses import InitVar, dataclass, fields
 from typing import Any
 
-from .errors import CheckpointError, ConfigError
-from .location import URL, Location, as_location, is_url
-from .metrics import REDUCTIONS
+from .config_checks import check
+from .errors import ConfigError
+from .location import Location, as_location, is_url
 from .retention import RetentionPolicy
 
-ASYNC_MODES = ("off", "thread", "process")
-STAGING = ("sync", "overlap")
-WHEN_BUSY = ("wait", "skip")
-MODES = ("min", "max")
-EXPORT_DTYPES = ("float32", "bfloat16", "float16")
 _UNSET: Any = object()  # resume_mode not given
 
 
@@ -234,136 +228,7 @@ class CheckpointConfig:
                     "resume_mode", resume_mode, f"resume={self.resume!r} or no resume"
                 )
             object.__setattr__(self, "resume", resume_mode)
-        if isinstance(self.root_dir, os.PathLike):
-            object.__setattr__(self, "root_dir", os.fspath(self.root_dir))
-        if not isinstance(self.root_dir, str) or not self.root_dir:
-            raise ConfigError("root_dir", self.root_dir, "a non-empty path")
-        if self.storage_options is not None and not isinstance(self.storage_options, Mapping):
-            raise ConfigError("storage_options", self.storage_options, "None or a dict")
-        _check_location("root_dir", self.root_dir, writable=True)
-        if self.local_dir is not None:
-            if isinstance(self.local_dir, os.PathLike):
-                object.__setattr__(self, "local_dir", os.fspath(self.local_dir))
-            if not isinstance(self.local_dir, str) or not self.local_dir or is_url(self.local_dir):
-                raise ConfigError("local_dir", self.local_dir, "None or a local directory")
-            if os.path.abspath(self.local_dir) == os.path.abspath(self.root_dir):
-                raise ConfigError("local_dir", self.local_dir, "a directory other than root_dir")
-        _check_count("local_keep_last_n", self.local_keep_last_n, low=1)
-        tiered_resume = self.local_dir is not None and self.resume in ("latest", "best")
-        if tiered_resume and not self.experiment_name:
-            why = "each tier would look up its own newest run"
-            raise ConfigError(
-                "experiment_name", "", f"a name with local_dir and resume={self.resume!r} ({why})"
-            )
-        _check_name("experiment_name", self.experiment_name, allow_empty=True)
-        _check_name("model_name", self.model_name, allow_empty=False)
-        _check_name("dataset_name", self.dataset_name, allow_empty=False)
-        if self.monitor is not None and (not isinstance(self.monitor, str) or not self.monitor):
-            raise ConfigError("monitor", self.monitor, "a metric name or None")
-        if self.mode not in MODES:
-            raise ConfigError("mode", self.mode, f"one of {MODES}")
-        for name, allowed in (
-            ("async_mode", ASYNC_MODES),
-            ("staging", STAGING),
-            ("when_busy", WHEN_BUSY),
-            ("metrics_reduce", REDUCTIONS),
-        ):
-            if getattr(self, name) not in allowed:
-                raise ConfigError(name, getattr(self, name), f"one of {allowed}")
-        if self.staging == "overlap" and self.async_mode == "off":
-            raise ConfigError("staging", self.staging, "'sync' when async_mode='off'")
-        if (
-            isinstance(self.timeout_s, bool)
-            or not isinstance(self.timeout_s, (int, float))
-            or not math.isfinite(self.timeout_s)
-            or self.timeout_s <= 0
-        ):
-            raise ConfigError("timeout_s", self.timeout_s, "a finite number of seconds > 0")
-        lease = self.lease_timeout_s
-        if (
-            isinstance(lease, bool)
-            or not isinstance(lease, (int, float))
-            or not math.isfinite(lease)
-            or lease <= 0
-        ):
-            raise ConfigError("lease_timeout_s", lease, "a finite number of seconds > 0")
-        for name in ("capture_rng", "fsync", "digests", "log_saves"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(name, getattr(self, name), "True or False")
-        if (
-            isinstance(self.write_threads, bool)
-            or not isinstance(self.write_threads, int)
-            or self.write_threads < 1
-        ):
-            raise ConfigError("write_threads", self.write_threads, "an int >= 1")
-        for name in (
-            "enabled",
-            "save_on_train_end",
-            "save_on_exception",
-            "save_on_sigterm",
-            "save_best_only",
-            "save_best",
-            "save_last",
-        ):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(name, getattr(self, name), "True or False")
-        if isinstance(self.resume, os.PathLike):
-            object.__setattr__(self, "resume", os.fspath(self.resume))
-        if self.resume == "":
-            object.__setattr__(self, "resume", None)
-        if self.resume is not None and not isinstance(self.resume, str):
-            raise ConfigError("resume", self.resume, "None, 'latest', 'best' or a path")
-        if self.resume is not None:
-            _check_location("resume", self.resume, writable=False)
-        _check_count("save_every_n_steps", self.save_every_n_steps, low=0)
-        _check_count("save_every_n_epochs", self.save_every_n_epochs, low=0)
-        seconds = self.save_every_n_seconds
-        if seconds is not None and (
-            isinstance(seconds, bool)
-            or not isinstance(seconds, (int, float))
-            or not math.isfinite(seconds)
-            or seconds < 0
-        ):
-            raise ConfigError("save_every_n_seconds", seconds, "None or a number of seconds >= 0")
-        _check_count("keep_top_k", self.keep_top_k, low=-1)
-        _check_count("keep_last_n", self.keep_last_n, low=0)
-        _check_count("keep_every_n_steps", self.keep_every_n_steps, low=1)
-        _check_count("keep_every_n_epochs", self.keep_every_n_epochs, low=1)
-        # Rules that need a metric to rank by.
-        if self.monitor is None:
-            needs = "a monitor to rank by (set monitor)"
-            if self.keep_top_k not in (None, -1, 0):
-                raise ConfigError("keep_top_k", self.keep_top_k, needs)
-            if self.save_best_only:
-                raise ConfigError("save_best_only", True, needs)
-            if self.resume == "best":
-                raise ConfigError(
-                    "resume_mode" if resume_mode is not _UNSET else "resume", "best", needs
-                )
-            if self.average_best_models:
-                raise ConfigError("average_best_models", True, needs)
-        self._check_guide_fields()
-        self._check_partial_loads()
-
-    def _check_partial_loads(self) -> None:
-        _check_count("resume_step", self.resume_step, low=0)
-        if self.resume_step is not None and self.resume in (None, "best"):
-            raise ConfigError("resume_step", self.resume_step, "resume='latest' or a path")
-        for name in ("exclude_from_loading", "initial_load_only", "last_save_only"):
-            keys = getattr(self, name)
-            if isinstance(keys, list):
-                object.__setattr__(self, name, keys := tuple(keys))
-            if not (keys is None and name != "exclude_from_loading") and (
-                not isinstance(keys, tuple)
-                or not all(isinstance(k, str) and k for k in keys)
-                or (keys == () and name != "exclude_from_loading")
-            ):
-                raise ConfigError(name, keys, "a list of app_state keys")
-        if self.export_dtype is not None and self.export_dtype not in EXPORT_DTYPES:
-            raise ConfigError("export_dtype", self.export_dtype, f"one of {EXPORT_DTYPES}")
-        if self.export_dtype is not None and self.last_save_only is None:
-            why = "a model-only final save beside it (last_save_only, e.g. ['model'])"
-            raise ConfigError("export_dtype", self.export_dtype, why)
+        check(self, resume_mode_given=resume_mode is not _UNSET)
 
     def check_state_keys(self, app_state: Mapping[str, Any]) -> None:
         """``ValueError`` naming a key of ``exclude_from_loading``, ``initial_load_only``
@@ -389,32 +254,6 @@ class CheckpointConfig:
             keep_every_n_epochs=self.keep_every_n_epochs,
             keep_epochs=frozenset(n - 1 for n in self.save_at_epochs),
         )
-
-    def _check_guide_fields(self) -> None:
-        """The SuperGradients fields: ``save_at_epochs``, ``average_best_models`` and the
-        initial weights."""
-        epochs = self.save_at_epochs
-        if isinstance(epochs, list):
-            object.__setattr__(self, "save_at_epochs", epochs := tuple(epochs))
-        if not isinstance(epochs, tuple) or any(
-            isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in epochs
-        ):
-            raise ConfigError("save_at_epochs", epochs, "a list of epoch numbers >= 1")
-        if isinstance(self.init_weights, os.PathLike):
-            object.__setattr__(self, "init_weights", os.fspath(self.init_weights))
-        if self.init_weights is not None:
-            if not isinstance(self.init_weights, str) or not self.init_weights:
-                raise ConfigError("init_weights", self.init_weights, "None or a path or URL")
-            _check_location("init_weights", self.init_weights, writable=False)
-        if not isinstance(self.init_weights_strict, bool) and self.init_weights_strict != "shape":
-            raise ConfigError("init_weights_strict", self.init_weights_strict,
-                              "True, False or 'shape'")  # fmt: skip
-        for name in ("average_best_models", "init_weights_backbone_only"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(name, getattr(self, name), "True or False")
-        into = self.init_weights_into
-        if into is not None and (not isinstance(into, str) or not into):
-            raise ConfigError("init_weights_into", into, "None or an app_state key")
 
     # ---------------------------------------------------------------- from files
 
@@ -473,35 +312,3 @@ class CheckpointConfig:
 
 
 CheckpointParameters = CheckpointConfig  # Dream Trainer's name for it (its guide's calls run)
-
-
-def _check_location(field: str, value: str, *, writable: bool) -> None:
-    """A URL's protocol must have an installed fsspec implementation (the message names
-    the package); the engine writes only where commits and leases are safe
-    (``WRITABLE_PROTOCOLS``: s3, gs, memory), other protocols are read. ``s3:/b`` (a
-    slash missing) is refused, not taken for a local directory ``s3:``."""
-    if value in ("latest", "best"):
-        return
-    try:
-        location = as_location(value)
-    except CheckpointError as e:
-        raise ConfigError(field, value, f"a location fsspec can serve ({e})") from None
-    if writable and isinstance(location, URL) and location.read_only:
-        raise ConfigError(
-            field,
-            value,
-            f"a writable location ({location.protocol}:// is read-only here: commits need "
-            "whole-object uploads and conditional writes, known of s3://, gs:// and memory://)",
-        )
-
-
-def _check_count(field: str, value: object, *, low: int) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
-        raise ConfigError(field, value, f"None or an int >= {low}")
-
-
-def _check_name(field: str, value: object, *, allow_empty: bool) -> None:
-    if not isinstance(value, str) or (not value and not allow_empty):
-        raise ConfigError(field, value, "a non-empty string" if not allow_empty else "a string")
-    if value in (".", "..") or "/" in value or os.sep in value or "\0" in value:
-        raise ConfigError(field, value, "a single directory name (no '/', not '.' or '..')")

@@ -29,7 +29,8 @@ import torch
 from torch import nn
 
 from .callbacks import LOOP_KEY, loop_position
-from .config import MODES, CheckpointConfig
+from .config import CheckpointConfig
+from .config_checks import MODES
 from .index import CheckpointInfo
 from .location import as_location
 from .manager import CheckpointManager
