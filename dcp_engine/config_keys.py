@@ -17,7 +17,7 @@ import importlib
 import os
 import sys
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -176,12 +176,7 @@ def from_yaml(cls: type[CheckpointConfig], path: str | os.PathLike[str]) -> Chec
     import yaml
 
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"config file {path} does not exist") from None
-    except yaml.YAMLError as e:
-        raise ConfigError("checkpoint", str(path), f"valid YAML ({e})", where=str(path)) from e
+    data = _read(path, yaml.safe_load, yaml.YAMLError, "YAML")
     if data is None:
         data = {}
     if isinstance(data, Mapping) and "checkpoint" in data:
@@ -189,16 +184,21 @@ def from_yaml(cls: type[CheckpointConfig], path: str | os.PathLike[str]) -> Chec
     return from_dict(cls, data, where=str(path))
 
 
+def _read(path: Path, loads: Callable[[str], Any], error: type[Exception], what: str) -> Any:
+    """A config file's parsed content; a missing file or bad syntax named with its path."""
+    try:
+        return loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"config file {path} does not exist") from None
+    except error as e:
+        raise ConfigError("checkpoint", str(path), f"valid {what} ({e})", where=str(path)) from e
+
+
 def from_toml(cls: type[CheckpointConfig], path: str | os.PathLike[str]) -> CheckpointConfig:
     """See ``CheckpointConfig.from_toml``."""
     tomllib = _toml()
     path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"config file {path} does not exist") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError("checkpoint", str(path), f"valid TOML ({e})", where=str(path)) from e
+    data = _read(path, tomllib.loads, tomllib.TOMLDecodeError, "TOML")
     job = data.get("job", {})
     table = data.get("checkpoint", {} if "job" in data else data)
     if not isinstance(table, Mapping) or not isinstance(job, Mapping):
