@@ -277,7 +277,10 @@ class CheckpointCallback(GuideCalls):
         ask = lambda: self._ask(event, step, epoch, metrics)  # noqa: E731
         what = f"should_save at step {step}"
         if type(self).should_save is not CheckpointCallback.should_save:
+            if event == TRAIN_END and self._guide_form():
+                return cfg.save_on_train_end  # `should_save(self)` cannot see the event
             metrics = self.manager.reduce_metrics(metrics, what)  # `ask` reads the reduced
+            self._note_metric(metrics)  # and so does `should_save(self)`: _current_metric
             return self.manager.decide(ask, what)
         if event == TRAIN_END:
             return cfg.save_on_train_end

@@ -58,7 +58,8 @@ class GuideCalls:
         metrics = dict(self._metrics)
         if self.config.monitor is not None and self._current_metric is not None:
             metrics[self.config.monitor] = float(self._current_metric)
-        if self._step == self._saved_step:
+        if self._step == self._saved_step:  # (a save reduces its metrics itself)
+            metrics = self.manager.reduce_metrics(metrics, f"metrics of step {self._step}")
             self.manager.update_metrics(self._step, metrics)
             self._record_best(metrics)
             return None
@@ -70,11 +71,15 @@ class GuideCalls:
         if monitor is not None and monitor in metrics:
             self._current_metric = metrics[monitor]
 
+    def _guide_form(self) -> bool:
+        """``should_save`` is overridden as Dream Trainer's guide writes it: no arguments."""
+        return _takes_no_arguments(type(self))
+
     def _ask(self, event: str, step: int, epoch: int, metrics: Mapping[str, float]) -> bool:
         """An overridden ``should_save``'s answer, called with our keyword arguments or
         with none (Dream Trainer's ``def should_save(self) -> bool``)."""
         should_save: Any = self.should_save  # type: ignore[attr-defined]
-        if _takes_no_arguments(type(self)):
+        if self._guide_form():
             return bool(should_save())
         return bool(should_save(event=event, step=step, epoch=epoch, metrics=metrics))
 

@@ -402,11 +402,13 @@ def test_dream_trainer_guide_runs_as_written(tmp_path, monkeypatch):
                                   **quiet())  # fmt: skip
     run_loop(CustomCheckpointCallback(params), make_app(), epochs=4, per_epoch=2,
              val=[1.0, 0.995, 0.5, 0.6])  # fmt: skip
-    assert steps_in(Path("checkpoints/custom")) == []
+    assert steps_in(Path("checkpoints/custom")) == [8]  # only save_on_train_end's
     params = CheckpointParameters(**{**params.to_dict(), "experiment_name": "from_one"})
     run_loop(FromOne(params), make_app(), epochs=4, per_epoch=2, val=[1.0, 0.995, 0.5, 0.6])
     # 1.0 and 0.995 improve on 1.0 by less than 1 %; 0.5 does (epoch 2 ends at step 6).
-    assert steps_in(Path("checkpoints/from_one")) == [6]
+    # The end of training saves as save_on_train_end says (the guide's should_save(self)
+    # cannot tell that event from another): step 8.
+    assert steps_in(Path("checkpoints/from_one")) == [6, 8]
 
     # MetricCheckpointCallback: save() now, with _current_metric as the monitor's value.
     params = CheckpointParameters(root_dir="./dt", monitor="val_accuracy", mode="max",
@@ -843,7 +845,9 @@ def dream_on_two_ranks(rank: int, world_size: int, root: str) -> list[int]:
     app = make_app(0)
     cb.on_train_start(app)
     step = 0
-    for epoch, loss in enumerate((0.9, 0.895, 0.8)):
+    # Each rank has its own loss; the decisions and the markers see their mean.
+    losses = [(0.9, 0.895, 0.8), (0.9, 0.795, 0.8)][rank]  # means 0.9, 0.845, 0.8
+    for epoch, loss in enumerate(losses):
         train_step(app)
         step += 1
         cb.on_step_end(step, app)
@@ -853,6 +857,8 @@ def dream_on_two_ranks(rank: int, world_size: int, root: str) -> list[int]:
     cb.on_step_end(step + 1, app)
     cb._current_metric = 0.5
     cb.save()
+    cb._current_metric = 0.3 + 0.2 * rank  # saved already: the mean, 0.4, goes to step 4
+    cb.save()
     cb.on_train_end(app)  # step 4 is saved: no second save; then the average
     return [c.step for c in de.find_checkpoints(Path(root) / "two")]
 
@@ -861,14 +867,16 @@ def dream_on_two_ranks(rank: int, world_size: int, root: str) -> list[int]:
 @pytest.mark.multirank
 def test_dream_trainer_callbacks_on_two_ranks(tmp_path):
     got = dream_on_two_ranks.run(str(tmp_path))
-    assert got == [[4, 3, 1]] * 2  # 0.9 and 0.8 improved by 1 %; 0.895 did not
+    # Every mean improved by more than 1 % (rank 0's own 0.895 would not have).
+    assert got == [[4, 3, 2, 1]] * 2
     info = {c.step: c for c in de.find_checkpoints(tmp_path / "two")}
-    assert info[4].metrics["val_loss"] == 0.5
+    assert info[4].metrics["val_loss"] == pytest.approx(0.4)
+    assert info[2].metrics["val_loss"] == pytest.approx(0.845)
     average = torch.load(tmp_path / "two" / "average_model.pth", weights_only=True)
     expected = {}
-    for step in (4, 3, 1):
+    for step in (4, 3, 2, 1):
         with de.open_checkpoint(tmp_path / "two", which=step) as ck:
             for k, v in ck.load_entries(["model"])["model"].items():
-                expected[k] = expected.get(k, 0) + v / 3
+                expected[k] = expected.get(k, 0) + v / 4
     assert set(average) == {"model"}
     assert all(torch.allclose(average["model"][k], v) for k, v in expected.items())
