@@ -199,7 +199,7 @@ class OptimizerCodec(Codec):
         osd = get_optimizer_state_dict(owner, value, options=OPTIM_OPTIONS)
         # "params": the groups and their order, which the flat layout loses; offline reads
         # need them to give Optimizer.load_state_dict's layout (optim_layout.py).
-        params = optim_layout.param_names(owner, value)
+        params = optim_layout.param_names(owner, value, key)
         return osd, {"kind": OPTIMIZER, "module": owner_key, "params": params}
 
     def targets(self, slot: Slot, ctx: LoadContext) -> Any:
@@ -209,7 +209,7 @@ class OptimizerCodec(Codec):
             # get_optimizer_state_dict initialises empty state to learn its shapes.
             ctx.rollbacks.append(lambda: optim.state.clear())
         osd = get_optimizer_state_dict(owner, optim, options=OPTIM_OPTIONS)
-        groups = optim_layout.param_names(owner, optim)
+        groups = optim_layout.param_names(owner, optim, slot.key)
         fqns = [fqn for group in groups for fqn in group]
         saved = optim_layout.saved_layout(slot.key, fqns, ctx.metadata.state_dict_metadata)
         # The names the checkpoint keys state by: positions in the ids layout (stock DCP

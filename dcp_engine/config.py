@@ -137,8 +137,9 @@ class CheckpointConfig:
 
     save_on_sigterm: bool = False
     """Preemption: after a SIGTERM (on any rank), the callbacks' next step end saves,
-    waits for the commit and ends the process with the signal; a second SIGTERM ends it
-    at once. Costs one tiny collective per step."""
+    waits for the commit, closes and raises ``Preempted`` (a ``SystemExit`` with status
+    128 + the signal), so the caller's ``finally`` blocks and ``atexit`` handlers run; a
+    second SIGTERM ends the process at once. Costs one tiny collective per step."""
 
     save_best_only: bool = False
     """The step and epoch triggers save only on a new best of ``monitor``."""

@@ -39,30 +39,36 @@ _NAMES: weakref.WeakKeyDictionary[torch.optim.Optimizer, tuple[Any, list[list[st
 )
 
 
-def param_names(owner: nn.Module, optim: torch.optim.Optimizer) -> list[list[str]]:
+def param_names(owner: nn.Module, optim: torch.optim.Optimizer, key: str) -> list[list[str]]:
     """Each group's parameter names, in the optimizer's order (the names of
     ``get_optimizer_state_dict``: no ``module.``, ``_orig_mod.`` or FSDP prefix). Kept
-    per optimizer while its groups hold the same parameters (every save asks)."""
-    key = (id(owner), tuple(tuple(id(p) for p in g[PARAMS]) for g in optim.param_groups))
+    per optimizer while its groups hold the same parameters (every save asks). ``key``:
+    the optimizer's ``app_state`` key, for the error."""
+    ids = (id(owner), tuple(tuple(id(p) for p in g[PARAMS]) for g in optim.param_groups))
     cached = _NAMES.get(optim)
-    if cached is not None and cached[0] == key:
+    if cached is not None and cached[0] == ids:
         return [list(group) for group in cached[1]]
-    names = _param_names(owner, optim)
-    _NAMES[optim] = (key, names)
+    names = _param_names(owner, optim, key)
+    _NAMES[optim] = (ids, names)
     return [list(group) for group in names]
 
 
-def _param_names(owner: nn.Module, optim: torch.optim.Optimizer) -> list[list[str]]:
+def _param_names(owner: nn.Module, optim: torch.optim.Optimizer, key: str) -> list[list[str]]:
     names: dict[int, str] = {}
     for name, param in owner.named_parameters():
         for fqn in sorted(_get_fqns(owner, name)):
             names.setdefault(id(param), fqn)
-    try:
-        return [[names[id(p)] for p in group[PARAMS]] for group in optim.param_groups]
-    except KeyError:
-        raise CheckpointError(
-            "the optimizer holds a parameter that its module does not have"
-        ) from None
+    out: list[list[str]] = []
+    for i, group in enumerate(optim.param_groups):
+        for j, p in enumerate(group[PARAMS]):
+            if id(p) not in names:
+                raise CheckpointError(
+                    f"app_state[{key!r}]: param_groups[{i}]['params'][{j}] (shape "
+                    f"{list(p.shape)}) is not a parameter of its module "
+                    f"({type(owner).__name__})"
+                )
+        out.append([names[id(p)] for p in group[PARAMS]])
+    return out
 
 
 def saved_layout(key: str, fqns: Sequence[str], saved: Collection[str]) -> Layout:

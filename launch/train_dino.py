@@ -44,6 +44,7 @@ from dino.model import DinoModel, params_groups
 from dino.schedules import cosine_scheduler
 
 import dcp_engine as de
+from dcp_engine.units import fmt_bytes
 
 log = logging.getLogger("train_dino")
 
@@ -423,10 +424,10 @@ class Progress:
                 s = h.stats
                 assert s is not None
                 self.write(
-                    f"checkpoint step {s.step}: {s.bytes / 2**20:.1f} MiB, blocked "
+                    f"checkpoint step {s.step}: {fmt_bytes(s.bytes)}, blocked "
                     f"{s.blocked_s * 1e3:.1f} ms (waited {s.waited_s * 1e3:.1f} ms for the "
                     f"previous save + staged {s.staged_s * 1e3:.1f} ms), committed in "
-                    f"{s.total_s:.2f} s ({s.gbps:.3f} GB/s)"
+                    f"{s.total_s:.2f} s ({fmt_bytes(s.bytes / max(s.total_s, 1e-9))}/s)"
                 )
             self.reported.add(h.step)
             self.pending.remove(h)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import functools
 import logging
 import os
 import weakref
@@ -90,6 +91,7 @@ class LightningEngine:
         self._saved: payload.Snapshot | None = None  # the newest step saved or loaded
         self._last: SaveHandle | None = None  # the newest save of this manager
         self._namer: Namer | None = None  # rank 0, while the manager is open
+        self._at_exit: Callable[[], None] | None = None  # the exit hook registered last
 
     # ------------------------------------------------------------------ save
 
@@ -237,8 +239,11 @@ class LightningEngine:
             self._namer = Namer(mgr, fsync=config.fsync)
             self._namer.adopt(entries)
         # A save outside fit (trainer.save_checkpoint) gets its names before the exit;
-        # registered after the manager's own hook, so it runs first.
-        atexit.register(_close_at_exit, weakref.ref(self))
+        # registered after the manager's own hook, so it runs first (one per engine).
+        if self._at_exit is not None:
+            atexit.unregister(self._at_exit)
+        self._at_exit = functools.partial(_close_at_exit, weakref.ref(self))
+        atexit.register(self._at_exit)
         return mgr
 
     def _plan(self) -> CheckpointConfig:
