@@ -68,6 +68,13 @@ def timeline_hint(start: TrainStart | None, resume: str | None, step: int) -> st
             f"this run started fresh (resume={resume!r}) in an experiment that already has "
             "checkpoints: resume='latest' continues it, a new experiment_name starts another"
         )
+    if step > start.step:  # counted on from the resume: the resume was of an older step
+        return (
+            f"this run resumed at step {start.step} ({start.resumed_from.path}), older than "
+            "the experiment's newest checkpoint (resume_step): saves go only above the "
+            f"newest; to go on from step {start.step}, branch from it "
+            f"(resume={str(start.resumed_from.path)!r}: a new experiment)"
+        )
     return (
         f"this run resumed at step {start.step} (epoch {start.epoch}, "
         f"{start.batches_done} batches of it done) but the loop is at step {step}: "

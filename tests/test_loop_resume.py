@@ -404,6 +404,27 @@ def test_a_loop_that_counts_from_zero_after_a_resume_is_told_why_the_save_is_ref
     cb.close()
 
 
+def test_a_loop_resumed_at_an_older_step_is_told_to_branch(tmp_path):
+    """A resume of an older step (``resume_step``) and a loop that counts on from it
+    correctly: the refused save says to branch from that step, not to count again."""
+    c = cfg(tmp_path, save_every_n_steps=1)
+    app = {"w": torch.zeros(2)}
+    cb = de.CheckpointCallback(c)
+    cb.on_train_start(app)
+    for step in (1, 2, 3):
+        cb.on_step_end(step, app)
+    cb.on_train_end(app)
+    cb = de.CheckpointCallback(dataclasses.replace(c, resume="latest", resume_step=1))
+    start = cb.on_train_start(app)
+    assert start.step == 1
+    with pytest.raises(de.TimelineError) as caught:
+        cb.on_step_end(start.step + 1, app)
+    msg = str(caught.value)
+    assert "resumed at step 1" in msg and "branch from it" in msg and "resume=" in msg
+    assert "TrainStart.step" not in msg
+    cb.close()
+
+
 PREEMPTED_SCRIPT = """
 import atexit, os, sys
 import torch
