@@ -6,10 +6,11 @@ Keys (Accelerate's file names without their suffix; a second object of a kind ge
 counter) and ``accelerate_files`` (what the save hooks wrote). The RNG states of every
 rank are the engine's own (``CheckpointConfig.capture_rng``).
 
-Invariant: a value that is not a tensor is rank 0's on every rank before it reaches DCP
-(``rank0_values``), since DCP keeps one rank's copy of a replicated value and that rank
-is not always rank 0. Accelerate keeps rank 0's too (it writes those files on the main
-process).
+Invariant: the states Accelerate writes on the main process only (schedulers, scaler,
+registered objects, the loader's position) are rank 0's on every rank before they reach
+DCP (``rank0_values``). The engine writes a non-tensor value from rank 0 anyway, but the
+tensors inside such a state are replicated values, which DCP writes from whichever rank
+has the least to write.
 """
 
 from __future__ import annotations
