@@ -10,7 +10,10 @@ committed into an experiment, so that a migrating run continues from it.
    (``Committer.begin``: refused for a step at or below a committed one). The files the
    checkpoint is made of (``.metadata`` and the files it lists; nothing else) are copied
    into ``step_X.tmp/`` with their CRC-32 computed as they stream (``move``: hashed, then
-   renamed there; local disks only, one file system).
+   renamed there; local disks only, one file system). With a ``layout`` other than
+   ``stock`` (``relayout.py``: torchtitan's ``step-N/``, its model's parameters nested under
+   ``model``), ``.metadata`` is written renamed instead of copied, and hashed as written;
+   a move then deletes the source's once committed.
 3. The marker (sizes, digests, an ``adopted`` entry per top-level key, shards in DCP's
    stock format) is written and the directory published: the commit protocol of a save.
 
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import errno
 import os
+import pickle
 import re
 import zlib
 from collections.abc import Mapping
@@ -34,7 +38,7 @@ from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlan
 from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
-from . import layout, marker, resolve
+from . import marker, resolve
 from .catalog import Catalog
 from .codecs import ADOPTED, TREE
 from .comm import quiet_dcp
@@ -42,12 +46,14 @@ from .committer import Committer
 from .digests import hexdigest
 from .errors import CheckpointError, IntegrityError, NotACheckpointError
 from .index import CheckpointInfo
+from .layout import DCP_METADATA_FILE, MARKER_FILE, ExperimentLayout, dcp_metadata_path, marker_path
 from .lease import Lease
 from .location import Location, as_location
 from .native import ShardSlice
 from .native_reader import NativeReader
 from .progress import Progress
 from .progress import progress as bar_of
+from .relayout import STOCK, Relayout, relayout
 from .retention import RetentionPolicy
 from .storage import Storage, storage_of
 
@@ -84,14 +90,14 @@ def check_source(path: str | os.PathLike[str] | Location) -> Source:
     if not storage.is_dir(src):
         what = "does not exist" if not storage.exists(src) else "is not a directory"
         raise NotACheckpointError(f"{src} {what}")
-    if storage.exists(layout.marker_path(src)):
+    if storage.exists(marker_path(src)):
         raise CheckpointError(
-            f"{src} is a dcp-engine checkpoint already (it has a {layout.MARKER_FILE} marker): "
+            f"{src} is a dcp-engine checkpoint already (it has a {MARKER_FILE} marker): "
             "branch from it with resume=<its path> instead"
         )
-    meta_path = layout.dcp_metadata_path(src)
+    meta_path = dcp_metadata_path(src)
     if not storage.is_file(meta_path):
-        raise NotACheckpointError(f"{src} is not a DCP checkpoint (no {layout.DCP_METADATA_FILE})")
+        raise NotACheckpointError(f"{src} is not a DCP checkpoint (no {DCP_METADATA_FILE})")
     try:
         metadata = NativeReader(src).read_metadata()
     except Exception as e:
@@ -104,18 +110,18 @@ def check_source(path: str | os.PathLike[str] | Location) -> Source:
         end = where.offset + where.length
         if end > needed.get(where.relative_path, (-1, ""))[0]:
             needed[where.relative_path] = (end, index.fqn)
-    files = {layout.DCP_METADATA_FILE: storage.size(meta_path)}
+    files = {DCP_METADATA_FILE: storage.size(meta_path)}
     for name, (end, fqn) in sorted(needed.items()):
         try:
             size = storage.size(src / name)
         except FileNotFoundError:
             raise IntegrityError(
                 f"{src} is not a complete DCP checkpoint: {name} is missing "
-                f"({layout.DCP_METADATA_FILE} has {fqn} in it)"
+                f"({DCP_METADATA_FILE} has {fqn} in it)"
             ) from None
         if size < end:
             raise IntegrityError(
-                f"{src / name} is truncated: {size} bytes, {layout.DCP_METADATA_FILE} needs {end}"
+                f"{src / name} is truncated: {size} bytes, {DCP_METADATA_FILE} needs {end}"
             )
         files[name] = size
     return Source(src, metadata, files)
@@ -173,19 +179,23 @@ def adopt(
     progress: bool | None = None,
     storage: Storage | None = None,
     lease_timeout_s: float = 30.0,
+    layout: str = STOCK,
 ) -> CheckpointInfo:
     """Commit the raw DCP checkpoint ``source`` into ``experiment`` (a directory or URL;
     created if needed) as ``step``; returns it as committed. ``move``: rename the files
     instead of copying (both on one local file system; ``source`` is removed if that
     leaves it empty). ``progress``: a bar on stderr (default: on a terminal).
-    ``storage``: the experiment's storage seam. Refused while a job holds the experiment
-    (its lease), for a step at or below one already committed there, and for a source
-    that does not read."""
+    ``storage``: the experiment's storage seam. ``layout``: how the source's keys become
+    entries (``relayout.LAYOUTS``: ``"stock"`` as written, ``"torchtitan"`` its model's
+    parameters under ``model``). Refused while a job holds the experiment (its lease), for
+    a step at or below one already committed there, and for a source that does not read
+    or is not in ``layout``; nothing is written before these checks."""
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}")
     clean_metrics = marker.clean_metrics(metrics)
     src = check_source(source)
-    exp = layout.ExperimentLayout(as_location(experiment))
+    plan = relayout(src.metadata, layout, src.path)
+    exp = ExperimentLayout(as_location(experiment))
     store = storage_of(exp.root, storage)
     if move and not (store.renames and storage_of(src.path).renames):
         raise CheckpointError("--move renames files: DCP_DIR and the experiment must be local")
@@ -204,13 +214,16 @@ def adopt(
             tmp = committer.begin(step, None if newest is None else newest.step)
             moved: list[str] = []
             try:
-                entries = entries_of(src)
-                digests = _bring(src, tmp, store, moved if move else None, progress)
+                entries = plan.entries(entries_of(src))
+                digests = _bring(src, plan, tmp, store, moved if move else None, progress)
+                extra = {"adopted_from": str(src.path)}
+                if plan.changed:
+                    extra["adopted_layout"] = layout
                 final, mark = committer.finalize(
                     step,
                     epoch=epoch,
                     metrics=clean_metrics,
-                    extra={"adopted_from": str(src.path)},
+                    extra=extra,
                     entries=entries,
                     digests=digests,
                     world_size=src.world_size,
@@ -227,25 +240,41 @@ def adopt(
             catalog.close()
     finally:
         lease.release()
-    if move and not storage_of(src.path).children(src.path):
-        storage_of(src.path).remove_tree(src.path)  # moved out whole: the directory goes
+    if move:
+        reading = storage_of(src.path)
+        if plan.changed:  # the committed copy's names differ: the source's is stale now
+            reading.remove_file(dcp_metadata_path(src.path))
+        if not reading.children(src.path):
+            reading.remove_tree(src.path)  # moved out whole: the directory goes
     return info
 
 
 def _bring(
-    src: Source, tmp: Location, store: Storage, moved: list[str] | None, asked: bool | None
+    src: Source,
+    plan: Relayout,
+    tmp: Location,
+    store: Storage,
+    moved: list[str] | None,
+    asked: bool | None,
 ) -> dict[str, dict[str, Any]]:
     """Every file of ``src`` into ``tmp`` with its size and CRC-32: copied, or (``moved``
-    given) hashed and then renamed, each name added to ``moved`` once it is in ``tmp``."""
+    given) hashed and then renamed, each name added to ``moved`` once it is in ``tmp``.
+    A ``plan`` that renames keys gives ``.metadata`` (pickled, as DCP writes it) in place
+    of the source's, which is neither copied nor moved."""
     reading = storage_of(src.path)
     digests: dict[str, dict[str, Any]] = {}
-    with bar_of(f"adopt {src.path.name}", sum(src.files.values()), asked) as bar:
-        for name, size in sorted(src.files.items()):
+    names = dict(src.files)
+    if plan.changed:
+        meta = DCP_METADATA_FILE
+        del names[meta]
+        digests[meta] = _write(store, tmp / meta, pickle.dumps(plan.metadata))
+    with bar_of(f"adopt {src.path.name}", sum(names.values()), asked) as bar:
+        for name, size in sorted(names.items()):
             if moved is None:
                 digests[name] = _copy(reading, src.path / name, store, tmp / name, size, bar)
             else:
                 digests[name] = _hash(reading, src.path / name, size, bar)
-    for name in sorted(src.files) if moved is not None else ():
+    for name in sorted(names) if moved is not None else ():
         try:
             store.publish(src.path / name, tmp / name)
         except OSError as e:
@@ -270,6 +299,12 @@ def _copy(
             n += len(chunk)
             bar.update(len(chunk))
     return _checked(src, n, size, crc)
+
+
+def _write(store: Storage, dst: Location, data: bytes) -> dict[str, Any]:
+    with store.open_write(dst) as fout:
+        fout.write(data)
+    return {"size": len(data), "crc32": hexdigest(zlib.crc32(data))}
 
 
 def _hash(reading: Storage, src: Location, size: int, bar: Progress) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 from .errors import CheckpointError
 from .location import Location, as_location
+from .relayout import LAYOUTS, STOCK
 from .units import DTYPE_NAMES
 
 
@@ -133,6 +134,14 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="rename the files into the experiment instead of copying them "
         "(one local file system; DCP_DIR is removed if that leaves it empty)",
+    )
+    ado.add_argument(
+        "--layout",
+        choices=LAYOUTS,
+        default=STOCK,
+        help="how DCP_DIR's keys become entries: stock (as dcp.save wrote them; default) "
+        "or torchtitan (torchtitan's step-N/: the model's parameters, written at the top "
+        "level, go under 'model', where dcp_engine.integrations.torchtitan loads them)",
     )
     _progress_flag(ado)
     return p

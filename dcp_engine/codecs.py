@@ -82,6 +82,9 @@ class LoadContext:
     """Undo the side effects of building the targets (an optimizer's initialised state)."""
     lenient: set[str] = field(default_factory=set)
     """fqn prefixes whose absence from the checkpoint is tolerated (the value stays)."""
+    unasked: set[str] = field(default_factory=set)
+    """fqn prefixes under which the checkpoint may hold more than the targets ask for (other
+    ranks' copies of a per-rank value that stock DCP wrote); what is asked must be there."""
 
 
 class Codec(ABC):

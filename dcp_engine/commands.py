@@ -19,6 +19,7 @@ from .index import CheckpointInfo
 from .lease import Lease
 from .location import Location
 from .reader import open_checkpoint
+from .relayout import STOCK
 from .storage import storage_of
 from .units import fmt_bytes
 
@@ -349,8 +350,11 @@ def cmd_adopt(args: argparse.Namespace) -> int:
         epoch=args.epoch,
         metrics=dict(args.metric),
         progress=progress.wanted(args.progress),
+        layout=args.layout,
     )
     how = "moved" if args.move else "copied"
+    if args.layout != STOCK:
+        how += f", {args.layout} layout"
     files = f"{len(info.files)} files, {_size(info.bytes)}"
     print(f"adopted {args.source} as {info.path} ({files}, {how})")
     return 0

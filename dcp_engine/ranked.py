@@ -13,6 +13,12 @@ A per-rank value loads only under the world size that saved it (rank ``r``'s cop
 nothing to another split of the data): another world size is a ``StateMismatchError``
 naming the key and both world sizes, raised before anything is read. The engine's RNG
 states (``_rng``, ``codecs.RngCodec``) are per rank the same way.
+
+Stock DCP has no per-rank encoding: a per-rank value's ``state_dict()`` keys its own part
+by rank (torchtitan's dataloader: ``{"dp_rank_<r>": ..., "world_size": n}``), and every
+rank's part lands under one key. An ``adopted`` entry loads into a per-rank value as DCP
+loads a ``Stateful`` (``AdoptedPerRankCodec``): the keys of this rank's ``state_dict()``
+are read (each must be there), the other ranks' beside them are left unread.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
+from . import trees
 from .codecs import Codec, LoadContext, Slot
 from .errors import StateMismatchError
 
@@ -142,4 +149,24 @@ class PerRankCodec(Codec):
         value.load_state_dict(snap)
 
 
-__all__ = ["PER_RANK", "PICKLE_PER_RANK", "PerRank", "PerRankCodec", "is_per_rank"]
+class AdoptedPerRankCodec(PerRankCodec):
+    """A per-rank value from an ``adopted`` entry (stock DCP): the tree of this rank's
+    ``state_dict()`` keys; the checkpoint's other keys under the entry are other ranks'."""
+
+    def targets(self, slot: Slot, ctx: LoadContext) -> Any:
+        slot.aux = slot.value.state_dict()
+        ctx.unasked.add(f"{slot.key}.")
+        return trees.empty_like(slot.aux)
+
+    def decode(self, slot: Slot, loaded: Any) -> Any:
+        return trees.rebuild(slot.aux, loaded, slot.key)
+
+
+__all__ = [
+    "PER_RANK",
+    "PICKLE_PER_RANK",
+    "AdoptedPerRankCodec",
+    "PerRank",
+    "PerRankCodec",
+    "is_per_rank",
+]

@@ -21,6 +21,7 @@ from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadat
 from . import trees
 from .codecs import ADOPTED, OBJECT, TENSORS, Codec, LoadContext, ObjectCodec, Slot
 from .errors import StateMismatchError
+from .ranked import AdoptedPerRankCodec, PerRankCodec
 
 
 def paths_of(key: str, metadata: Metadata) -> dict[str, tuple[Any, ...]]:
@@ -78,6 +79,8 @@ def codec_for_saved(
         return codec
     if codec.kind == OBJECT and kind in (TENSORS, ADOPTED):
         return SavedTreeCodec()  # a plain value is replaced by what was saved
+    if kind == ADOPTED and isinstance(codec, PerRankCodec):
+        return AdoptedPerRankCodec(codec.rank, codec.world_size)  # its rank's keys only
     if kind == ADOPTED:
         return codec  # stock DCP's values load into whatever the caller has
     raise StateMismatchError(

@@ -275,18 +275,24 @@ def _build_load_plan(
                 entries[RNG_KEY].get("world_size"),
             )
     flat, mappings = flatten_state_dict(nested)
-    tolerated = _match(flat, ctx.metadata, list(app_state), ctx.lenient, where)
+    tolerated = _match(flat, ctx.metadata, list(app_state), ctx.lenient, ctx.unasked, where)
     read = {k: v for k, v in flat.items() if k not in tolerated}
     return LoadPlan(read, flat, mappings, restores, ctx.rollbacks, where)
 
 
 def _match(
-    flat: dict[str, Any], metadata: Metadata, keys: list[str], lenient: set[str], where: str
+    flat: dict[str, Any],
+    metadata: Metadata,
+    keys: list[str],
+    lenient: set[str],
+    unasked: set[str],
+    where: str,
 ) -> set[str]:
     """Keys, shapes and dtypes of the fresh targets against the checkpoint's metadata.
 
     Returns the keys absent from the checkpoint that are tolerated (they keep their value).
     """
+    extra_ok = tuple(lenient | unasked)
     md = metadata.state_dict_metadata
     all_tolerated: set[str] = set()
     for key in keys:
@@ -300,7 +306,7 @@ def _match(
         tolerated = {f for f in want - have if any(f.startswith(p) for p in lenient)}
         all_tolerated |= tolerated
         missing = sorted(want - have - tolerated)
-        unexpected = sorted(f for f in have - want if not any(f.startswith(p) for p in lenient))
+        unexpected = sorted(f for f in have - want if not f.startswith(extra_ok))
         problems = []
         if missing:
             problems.append(f"missing in checkpoint: {_first(missing)}")

@@ -4,7 +4,9 @@ a dtype), and a checkpoint manager with torchtitan's interface (2 gloo ranks, FS
 
 from __future__ import annotations
 
+import copy
 import functools
+import pickle
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -12,17 +14,24 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
+    get_model_state_dict,
     get_optimizer_state_dict,
     set_optimizer_state_dict,
 )
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 import dcp_engine as de
+from dcp_engine import cli, layout
 from dcp_engine.config_torchtitan import UNSUPPORTED
 from dcp_engine.integrations.torchtitan import CheckpointManager
+from dcp_engine.marker import Marker
+from tests import toy
 from tests.distributed import multirank
+from tests.test_adopt import CrossDevice, FullDisk
 from tests.toy import full_state, make_model, wrap
 
 C = de.CheckpointConfig
@@ -505,3 +514,294 @@ def test_the_torchtitan_manager_under_fsdp2_on_two_ranks_resumes_exactly(tmp_pat
     step, keys, weights = r0["final"]
     assert step == 6 and keys == ["model"] and r0["steps"] == [6, 4]
     assert {v.dtype for v in weights.values()} == {torch.bfloat16}
+
+
+# ---------------------------------------------------------------- torchtitan's step-N/, adopted
+
+
+class Block(nn.Module):
+    """A transformer block with torchtitan's Llama names (``layers.<i>.attention.wq``...)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.attention_norm, self.ffn_norm = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attention = nn.ModuleDict({"wq": nn.Linear(dim, dim), "wo": nn.Linear(dim, dim)})
+        self.feed_forward = nn.ModuleDict(
+            {"w1": nn.Linear(dim, 2 * dim), "w2": nn.Linear(2 * dim, dim)}
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        attn, ff = self.attention, self.feed_forward
+        x = x + attn["wo"](torch.tanh(attn["wq"](self.attention_norm(x))))
+        return x + ff["w2"](torch.relu(ff["w1"](self.ffn_norm(x))))
+
+
+class TinyLlama(nn.Module):
+    VOCAB, DIM = 32, 8
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.tok_embeddings = nn.Embedding(self.VOCAB, self.DIM)
+        self.layers = nn.ModuleDict({str(i): Block(self.DIM) for i in range(2)})
+        self.norm = nn.LayerNorm(self.DIM)
+        self.output = nn.Linear(self.DIM, self.VOCAB, bias=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.tok_embeddings(tokens)
+        for layer in self.layers.values():
+            h = layer(h)
+        return self.output(self.norm(h))
+
+
+class TitanLoader(StatefulDataLoader):
+    """torchtitan's ``ParallelAwareDataloader``: its position pickled under its dp rank."""
+
+    def __init__(self, dp_rank: int, dp_world_size: int) -> None:
+        g = torch.Generator().manual_seed(5)
+        data = [torch.randint(0, TinyLlama.VOCAB, (7,), generator=g) for _ in range(48)]
+        self.dp_rank, self.dp_world_size = dp_rank, dp_world_size
+        self._rank_id = f"dp_rank_{dp_rank}"
+        super().__init__(data[dp_rank::dp_world_size], batch_size=2)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {self._rank_id: pickle.dumps(super().state_dict()), "world_size": self.dp_world_size}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        assert self.dp_world_size == state_dict["world_size"]
+        super().load_state_dict(pickle.loads(state_dict[self._rank_id]))
+
+
+class TitanTrainState(TrainState):
+    """torchtitan 0.3's trainer: ``{"step": int, "ntokens_seen": int}``."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "ntokens_seen": self.ntokens_seen}
+
+
+class Titan:
+    """One torchtitan job: the model, its optimizer and LR scheduler containers, the
+    dataloader, the train state, and the loop's iterator over the loader."""
+
+    def __init__(self, seed: int, rank: int = 0, world_size: int = 1) -> None:
+        model = TinyLlama(seed)
+        if world_size > 1:  # FSDP2 per block, then the root, as torchtitan applies it
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.fsdp import fully_shard
+
+            mesh = init_device_mesh("cpu", (world_size,))
+            for block in model.layers.values():
+                fully_shard(block, mesh=mesh)
+            fully_shard(model, mesh=mesh)
+        self.parts = [model]
+        self.optimizers = Optimizers(self.parts, lr=1e-2)
+        self.schedulers = Schedulers(self.optimizers)
+        self.loader = TitanLoader(rank, world_size)
+        self.state = TitanTrainState()
+        self.batches: Any = None
+        self.tokens = torch.empty(0)
+
+    def step(self) -> None:
+        if self.batches is None:
+            self.batches = iter(self.loader)
+        self.tokens = next(self.batches)
+        logits = self.parts[0](self.tokens[:, :-1])
+        target = self.tokens[:, 1:].flatten()
+        nn.functional.cross_entropy(logits.flatten(0, 1), target).backward()
+        self.optimizers.step()
+        self.optimizers.zero_grad()
+        self.schedulers.step()
+        self.state.step += 1
+        self.state.ntokens_seen += self.tokens.numel()
+
+    def torchtitan_save(self, path: Path, **kw: Any) -> None:
+        """What torchtitan's ``CheckpointManager._save`` writes: the model's state dict at
+        the top level (``_flattened_model_states_sd``), beside its other states."""
+        states: dict[str, Any] = {
+            "train_state": self.state,
+            "optimizer": self.optimizers,
+            "dataloader": self.loader,
+            "lr_scheduler": self.schedulers,
+        }
+        states.update({k: v for m in self.parts for k, v in m.state_dict().items()})
+        dcp.save(states, checkpoint_id=str(path), **kw)
+
+    def checkpointer(self, base: Path) -> CheckpointManager:
+        config = {"enable": True, "folder": "checkpoint", "interval": 1,
+                  "last_save_model_only": False}  # fmt: skip
+        return CheckpointManager(
+            config, dataloader=self.loader, model_parts=self.parts, optimizers=self.optimizers,
+            lr_schedulers=self.schedulers, states={"train_state": self.state},
+            base_folder=str(base),
+        )  # fmt: skip
+
+    def snapshot(self) -> dict[str, Any]:
+        """What a resume must give back, as plain CPU values (complete on rank 0)."""
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model, optim = self.parts[0], self.optimizers.optimizers[0]
+        return copy.deepcopy({
+            "model": get_model_state_dict(model, options=opts),
+            "optim": get_optimizer_state_dict(model, optim, options=opts),
+            "sched": self.schedulers.state_dict(),
+            "train_state": self.state.state_dict(),
+        })  # fmt: skip
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+@pytest.mark.parametrize("move", [False, True])
+def test_torchtitans_own_step_dir_is_adopted_and_the_manager_continues_the_run_exactly(
+    tmp_path, move
+):
+    """Pass: torchtitan's ``outputs/checkpoint/step-10/`` (stock ``dcp.save``: the model's
+    parameters at the top level, the flattened optimizer container, LR scheduler, a
+    dataloader mid-epoch, ``train_state``) is adopted into its own folder with
+    ``dcp-engine adopt --layout torchtitan``; the manager's ``load()`` on fresh objects gives
+    model, AdamW moments, scheduler, train state and the data position back exactly, the
+    run goes on in step with the original, and its next save reloads exactly. A copy leaves
+    the source as it was; a move leaves no ``step-10/``."""
+    outputs = tmp_path / "outputs"
+    folder, step10 = outputs / "checkpoint", outputs / "checkpoint" / "step-10"
+    job = Titan(seed=0)
+    for _ in range(10):
+        job.step()
+    job.torchtitan_save(step10, no_dist=True)
+    saved = job.snapshot()
+    before = tree(step10)
+    args = ["adopt", str(step10), str(folder), "--step", "10", "--layout", "torchtitan"]
+    assert cli.main(args + (["--move"] if move else [])) == 0
+    assert not step10.exists() if move else tree(step10) == before
+    ckpt = folder / "checkpoints" / "step_00000010"
+    marker = Marker.from_bytes((ckpt / layout.MARKER_FILE).read_bytes(), "t")
+    assert set(marker.entries) == {"model", "optimizer", "lr_scheduler", "dataloader",
+                                   "train_state"}  # fmt: skip
+    assert marker.extra["adopted_layout"] == "torchtitan"
+    assert cli.main(["verify", str(folder)]) == 0  # the rewritten .metadata's digest too
+    with de.open_checkpoint(folder) as ck:
+        names = set(ck.metadata.state_dict_metadata)
+    assert "model.layers.1.attention.wq.weight" in names
+    assert "layers.1.attention.wq.weight" not in names and "train_state.step" in names
+
+    fresh = Titan(seed=7)
+    ck = fresh.checkpointer(outputs)
+    assert ck.load() and fresh.state.step == 10
+    toy.assert_equal(saved, fresh.snapshot())
+    job.step()
+    fresh.step()  # the same batch: the loader went on from its position
+    assert torch.equal(job.tokens, fresh.tokens)
+    toy.assert_equal(job.snapshot(), fresh.snapshot())
+    assert ck.save(11)
+    ck.close()
+    again = Titan(seed=9)
+    ck = again.checkpointer(outputs)
+    assert ck.load() and again.state.step == 11
+    toy.assert_equal(job.snapshot(), again.snapshot())
+    job.step()
+    again.step()
+    assert torch.equal(job.tokens, again.tokens)
+    ck.close()
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("model", "has a 'model' entry already, so it is not in torchtitan's layout"),
+        ("nested", "has no model parameters at the top level of its state dict"),
+    ],
+)
+def test_adopt_layout_torchtitan_refuses_another_layout_with_one_line(
+    tmp_path, capsys, case, message
+):
+    """Pass: a checkpoint that is not torchtitan's (a ``model`` entry already; nothing at the
+    top level) is refused with exit 2 and one line naming the directory and what is wrong,
+    before anything is written (no experiment), the source as it was."""
+    src = tmp_path / "src"
+    w = torch.arange(4.0)
+    state = {"model": {"w": w}, "optim": {"m": w}} if case == "model" else {"app": {"w": w}}
+    dcp.save(state, checkpoint_id=str(src), no_dist=True)
+    before = tree(src)
+    capsys.readouterr()
+    code = cli.main(["adopt", str(src), str(tmp_path / "exp"), "--step", "1",
+                     "--layout", "torchtitan"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and str(src) in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert tree(src) == before and not (tmp_path / "exp").exists()
+    with pytest.raises(ValueError, match="layout must be one of stock, torchtitan; got 'titan'"):
+        de.adopt(src, tmp_path / "exp", step=1, layout="titan")
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+@pytest.mark.parametrize("move", [False, True])
+def test_a_failed_torchtitan_adopt_leaves_no_tmp_and_the_source_whole(tmp_path, move):
+    """Pass: a copy finds the disk full at the data file (after the renamed ``.metadata``);
+    a move fails at the commit's rename, after the data file was moved: the error names
+    the cause, no ``step_X.tmp`` is left, the source is byte for byte as it was (its own
+    ``.metadata`` included, the data file moved back); the retry commits."""
+    src = tmp_path / "step-4"
+    job = Titan(seed=1)
+    for _ in range(4):
+        job.step()
+    job.torchtitan_save(src, no_dist=True)
+    before = tree(src)
+    exp = tmp_path / "exp"
+    failing, cause = (CrossDevice(), "cross-device") if move else (FullDisk(), "No space left")
+    with pytest.raises(OSError, match=cause):
+        de.adopt(src, exp, step=4, move=move, layout="torchtitan", storage=failing)
+    assert tree(src) == before and list((exp / "checkpoints").iterdir()) == []
+    info = de.adopt(src, exp, step=4, move=move, layout="torchtitan")
+    assert info.step == 4 and (not src.exists() if move else tree(src) == before)
+
+
+@multirank(2)
+def _adopt_titan_rank(rank: int, world_size: int, base: str) -> dict[str, Any]:
+    outputs = Path(base) / "outputs"
+    step6 = outputs / "checkpoint" / "step-6"
+    job = Titan(seed=0, rank=rank, world_size=world_size)
+    for _ in range(6):
+        job.step()
+    job.torchtitan_save(step6)  # collective: each rank's shards and its dp_rank_<r>
+    saved = job.snapshot()
+    dist.barrier()
+    if rank == 0:
+        args = ["adopt", str(step6), str(outputs / "checkpoint"), "--step", "6"]
+        assert cli.main([*args, "--layout", "torchtitan", "--move"]) == 0
+    dist.barrier()
+    fresh = Titan(seed=7, rank=rank, world_size=world_size)
+    ck = fresh.checkpointer(outputs)
+    assert ck.load() and fresh.state.step == 6
+    out: dict[str, Any] = {"saved": saved, "loaded": fresh.snapshot()}
+    job.step()
+    fresh.step()  # this rank's next batch: its own position came back
+    out["same_batch"] = torch.equal(job.tokens, fresh.tokens)
+    out["stepped"] = (job.snapshot(), fresh.snapshot())
+    assert ck.save(7)
+    ck.close()
+    again = Titan(seed=9, rank=rank, world_size=world_size)
+    ck = again.checkpointer(outputs)
+    assert ck.load() and again.state.step == 7
+    out["reloaded"] = again.snapshot()
+    job.step()
+    again.step()
+    out["same_batch"] &= torch.equal(job.tokens, again.tokens)
+    ck.close()
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.multirank
+def test_torchtitans_step_dir_of_two_fsdp2_ranks_is_adopted_and_resumed_on_two_ranks(tmp_path):
+    """Pass: what 2 FSDP2 ranks of torchtitan wrote (DTensor shards, a dataloader position
+    per dp rank) is adopted in place with ``--move`` and loaded by the manager on 2 FSDP2
+    ranks exactly, each rank getting its own data position back; step 7 saves and
+    reloads exactly, positions included."""
+    r0, r1 = _adopt_titan_rank.run(str(tmp_path))
+    assert r0["same_batch"] and r1["same_batch"]
+    assert not (tmp_path / "outputs" / "checkpoint" / "step-6").exists()
+    toy.assert_equal(r0["saved"], r0["loaded"])
+    toy.assert_equal(*r0["stepped"])
+    toy.assert_equal(r0["stepped"][0], r0["reloaded"])
