@@ -209,22 +209,13 @@ class CheckpointCallback(GuideCalls):
                 and step != self._saved_step
                 and self.should_save_now(TRAIN_END, step, self._epoch, {})
             ):
-                final, dtype = self._final(app_state)
+                final, dtype = self.config.final_state(app_state)
                 self._save(step, self._epoch, final, {}, ended=False, force=True, dtype=dtype)
             self.manager.wait()
             if self.config.average_best_models:
                 self._average()
         finally:
             self.close()
-
-    def _final(self, app_state: Mapping[str, Any]) -> tuple[Mapping[str, Any], torch.dtype | None]:
-        """What the final save writes: ``config.last_save_only`` of the state, in
-        ``config.export_dtype``; else all of it, as it is."""
-        cfg = self.config
-        if cfg.last_save_only is None:
-            return app_state, None
-        dtype = None if cfg.export_dtype is None else getattr(torch, cfg.export_dtype)
-        return {k: app_state[k] for k in cfg.last_save_only}, dtype
 
     def on_exception(self, app_state: Mapping[str, Any], exc: BaseException) -> None:
         """Flush what is in flight (its own error is logged, not raised over ``exc``) and

@@ -243,6 +243,18 @@ class CheckpointConfig:
                     f"have (its keys: {sorted(app_state)})"
                 )
 
+    def final_state(self, app_state: Mapping[str, Any]) -> tuple[Mapping[str, Any], Any]:
+        """What a final save writes and in which dtype: the ``last_save_only`` keys of
+        ``app_state`` in ``export_dtype`` (a ``torch.dtype``, or None: as they are); without
+        ``last_save_only``, all of it as it is. ``ValueError`` names a key it lacks."""
+        if self.last_save_only is None:
+            return app_state, None
+        self.check_state_keys(app_state)
+        import torch  # here: the config itself is read where torch is not imported
+
+        dtype = None if self.export_dtype is None else getattr(torch, self.export_dtype)
+        return {k: app_state[k] for k in self.last_save_only}, dtype
+
     @property
     def retention(self) -> RetentionPolicy:
         """The retention policies of this config, composed."""

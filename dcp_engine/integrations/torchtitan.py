@@ -134,10 +134,8 @@ class CheckpointManager:
         Other saves return once staged (``async_mode``). True if a save was made."""
         if not self.enable or not self._should_save(curr_step, last_step):
             return False
-        only, export = self.config.last_save_only, self.config.export_dtype
-        if last_step and only is not None:
-            dtype = None if export is None else getattr(torch, export)
-            part = {k: v for k, v in self._app_state().items() if k in only}
+        if last_step and self.config.last_save_only is not None:
+            part, dtype = self.config.final_state(self._app_state())
             handle = self.manager.save(curr_step, part, force=True, dtype=dtype)
         else:
             handle = self.manager.save(curr_step, self._app_state(), force=last_step)
