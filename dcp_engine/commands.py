@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import math
 from typing import Any
 
 from . import export, index, layout, progress, resolve
@@ -21,7 +20,7 @@ from .location import Location
 from .reader import open_checkpoint
 from .relayout import STOCK
 from .storage import storage_of
-from .units import fmt_bytes
+from .units import fmt_bytes, tensor_bytes_of
 
 # ----------------------------------------------------------------------------- ls
 
@@ -151,7 +150,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     table = [["key", "kind", "tensors", "bytes", "dtypes"]]
     for key in sorted(m.entries):
         tensors = ckpt.tensors(key)
-        nbytes = sum(_nbytes(t) for t in tensors.values())
+        nbytes = sum(tensor_bytes_of(t) for t in tensors.values())
         dtypes = sorted({str(t.properties.dtype).removeprefix("torch.") for t in tensors.values()})
         table.append(
             [
@@ -361,10 +360,6 @@ def cmd_adopt(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def _nbytes(meta: Any) -> int:
-    return math.prod(meta.size) * meta.properties.dtype.itemsize
 
 
 def _size(n: int | None) -> str:

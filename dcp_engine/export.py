@@ -25,7 +25,7 @@ from .progress import Progress, wanted
 from .progress import progress as bar_of
 from .reader import CheckpointReader, open_checkpoint
 from .storage import Storage, storage_of
-from .units import DTYPE_NAMES
+from .units import DTYPE_NAMES, tensor_bytes_of
 
 DTYPES = {name: getattr(torch, dtype) for name, dtype in DTYPE_NAMES.items()}
 
@@ -269,7 +269,7 @@ def average_tensors(
                     f"{ckpts[0].path}"
                 )
     result: dict[str, torch.Tensor] = {}
-    sizes = {n: math.prod(m.size) * m.properties.dtype.itemsize for n, m in names.items()}
+    sizes = {n: tensor_bytes_of(m) for n, m in names.items()}
     with bar_of(f"average {len(ckpts)}", sum(sizes.values()) * len(ckpts), progress) as bar:
         for name, meta in names.items():
             fqn = ".".join(p for p in (key, name) if p)

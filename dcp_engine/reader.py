@@ -14,7 +14,6 @@ a corrupt checkpoint is handed out. One process, no process group.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import pickle
 from collections.abc import Collection, Mapping, Sequence
@@ -38,6 +37,7 @@ from .native_reader import NativeReader
 from .progress import CountingEmptyPlanner, CountingLoadPlanner, load_progress, tensor_bytes
 from .ranked import PICKLE_PER_RANK
 from .storage import storage_of
+from .units import tensor_bytes_of
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +167,7 @@ class CheckpointReader:
         for key in wanted:
             self._check_key(key)
         loaded: dict[str, Any] = {}
-        total = sum(_nbytes(m) for k in wanted for m in self.tensors(k).values())
+        total = sum(tensor_bytes_of(m) for k in wanted for m in self.tensors(k).values())
         what = f"read {self.path.name}"
         with quiet_dcp(True), load_progress(what, total, progress) as bar:
             # DCP's own converter (format_utils.dcp_to_torch_save) does this: the public
@@ -245,10 +245,6 @@ def open_checkpoint(
     if bad:
         raise IntegrityError(f"no checkpoint of {p} verifies ({', '.join(bad)} are corrupt)")
     raise CheckpointNotFoundError(f"experiment {p} has no committed checkpoint")
-
-
-def _nbytes(meta: TensorStorageMetadata) -> int:
-    return math.prod(meta.size) * meta.properties.dtype.itemsize
 
 
 def _plain(value: Any, entry: Mapping[str, Any]) -> Any:

@@ -3,6 +3,9 @@ nothing heavy (the command line's parser uses it)."""
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 DTYPE_NAMES = {
     "fp32": "float32",
     "float32": "float32",
@@ -24,4 +27,9 @@ def fmt_bytes(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
-__all__ = ["DTYPE_NAMES", "fmt_bytes"]
+def tensor_bytes_of(meta: Any) -> int:
+    """The bytes of a whole tensor described by DCP's ``TensorStorageMetadata``."""
+    return math.prod(meta.size) * meta.properties.dtype.itemsize
+
+
+__all__ = ["DTYPE_NAMES", "fmt_bytes", "tensor_bytes_of"]

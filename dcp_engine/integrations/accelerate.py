@@ -33,6 +33,7 @@ from accelerate.utils import DistributedType
 
 import dcp_engine as de
 
+from ..location import is_url
 from . import accelerate_state as st
 
 log = logging.getLogger(__name__)
@@ -288,7 +289,7 @@ class DcpEngineAccelerator(Accelerator):
         if _same_dir(input_dir, self._checkpoint_manager.experiment_dir):
             return "latest"
         path = os.fspath(input_dir)
-        return path if "://" in path else os.path.expanduser(path)
+        return path if is_url(path) else os.path.expanduser(path)
 
 
 def engine_config(project: Any, config: de.CheckpointConfig | None) -> de.CheckpointConfig:
@@ -341,7 +342,7 @@ def engine_config(project: Any, config: de.CheckpointConfig | None) -> de.Checkp
 
 def _split(project_dir: str) -> tuple[str, str]:
     """``project_dir`` as (root_dir, experiment_name); local paths made absolute."""
-    if "://" in project_dir:
+    if is_url(project_dir):
         head, _, name = project_dir.rstrip("/").rpartition("/")
         return head, name
     root, name = os.path.split(os.path.abspath(os.path.expanduser(project_dir)))
@@ -349,14 +350,14 @@ def _split(project_dir: str) -> tuple[str, str]:
 
 
 def _join(root: str, name: str) -> str:
-    if "://" in root:
+    if is_url(root):
         return f"{root.rstrip('/')}/{name}"
     return os.path.abspath(os.path.join(os.path.expanduser(root), name))
 
 
 def _same_dir(given: str | os.PathLike[str], location: Any) -> bool:
     a, b = os.fspath(given), str(location)
-    if "://" in a or "://" in b:
+    if is_url(a) or is_url(b):
         return a.rstrip("/") == b.rstrip("/")
     return os.path.realpath(os.path.expanduser(a)) == os.path.realpath(b)
 
