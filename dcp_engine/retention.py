@@ -89,11 +89,12 @@ def keep_every_n_steps(entries: Sequence[Entry], n: int) -> set[int]:
 
 
 def keep_every_n_epochs(entries: Sequence[Entry], n: int) -> set[int]:
-    """Permanent periodic checkpoints: for every epoch that is a multiple of ``n``, the
-    newest checkpoint of that epoch (its end-of-epoch save, like ``epoch_0010``)."""
+    """Permanent periodic checkpoints: the end of every n-th epoch, i.e. the newest
+    checkpoint of each 0-based epoch ``n - 1``, ``2n - 1``, ... (``epoch_0010`` is the
+    end of the 10th): the epochs ``save_every_n_epochs=n`` saves."""
     newest: dict[int, int] = {}
     for e in entries:
-        if e.epoch is not None and e.epoch % n == 0:
+        if e.epoch is not None and (e.epoch + 1) % n == 0:
             newest[e.epoch] = max(newest.get(e.epoch, -1), e.step)
     return set(newest.values())
 

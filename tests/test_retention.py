@@ -88,7 +88,7 @@ def ref_kept(entries: list[E], p: RetentionPolicy, also: set[int]) -> set[int]:
             e.step
             for e in entries
             if e.epoch is not None
-            and e.epoch % n == 0
+            and (e.epoch + 1) % n == 0
             and not any(o.epoch == e.epoch and o.step > e.step for o in entries)
         }
     return keep
@@ -174,8 +174,8 @@ def test_keep_last_n_and_periodic_checkpoints():
     entries = [E(s, epoch=s // 100) for s in (50, 100, 150, 200, 250, 300)]
     assert keep_last_n(entries, 2) == {250, 300}
     assert keep_last_n(entries, 0) == set()
-    # The newest checkpoint of epochs 0 and 2 (multiples of 2): like epoch_0010.
-    assert keep_every_n_epochs(entries, 2) == {50, 250}
+    # The end of the 2nd and 4th epochs (0-based 1 and 3): their newest checkpoints.
+    assert keep_every_n_epochs(entries, 2) == {150, 300}
     p = RetentionPolicy(keep_last_n=1, keep_every_n_steps=100)
     assert p.to_delete(entries) == [50, 150, 250]
 
@@ -197,3 +197,14 @@ def test_no_policy_or_top_k_minus_one_keeps_everything():
 def test_top_k_needs_a_monitor():
     with pytest.raises(ValueError, match="monitor"):
         RetentionPolicy(keep_top_k=3)
+
+
+def test_keep_every_n_epochs_keeps_what_save_every_n_epochs_saves():
+    """The same n in both: every epoch-end save is kept for good (the end of the n-th,
+    2n-th... epoch, 0-based n - 1, 2n - 1...), and nothing in between."""
+    saved = [E(10 * (epoch + 1), epoch=epoch) for epoch in range(12) if (epoch + 1) % 3 == 0]
+    steps_between = [E(10 * (epoch + 1) - 5, epoch=epoch) for epoch in range(12)]
+    entries = sorted(saved + steps_between, key=lambda e: e.step)
+    kept = RetentionPolicy(keep_last_n=0, keep_every_n_epochs=3).to_delete(entries)
+    assert {e.step for e in saved}.isdisjoint(kept)
+    assert set(kept) == {e.step for e in steps_between}
