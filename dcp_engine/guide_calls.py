@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from . import layout
@@ -36,6 +36,8 @@ class GuideCalls:
     _epoch: int
     _saved_step: int | None
     _metrics: dict[str, float]
+    _save: Callable[..., bool]  # CheckpointCallback's
+    _record_best: Callable[[Mapping[str, float]], None]  # CheckpointCallback's
 
     _current_metric: Any = None
     """The newest value of ``monitor`` the hooks saw (None after a resume, as Dream
@@ -111,21 +113,6 @@ class GuideCalls:
         )
         if manager.rank == 0:
             log.info("averaged steps %s (the best by %s) into %s", steps, monitor, out)
-
-    if TYPE_CHECKING:  # CheckpointCallback's
-
-        def _save(
-            self,
-            step: int,
-            epoch: int,
-            app_state: Mapping[str, Any],
-            metrics: Mapping[str, float],
-            *,
-            ended: bool,
-            force: bool = False,
-        ) -> bool: ...
-
-        def _record_best(self, metrics: Mapping[str, float]) -> None: ...
 
 
 _BARE: dict[type, bool] = {}
