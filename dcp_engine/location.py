@@ -107,6 +107,15 @@ def is_url(value: object) -> bool:
     )
 
 
+def same_location(a: str | os.PathLike[str] | URL, b: str | os.PathLike[str] | URL) -> bool:
+    """Whether two paths or URLs name the same place: URLs as written (a trailing ``/``
+    aside), local paths after ``~`` and symlinks are resolved."""
+    if is_url(a) or is_url(b):
+        return str(a).rstrip("/") == str(b).rstrip("/")
+    assert not isinstance(a, URL) and not isinstance(b, URL)  # is_url said so
+    return os.path.realpath(os.path.expanduser(a)) == os.path.realpath(os.path.expanduser(b))
+
+
 def as_location(
     value: str | os.PathLike[str] | URL, options: Mapping[str, Any] | None = None
 ) -> Location:
@@ -152,4 +161,4 @@ def check_protocol(protocol: str, where: str) -> None:
         raise CheckpointError(f"{where}: {protocol}:// needs {how}: {e}") from None
 
 
-__all__ = ["URL", "Location", "as_location", "check_protocol", "is_url"]
+__all__ = ["URL", "Location", "as_location", "check_protocol", "is_url", "same_location"]

@@ -33,7 +33,7 @@ from accelerate.utils import DistributedType
 
 import dcp_engine as de
 
-from ..location import is_url
+from ..location import is_url, same_location
 from . import accelerate_state as st
 
 log = logging.getLogger(__name__)
@@ -273,7 +273,9 @@ class DcpEngineAccelerator(Accelerator):
         if output_dir is None or self.project_configuration.automatic_checkpoint_naming:
             return
         exp = self._checkpoint_manager.experiment_dir
-        if not _same_dir(output_dir, exp) and not _same_dir(output_dir, exp / "checkpoints"):
+        if not same_location(output_dir, exp) and not same_location(
+            output_dir, exp / "checkpoints"
+        ):
             raise ValueError(
                 f"save_state({os.fspath(output_dir)!r}): dcp-engine names its checkpoints "
                 f"itself ({exp}/checkpoints/step_<iteration>); call save_state() (the "
@@ -286,7 +288,7 @@ class DcpEngineAccelerator(Accelerator):
             return "latest"
         if isinstance(input_dir, int) or input_dir in ("latest", "best"):
             return input_dir
-        if _same_dir(input_dir, self._checkpoint_manager.experiment_dir):
+        if same_location(input_dir, self._checkpoint_manager.experiment_dir):
             return "latest"
         path = os.fspath(input_dir)
         return path if is_url(path) else os.path.expanduser(path)
@@ -353,13 +355,6 @@ def _join(root: str, name: str) -> str:
     if is_url(root):
         return f"{root.rstrip('/')}/{name}"
     return os.path.abspath(os.path.join(os.path.expanduser(root), name))
-
-
-def _same_dir(given: str | os.PathLike[str], location: Any) -> bool:
-    a, b = os.fspath(given), str(location)
-    if is_url(a) or is_url(b):
-        return a.rstrip("/") == b.rstrip("/")
-    return os.path.realpath(os.path.expanduser(a)) == os.path.realpath(b)
 
 
 __all__ = ["DcpEngineAccelerator", "engine_config"]

@@ -33,7 +33,7 @@ from ..committer import PhaseHook, no_hook
 from ..config import CheckpointConfig
 from ..errors import CheckpointError, ConfigError, TimelineError
 from ..layout import experiment_of
-from ..location import Location
+from ..location import Location, same_location
 from ..manager import CheckpointManager
 from ..reader import open_checkpoint
 from ..resolve import find_checkpoints
@@ -257,7 +257,7 @@ class LightningEngine:
             return _in(config, self._experiment)
         newest = find_checkpoints(loaded.experiment)
         target = (config.root_path / config.experiment_name) if config.experiment_name else None
-        here = _same(target, loaded.experiment) if target is not None else _same(
+        here = same_location(target, loaded.experiment) if target is not None else same_location(
             config.root_path, loaded.experiment.parent
         )  # fmt: skip
         if here and newest and newest[0].step == loaded.step:
@@ -280,10 +280,6 @@ def _in(config: CheckpointConfig, experiment: Location) -> CheckpointConfig:
     return dataclasses.replace(
         config, root_dir=str(experiment.parent), experiment_name=experiment.name
     )
-
-
-def _same(a: Location, b: Location) -> bool:
-    return os.path.abspath(str(a)) == os.path.abspath(str(b))
 
 
 def _on_rank_zero(plan: Callable[[], CheckpointConfig]) -> CheckpointConfig:
