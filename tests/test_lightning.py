@@ -36,6 +36,7 @@ from dcp_engine.integrations.lightning import (
 from dcp_engine.integrations.lightning_engine import LightningEngine
 from dcp_engine.integrations.lightning_names import NAMES_KEY
 from tests.distributed import multirank
+from tests.seams import Gate
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "launch" / "examples" / "lightning_example.py"
@@ -322,6 +323,8 @@ def test_a_removal_waits_for_the_save_in_flight_and_a_step_goes_only_without_nam
     engine.remove(a)  # step 1 keeps its name b
     engine.remove(b)  # now step 1 has none: it goes, but only once step 2 committed
     engine.remove(c)  # step 2 itself: unnamed, but the newest is never deleted
+    for name in (a, b):  # step 1's names are written by the namer once step 1 committed
+        Gate(name).wait()
     release.set()
     engine.close()
     assert seen == {"a still named": True, "step 1 still there": True}
