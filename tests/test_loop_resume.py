@@ -287,14 +287,17 @@ def test_metrics_that_differ_per_rank_are_reduced_or_refused_on_every_rank(two_r
 def test_a_wait_for_another_ranks_previous_save_counts_as_waiting_not_staging(two_rank_run):
     """Pass: step 2 is saved while rank 1 still writes step 1 on its slow disk. The ranks
     stage in step, so the longest wait of any rank held every rank: each rank's
-    ``waited_s`` is that wait (within what ``save`` held it), the same wait counted on
-    both, never as staging; on every rank ``blocked_s = waited_s + staged_s``."""
+    ``waited_s`` is that wait, capped by how long its own ``save`` had run when the ranks
+    agreed (a rank that called ``save`` a little later was held a little less), never
+    counted as staging; on every rank ``blocked_s = waited_s + staged_s``. Rank 0, whose
+    own disk is fast, reports the bulk of rank 1's wait: the two calls of ``save`` are
+    apart by far less than the 0.3 s rank 1 waits."""
     _, out = two_rank_run
     stats = [o["stats"] for o in out]
     longest = max(s["waited_s"] for s in stats)
-    assert stats[0]["waited_s"] > 0
+    assert stats[0]["waited_s"] > longest / 2
     for s in stats:
-        assert s["waited_s"] == min(longest, s["blocked_s"]) and s["staged_s"] >= 0
+        assert 0 < s["waited_s"] <= min(longest, s["blocked_s"]) and s["staged_s"] >= 0
         assert s["blocked_s"] == s["waited_s"] + s["staged_s"]
 
 
